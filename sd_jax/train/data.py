@@ -1,0 +1,246 @@
+"""Training data: sources of (image, caption) pairs and a resumable batch iterator.
+
+A *source* has ``size`` (image side), ``num_examples`` (``None`` = unlimited) and
+``get(index) -> (float32 [size, size, 3] in [-1, 1], caption)``.
+
+* ``SyntheticShapes(seed, size, split)`` -- the generated shapes dataset
+  (``sd_jax.data.shapes``), unlimited.
+* ``ImageCaptionFolder(path, size)`` -- a folder of images with same-named
+  ``.txt`` captions, or with a Hugging Face imagefolder-style
+  ``metadata.jsonl`` (``{"file_name": ..., "text": ...}`` per line).
+
+``batches(source, batch_size, seed, start_step=0)`` yields
+``{"pixels": float32 [B, H, W, 3], "captions": list[str]}``; the batch at step
+``k`` depends only on ``(source, seed, k)``, so a run resumed at
+``start_step=k`` sees exactly the data an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from sd_jax.data import shapes
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SyntheticShapes",
+    "ImageCaptionFolder",
+    "load_image",
+    "batches",
+    "to_pixels",
+    "swap_left_right",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def to_pixels(image: np.ndarray) -> np.ndarray:
+    """uint8 [..., 3] -> float32 in [-1, 1]."""
+    return np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+
+
+def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """Load an image as RGB, resize its shorter side to ``size``, centre-crop to
+    ``size`` x ``size``; float32 [size, size, 3] in [-1, 1]."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            im = Image.new("RGB", rgba.size, (255, 255, 255))
+            im.paste(rgba, mask=rgba.getchannel("A"))
+        else:
+            im = im.convert("RGB")
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    return to_pixels(np.asarray(im))
+
+
+class SyntheticShapes:
+    """The generated shapes dataset as a source (unlimited: ``len`` is ``None``)."""
+
+    def __init__(self, seed: int, size: int = 64, split: str = "train", max_shapes: int = 1):
+        if split not in shapes.SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {shapes.SPLITS}")
+        self.seed, self.size, self.split, self.max_shapes = int(seed), int(size), split, int(max_shapes)
+
+    num_examples = None  # unlimited
+
+    def get(self, index: int) -> tuple[np.ndarray, str]:
+        image, caption, _ = shapes.sample(self.seed, index, self.size, self.split, self.max_shapes)
+        return to_pixels(image), caption
+
+    def __repr__(self) -> str:
+        return f"SyntheticShapes(seed={self.seed}, size={self.size}, split={self.split!r}, max_shapes={self.max_shapes})"
+
+
+class ImageCaptionFolder:
+    """Images (png/jpg/jpeg/webp, searched recursively) with captions.
+
+    Captions come from ``metadata.jsonl`` in the folder if present (one JSON
+    object per line with ``file_name`` relative to the folder and ``text``;
+    every image must be listed), otherwise from a ``.txt`` file next to each
+    image with the same stem.  Images are read lazily; up to ``cache`` decoded
+    images are kept in memory.
+    """
+
+    def __init__(self, path: str | os.PathLike, size: int = 64, cache: int = 4096):
+        self.path, self.size, self._cache_size = Path(path), int(size), int(cache)
+        if not self.path.is_dir():
+            raise ValueError(f"image folder not found: {self.path}")
+        images = sorted(
+            p for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
+        metadata = self.path / "metadata.jsonl"
+        if metadata.is_file():
+            self.items = self._from_metadata(metadata, images)
+        else:
+            if not images:
+                raise ValueError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) in {self.path}")
+            self.items = []
+            for p in images:
+                txt = p.with_suffix(".txt")
+                if not txt.is_file():
+                    raise ValueError(f"image {p.relative_to(self.path)} has no caption file {txt.name} (and there is no metadata.jsonl)")
+                self.items.append((p, txt.read_text(encoding="utf-8").strip()))
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def _from_metadata(self, metadata: Path, images: list[Path]) -> list[tuple[Path, str]]:
+        items: list[tuple[Path, str]] = []
+        listed: set[Path] = set()
+        with open(metadata, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{metadata}: line {lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                    raise ValueError(f'{where}: expected an object with a "file_name" string')
+                text = row.get("text", row.get("caption"))
+                if not isinstance(text, str):
+                    raise ValueError(f'{where}: expected a "text" string caption')
+                p = (self.path / row["file_name"]).resolve()
+                if not p.is_file():
+                    raise ValueError(f"{where}: image not found: {row['file_name']}")
+                if p.suffix.lower() not in IMAGE_EXTENSIONS:
+                    raise ValueError(f"{where}: not an image file: {row['file_name']}")
+                listed.add(p)
+                items.append((p, text.strip()))
+        if not items:
+            raise ValueError(f"no images listed in {metadata}")
+        for p in images:
+            if p.resolve() not in listed:
+                raise ValueError(f"image {p.relative_to(self.path)} has no caption (not listed in {metadata.name})")
+        return items
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, index: int) -> tuple[np.ndarray, str]:
+        path, caption = self.items[index]
+        pixels = self._cache.get(index)
+        if pixels is None:
+            pixels = load_image(path, self.size)
+            if self._cache_size > 0:
+                self._cache[index] = pixels
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(index)
+        return pixels, caption
+
+    def __repr__(self) -> str:
+        return f"ImageCaptionFolder({str(self.path)!r}, size={self.size}, n={len(self.items)})"
+
+
+_LR = {"left": "right", "right": "left"}
+
+
+def swap_left_right(caption: str) -> str:
+    """Swap the words "left" and "right" (for horizontally flipped images)."""
+    return re.sub(r"\b(left|right)\b", lambda m: _LR[m.group(1)], caption)
+
+
+def _indices(num: int | None, batch_size: int, seed: int, step: int, perms: dict[int, np.ndarray]) -> list[int]:
+    if num is None:  # unlimited source: fresh random examples per (seed, step)
+        rng = np.random.default_rng([seed, step])
+        return [int(i) for i in rng.integers(0, 2**62, size=batch_size)]
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(pos, num)
+        if epoch not in perms:
+            if len(perms) >= 2:
+                perms.pop(min(perms))
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(num)
+        out.append(int(perms[epoch][offset]))
+    return out
+
+
+def batches(
+    source: Any,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    random_flip: bool = False,
+    tokenizer: Callable[[list[str]], np.ndarray] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Endless iterator of ``{"pixels": float32 [B,H,W,3] in [-1,1], "captions": [str]*B}``.
+
+    The batch at step ``k`` depends only on ``(source, seed, k)``:
+
+    * unlimited sources (``num_examples is None``): ``batch_size`` example
+      indices drawn from ``default_rng([seed, k])``;
+    * finite sources: the examples are read as one stream, epoch after epoch,
+      each epoch in the order ``default_rng([seed, epoch]).permutation(n)``
+      (no example dropped, batches may span two epochs).
+
+    ``random_flip`` mirrors each image with probability 1/2 (drawn from
+    ``(seed, k)``) and swaps "left"/"right" in its caption.  ``tokenizer``, if
+    given, is called on the captions and its result stored as
+    ``batch["input_ids"]`` (e.g. ``lambda c: tok(c, padding="max_length",
+    max_length=77, truncation=True, return_tensors="np").input_ids``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    num = source.num_examples
+    if num is not None and num < 1:
+        raise ValueError("source has no examples")
+    perms: dict[int, np.ndarray] = {}
+    step = start_step
+    while True:
+        pixels, captions = [], []
+        for i in _indices(num, batch_size, seed, step, perms):
+            x, c = source.get(i)
+            pixels.append(x)
+            captions.append(c)
+        out = np.stack(pixels).astype(np.float32, copy=False)
+        if random_flip:
+            flip = np.random.default_rng([seed, step, 1]).random(batch_size) < 0.5
+            out[flip] = out[flip, :, ::-1]
+            captions = [swap_left_right(c) if f else c for c, f in zip(captions, flip)]
+        batch: dict[str, Any] = {"pixels": out, "captions": captions}
+        if tokenizer is not None:
+            batch["input_ids"] = np.asarray(tokenizer(captions))
+        yield batch
+        step += 1
