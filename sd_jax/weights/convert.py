@@ -130,7 +130,8 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], shapes, *, what: 
             mismatched.append(f"{key} {tuple(np.shape(arr))} (model wants {tuple(want.shape)})")
             continue
         out[tpath] = np.asarray(val, dtype=dtype or want.dtype)
-    missing = [path_to_torch_key(p) for p in target if p not in out]
+    torch_leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+    missing = [path_to_torch_key(p[:-1] + (torch_leaf.get(p[-1], p[-1]),)) for p in target if p not in out]
     if missing or unexpected or mismatched:
         def few(xs):
             return ", ".join(xs[:4]) + (f" ... (+{len(xs) - 4} more)" if len(xs) > 4 else "")
