@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["sd_jax", "sd_jax.*"]),
-    package_data={"sd_jax": ["data/*.json", "data/*.txt"]},
+    package_data={"sd_jax": ["assets/*"]},
     install_requires=[
         "jax>=0.8,<0.11",
         "flax>=0.12,<0.13",
