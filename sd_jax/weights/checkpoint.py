@@ -1,0 +1,194 @@
+"""Whole-pipeline checkpoints: diffusers folders in, sd-jax orbax checkpoints in and out.
+
+sd-jax's own format is a folder with ``sd_jax.json`` (every component's config),
+``tokenizer/`` and ``params/``, an orbax checkpoint of
+``{"text_encoder": ..., "unet": ..., "vae": ...}``.  It loads straight onto the
+devices (no PyTorch-layout conversion), which makes it the fast way to start.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+
+from sd_jax import sharding
+from sd_jax.weights.diffusers import read_config
+from sd_jax.weights.safetensors_io import CheckpointError
+
+FORMAT = "sd-jax"
+COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+
+
+def detect_format(path: str) -> str:
+    """``"diffusers"``, ``"sd-jax"`` or ``"single-file"``; a clear error for anything else."""
+    if os.path.isfile(path):
+        if path.endswith(".safetensors"):
+            return "single-file"
+        if path.endswith((".ckpt", ".bin", ".pt", ".pth")):
+            raise CheckpointError(
+                f"{path} is a pickle checkpoint, which can run code when loaded; re-save it as .safetensors "
+                f"(or convert it to a diffusers folder) and load that")
+        raise CheckpointError(f"{path} is not a model: expected a diffusers folder, an sd-jax checkpoint folder "
+                              f"or a .safetensors single-file checkpoint")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"model {path!r} not found")
+    if os.path.isfile(os.path.join(path, "sd_jax.json")):
+        return "sd-jax"
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return "diffusers"
+    raise CheckpointError(f"{path} has neither model_index.json (diffusers) nor sd_jax.json (sd-jax checkpoint); "
+                          f"point --model at the model's top folder")
+
+
+def _scheduler(folder: str):
+    from sd_jax.diffusion.samplers import SchedulerConfig, default_scheduler_name
+    cfg = read_config(folder, "scheduler_config.json")
+    return cfg, SchedulerConfig.from_dict(cfg), default_scheduler_name(cfg.get("_class_name", "PNDMScheduler"), cfg)
+
+
+def _models(cfgs, dtype, param_dtype, attention):
+    from sd_jax.models import clip, unet, vae
+    from sd_jax.pipeline import Models
+    return Models(
+        text_encoder=clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(cfgs["text_encoder"]), dtype=dtype,
+                                        param_dtype=param_dtype, attention=attention),
+        unet=unet.UNet2DConditionModel(unet.UNetConfig.from_dict(cfgs["unet"]), dtype=dtype,
+                                       param_dtype=param_dtype, attention=attention),
+        # The VAE decodes in float32 unless asked otherwise: SD's VAE overflows in fp16.
+        vae=vae.AutoencoderKL(vae.VAEConfig.from_dict(cfgs["vae"]), dtype=dtype if dtype != jnp.float16 else jnp.float32,
+                              param_dtype=param_dtype, attention=attention),
+    )
+
+
+def load_pipeline(cls, path, *, dtype, param_dtype, attention, mesh, variant, allow_pickle):
+    from sd_jax.models import attention as attn
+    from sd_jax.models import clip, unet, vae
+    from sd_jax.tokenizer import load_tokenizer
+    attn.check_impl(attention)
+    param_dtype = param_dtype or dtype
+    fmt = detect_format(path)
+    mesh = mesh if mesh is not None else sharding.make_mesh()
+    if fmt == "single-file":
+        from sd_jax.weights import single_file
+        return single_file.load_pipeline(cls, path, dtype=dtype, param_dtype=param_dtype, attention=attention, mesh=mesh)
+    if fmt == "sd-jax":
+        return load_orbax(cls, path, dtype=dtype, param_dtype=param_dtype, attention=attention, mesh=mesh)
+    for c in COMPONENTS:
+        if not os.path.isdir(os.path.join(path, c)):
+            raise CheckpointError(f"{path} is missing its {c}/ folder; the diffusers model is incomplete")
+    kw = dict(dtype=dtype, param_dtype=param_dtype, attention=attention, variant=variant, allow_pickle=allow_pickle)
+    te_model, te_params = clip.load(os.path.join(path, "text_encoder"), **kw)
+    unet_model, unet_params = unet.load(os.path.join(path, "unet"), **kw)
+    vae_kw = dict(kw, dtype=dtype if dtype != jnp.float16 else jnp.float32)
+    vae_model, vae_params = vae.load(os.path.join(path, "vae"), **vae_kw)
+    _, sched_cfg, sched_name = _scheduler(os.path.join(path, "scheduler"))
+    from sd_jax.pipeline import Models
+    models = Models(te_model, unet_model, vae_model)
+    params = {"text_encoder": te_params, "unet": unet_params, "vae": vae_params}
+    return cls(models, params, load_tokenizer(os.path.join(path, "tokenizer")), sched_cfg, sched_name,
+               mesh=mesh, source=path)
+
+
+def _configs(pipe) -> dict:
+    m = pipe.models
+    return {"text_encoder": m.text_encoder.config.to_dict(), "unet": m.unet.config.to_dict(),
+            "vae": m.vae.config.to_dict()}
+
+
+def save_orbax(pipe, path: str) -> None:
+    import orbax.checkpoint as ocp
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.makedirs(path)
+    meta = {"format": FORMAT, "version": 1, **_configs(pipe),
+            "scheduler_config": _scheduler_dict(pipe), "scheduler_name": pipe.scheduler_name}
+    pipe.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(path, "params"), pipe.params)
+    ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        with open(os.path.join(path, "sd_jax.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+
+
+def _scheduler_dict(pipe) -> dict:
+    import dataclasses
+    return dataclasses.asdict(pipe.scheduler_config)
+
+
+def load_orbax(cls, path: str, *, dtype, param_dtype, attention, mesh):
+    import orbax.checkpoint as ocp
+    from sd_jax.diffusion.samplers import SchedulerConfig
+    from sd_jax.tokenizer import load_tokenizer
+    path = os.path.abspath(path)
+    with open(os.path.join(path, "sd_jax.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}/sd_jax.json is not an sd-jax checkpoint description")
+    params_dir = os.path.join(path, "params")
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(f"{path} has no params/ folder; the sd-jax checkpoint is incomplete")
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        structure = ckptr.metadata(params_dir)
+        tree = getattr(structure, "item_metadata", structure)
+        tree = getattr(tree, "tree", tree)
+        rep = sharding.replicated(mesh)
+        target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), param_dtype, sharding=rep), tree)
+        params = ckptr.restore(params_dir, target)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise CheckpointError(f"cannot read the sd-jax checkpoint {path}: {str(e).splitlines()[0]}") from None
+    models = _models(meta, dtype, param_dtype, attention)
+    return cls(models, params, load_tokenizer(os.path.join(path, "tokenizer")),
+               SchedulerConfig.from_dict(meta["scheduler_config"]), meta["scheduler_name"], mesh=mesh, source=path)
+
+
+def save_diffusers(pipe, path: str) -> None:
+    """Write a diffusers-format folder (safetensors) that diffusers PyTorch loads."""
+    from sd_jax.models import clip, unet, vae
+    os.makedirs(path, exist_ok=True)
+    m, p = pipe.models, jax.device_get(pipe.params)
+    clip.save(os.path.join(path, "text_encoder"), m.text_encoder.config, p["text_encoder"])
+    unet.save(os.path.join(path, "unet"), m.unet.config, p["unet"])
+    vae.save(os.path.join(path, "vae"), m.vae.config, p["vae"])
+    pipe.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+    sched = {"_class_name": _class_name(pipe.scheduler_name), **_scheduler_dict(pipe)}
+    os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
+    with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
+        json.dump(sched, f, indent=2)
+    index = {
+        "_class_name": "StableDiffusionInpaintPipeline" if m.unet.config.in_channels == 9 else "StableDiffusionPipeline",
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", _class_name(pipe.scheduler_name)],
+        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
+    }
+    with open(os.path.join(path, "model_index.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+
+
+def _class_name(name: str) -> str:
+    from sd_jax.diffusion import samplers
+    return samplers.diffusers_class_name(name)
+
+
+def pipeline_from_state_dicts(cls, configs: dict, state_dicts: dict, tokenizer, scheduler_config: dict, *,
+                              dtype, param_dtype, attention, mesh, source=None):
+    """Build a pipeline from diffusers-layout configs and state dicts (e.g. a converted single file)."""
+    from sd_jax.diffusion.samplers import SchedulerConfig, default_scheduler_name
+    from sd_jax.models import clip, vae
+    from sd_jax.pipeline import Models
+    from sd_jax.weights.convert import state_dict_to_params
+    param_dtype = param_dtype or dtype
+    models = _models(configs, dtype, param_dtype, attention)
+    shapes = {"text_encoder": models.text_encoder.param_shapes(), "unet": models.unet.param_shapes(),
+              "vae": vae.param_shapes(models.vae)}
+    renames = {"text_encoder": clip._canonical_key, "unet": None, "vae": vae.canonical_key}
+    params = {k: state_dict_to_params(state_dicts[k], shapes[k], what=k, rename=renames[k], dtype=param_dtype)
+              for k in ("text_encoder", "unet", "vae")}
+    name = default_scheduler_name(scheduler_config.get("_class_name", "PNDMScheduler"), scheduler_config)
+    return cls(models, params, tokenizer, SchedulerConfig.from_dict(scheduler_config), name, mesh=mesh, source=source)
