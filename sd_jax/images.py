@@ -1,0 +1,76 @@
+"""Writing generated images: PNG with generation metadata, atomically.
+
+Metadata, so that other tools read it back:
+* ``parameters`` text chunk in the AUTOMATIC1111 format (prompt, ``Negative prompt:``,
+  then ``Steps: .., Sampler: .., CFG scale: .., Seed: .., Size: WxH, Model: ..``);
+* ``sd-jax`` text chunk with the same settings as JSON;
+* an XMP packet marking the image as AI-generated (IPTC digital source type
+  ``trainedAlgorithmicMedia``), plus a plain ``AI-generated: true`` text chunk.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+# A1111 sampler names, for tools that parse the parameters line.
+A1111_SAMPLERS = {
+    "ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
+    "heun": "Heun", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "unipc": "UniPC",
+}
+XMP = ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+       '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+       '<rdf:Description rdf:about="" xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/">'
+       '<Iptc4xmpExt:DigitalSourceType>http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia'
+       '</Iptc4xmpExt:DigitalSourceType></rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>')
+
+
+def a1111_parameters(meta: dict) -> str:
+    """The ``parameters`` string A1111-style tools read."""
+    sampler = meta.get("scheduler", "")
+    name = A1111_SAMPLERS.get(sampler.removesuffix("_karras"), sampler)
+    fields = [("Steps", meta.get("steps")), ("Sampler", name),
+              ("Schedule type", "Karras" if sampler.endswith("_karras") else None),
+              ("CFG scale", meta.get("guidance")), ("Seed", meta.get("seed")),
+              ("Size", f"{meta['width']}x{meta['height']}" if "width" in meta else None),
+              ("Model", meta.get("model")), ("Denoising strength", meta.get("strength")),
+              ("CFG Rescale", meta.get("guidance_rescale") or None), ("Version", "sd-jax")]
+    text = meta.get("prompt", "")
+    if meta.get("negative_prompt"):
+        text += f"\nNegative prompt: {meta['negative_prompt']}"
+    return text + "\n" + ", ".join(f"{k}: {v}" for k, v in fields if v is not None)
+
+
+def save_png(path: str, image, meta: dict | None = None) -> None:
+    """Write ``image`` (uint8 [H, W, 3] or PIL) to ``path`` atomically, with metadata."""
+    from PIL import Image, PngImagePlugin
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
+    info = PngImagePlugin.PngInfo()
+    if meta is not None:
+        info.add_text("parameters", a1111_parameters(meta))
+        info.add_text("sd-jax", json.dumps(meta, sort_keys=True))
+    info.add_text("AI-generated", "true")
+    info.add_itxt("XML:com.adobe.xmp", XMP)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            img.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_metadata(path: str) -> dict:
+    """The sd-jax metadata of a PNG written by :func:`save_png` (``{}`` if none)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        text = im.text.get("sd-jax")
+    return json.loads(text) if text else {}
