@@ -1,0 +1,53 @@
+"""Timestep embeddings (diffusers ``get_timestep_embedding`` / ``TimestepEmbedding``).
+
+The sinusoidal embedding is always computed in float32: timesteps go up to 1000 and
+their products with the frequencies lose whole periods in bfloat16.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def get_timestep_embedding(timesteps, embedding_dim: int, flip_sin_to_cos: bool = False,
+                           downscale_freq_shift: float = 1.0, scale: float = 1.0,
+                           max_period: int = 10000):
+    """Sinusoidal embedding of ``timesteps`` ([B], int or float) -> [B, embedding_dim] float32.
+
+    Matches diffusers' ``get_timestep_embedding`` op for op (same float32 rounding).
+    """
+    timesteps = jnp.asarray(timesteps)
+    if timesteps.ndim != 1:
+        raise ValueError(f"timesteps must be a 1-D array, got shape {timesteps.shape}")
+    half_dim = embedding_dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half_dim, dtype=jnp.float32)
+    exponent = exponent / (half_dim - downscale_freq_shift)
+    emb = jnp.exp(exponent)
+    emb = timesteps.astype(jnp.float32)[:, None] * emb[None, :]
+    emb = scale * emb
+    emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half_dim:], emb[:, :half_dim]], axis=-1)
+    if embedding_dim % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """diffusers ``TimestepEmbedding``: ``linear_1`` -> SiLU -> ``linear_2``."""
+    time_embed_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="linear_1")(x.astype(self.dtype))
+        x = nn.silu(x)
+        return nn.Dense(self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="linear_2")(x)

@@ -1,0 +1,568 @@
+"""The Stable Diffusion denoiser: diffusers' ``UNet2DConditionModel`` in flax.linen, NHWC.
+
+Submodules carry diffusers' names (``down_blocks_0/attentions_1/transformer_blocks_0/attn1/to_q``
+...), so a diffusers ``unet/`` folder converts by the generic table in
+:mod:`sd_jax.weights.convert`.  Supported: SD 1.x, SD 2.x (linear projections,
+per-block head counts, ``upcast_attention``), inpainting (9 input channels) and
+``transformer_layers_per_block`` (int, per block, or per layer).  SDXL's
+``addition_embed_type="text_time"`` has its extension point in
+:meth:`UNet2DConditionModel._added_embedding` and raises ``NotImplementedError`` for now.
+
+Head counts follow diffusers exactly: ``num_attention_heads`` falls back to
+``attention_head_dim`` (a historical misnomer), so ``attention_head_dim=8`` means 8
+heads and SD 2's ``[5, 10, 20, 20]`` means 5/10/20/20 heads (of dimension 64 each);
+the head dimension is ``block channels // heads``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sd_jax.models.attention import check_impl, dot_product_attention
+from sd_jax.models.embeddings import TimestepEmbedding, get_timestep_embedding
+from sd_jax.models.layers import (CONV_IMPLS, Downsample2DFast, ResnetBlock2DFast, Upsample2DFast,
+                                  conv2d, group_norm, norm)
+from sd_jax.weights.convert import params_to_state_dict, state_dict_to_params
+from sd_jax.weights.diffusers import read_config, read_state_dict, write_component
+from sd_jax.weights.safetensors_io import CheckpointError
+
+Dtype = Any
+
+DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
+
+# diffusers config keys this port does not implement: any value but the default is refused
+# (rather than silently computing something else).  `dropout` is irrelevant at inference.
+_MUST_BE_DEFAULT = {
+    "class_embed_type": None, "num_class_embeds": None, "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None, "dual_cross_attention": False,
+    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
+    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
+    "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
+    "class_embeddings_concat": False, "cross_attention_norm": None, "act_fn": "silu",
+    "only_cross_attention": False, "mid_block_only_cross_attention": None,
+}
+_FALSY_OK = {"only_cross_attention", "mid_block_only_cross_attention"}
+
+
+def _tup(x):
+    """Lists (nested) -> tuples, so configs are hashable flax module fields."""
+    if isinstance(x, (list, tuple)):
+        return tuple(_tup(v) for v in x)
+    return x
+
+
+def _per_block(x, n, what):
+    if isinstance(x, tuple):
+        if len(x) != n:
+            raise ValueError(f"UNetConfig.{what} has {len(x)} entries for {n} blocks")
+        return x
+    return (x,) * n
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """diffusers ``unet/config.json`` fields (same names, same meanings)."""
+    sample_size: int | None = 64
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                               "CrossAttnDownBlock2D", "DownBlock2D")
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                             "CrossAttnUpBlock2D")
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int | tuple = 768
+    transformer_layers_per_block: int | tuple = 1
+    reverse_transformer_layers_per_block: tuple | None = None
+    attention_head_dim: int | tuple = 8
+    num_attention_heads: int | tuple | None = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    time_embedding_dim: int | None = None
+    # SDXL ("text_time"): stored and written back, not computed yet.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        """From a diffusers config dict; unknown keys are ignored, known-but-unsupported
+        settings raise ``NotImplementedError``."""
+        name = d.get("_class_name")
+        if name not in (None, "UNet2DConditionModel"):
+            raise CheckpointError(f"config describes a {name}, not a UNet2DConditionModel")
+        for k, default in _MUST_BE_DEFAULT.items():
+            v = d.get(k, default)
+            if k in _FALSY_OK and not v:
+                continue
+            if v != default and not (k == "resnet_out_scale_factor" and v == 1):
+                raise NotImplementedError(
+                    f"UNet config {k}={v!r} is not supported by sd-jax (only {default!r})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: _tup(v) for k, v in d.items() if k in names}
+        return cls(**kw)
+
+    def __post_init__(self):
+        n = len(self.down_block_types)
+        for k in ("down_block_types", "up_block_types", "block_out_channels"):
+            object.__setattr__(self, k, _tup(tuple(getattr(self, k))))
+        for k in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
+                  "reverse_transformer_layers_per_block", "attention_head_dim",
+                  "num_attention_heads"):
+            object.__setattr__(self, k, _tup(getattr(self, k)))
+        if len(self.up_block_types) != n or len(self.block_out_channels) != n:
+            raise ValueError("UNetConfig: down_block_types, up_block_types and block_out_channels "
+                             f"must have the same length ({n}, {len(self.up_block_types)}, "
+                             f"{len(self.block_out_channels)})")
+        bad = [t for t in self.down_block_types if t not in DOWN_BLOCKS]
+        bad += [t for t in self.up_block_types if t not in UP_BLOCKS]
+        if self.mid_block_type not in MID_BLOCKS:
+            bad.append(self.mid_block_type)
+        if bad:
+            raise NotImplementedError(f"UNet block types {bad} are not supported by sd-jax "
+                                      f"(supported: {DOWN_BLOCKS + UP_BLOCKS + MID_BLOCKS[:1]})")
+        if self.norm_num_groups is None:
+            raise NotImplementedError("UNet config norm_num_groups=None is not supported")
+        tl = self.transformer_layers_per_block
+        if (isinstance(tl, tuple) and any(isinstance(t, tuple) for t in tl)
+                and self.reverse_transformer_layers_per_block is None):
+            raise ValueError("per-layer transformer_layers_per_block needs "
+                             "reverse_transformer_layers_per_block (as in diffusers)")
+        heads = self.heads
+        for c, h, t in zip(self.block_out_channels, heads, self.down_block_types):
+            if "CrossAttn" in t and c % h:
+                raise ValueError(f"block width {c} is not divisible by its {h} attention heads")
+
+    @classmethod
+    def sd15(cls) -> "UNetConfig":
+        """runwayml/stable-diffusion-v1-5 ``unet/config.json``."""
+        return cls()
+
+    @classmethod
+    def sd15_inpaint(cls) -> "UNetConfig":
+        """runwayml/stable-diffusion-inpainting: latents + mask + masked-image latents."""
+        return cls(in_channels=9)
+
+    @classmethod
+    def sd21(cls) -> "UNetConfig":
+        """stabilityai/stable-diffusion-2-1 (768-v): 5/10/20/20 heads of dim 64."""
+        return cls(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                   use_linear_projection=True, upcast_attention=True)
+
+    @classmethod
+    def tiny(cls, **kw) -> "UNetConfig":
+        """A few-hundred-kB model with every block type, for tests."""
+        base = dict(sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1,
+                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                    norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4)
+        base.update(kw)
+        return cls(**base)
+
+    def to_dict(self) -> dict:
+        """A diffusers ``config.json`` dict that ``UNet2DConditionModel.from_config`` accepts."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        # diffusers refuses an explicit num_attention_heads; for these block types it only
+        # reads the (misnamed) attention_head_dim, so write the head counts there.
+        d["attention_head_dim"] = self.num_attention_heads or self.attention_head_dim
+        d["num_attention_heads"] = None
+        d.update({k: v for k, v in _MUST_BE_DEFAULT.items()})
+        d["only_cross_attention"] = False
+
+        def lists(x):
+            return [lists(v) for v in x] if isinstance(x, tuple) else x
+        d = {k: lists(v) for k, v in d.items()}
+        return {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1", **d}
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def n_blocks(self) -> int:
+        return len(self.down_block_types)
+
+    @property
+    def heads(self) -> tuple:
+        """Attention heads per down block (diffusers: ``num_attention_heads or attention_head_dim``)."""
+        h = self.num_attention_heads or self.attention_head_dim
+        return _per_block(h, self.n_blocks, "attention_head_dim")
+
+    @property
+    def layers(self) -> tuple:
+        return _per_block(self.layers_per_block, self.n_blocks, "layers_per_block")
+
+    @property
+    def cross_dims(self) -> tuple:
+        return _per_block(self.cross_attention_dim, self.n_blocks, "cross_attention_dim")
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.time_embedding_dim or 4 * self.block_out_channels[0]
+
+    def down_transformer_layers(self, i) -> tuple:
+        t = _per_block(self.transformer_layers_per_block, self.n_blocks, "transformer_layers_per_block")[i]
+        return t if isinstance(t, tuple) else (t,) * self.layers[i]
+
+    def up_transformer_layers(self, i) -> tuple:
+        if self.reverse_transformer_layers_per_block is not None:
+            t = self.reverse_transformer_layers_per_block[i]
+        else:
+            t = _per_block(self.transformer_layers_per_block, self.n_blocks,
+                           "transformer_layers_per_block")[::-1][i]
+        return t if isinstance(t, tuple) else (t,) * (self.layers[::-1][i] + 1)
+
+    def mid_transformer_layers(self) -> int:
+        t = _per_block(self.transformer_layers_per_block, self.n_blocks, "transformer_layers_per_block")[-1]
+        return t[0] if isinstance(t, tuple) else t
+
+
+# --------------------------------------------------------------------------- modules
+class PointwiseConv(nn.Module):
+    """A 1x1 convolution (``kernel`` [1, 1, in, out], as PyTorch stores it) done as a matmul."""
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features),
+                       self.param_dtype)
+        b = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), k[0, 0].astype(self.dtype))
+        return y + b.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """diffusers ``Attention`` (``to_q``/``to_k``/``to_v`` without bias, ``to_out.0``)."""
+    heads: int
+    dim_head: int
+    attention: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None):
+        d, pd = self.dtype, self.param_dtype
+        inner = self.heads * self.dim_head
+        dense = lambda n, name, bias=False: nn.Dense(n, use_bias=bias, dtype=d, param_dtype=pd, name=name)
+        ctx = x if context is None else context
+        q, k, v = dense(inner, "to_q")(x), dense(inner, "to_k")(ctx), dense(inner, "to_v")(ctx)
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
+        # Scores and softmax are float32 in every implementation: this is upcast_attention.
+        o = dot_product_attention(split(q), split(k), split(v), impl=self.attention)
+        o = o.reshape(x.shape[0], x.shape[1], inner)
+        return dense(x.shape[-1], "to_out_0", bias=True)(o)
+
+
+class FeedForward(nn.Module):
+    """diffusers ``FeedForward(activation_fn="geglu")``: ``net.0.proj`` -> GEGLU -> ``net.2``."""
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d, pd = self.dtype, self.param_dtype
+        dim = x.shape[-1]
+        inner = dim * self.mult
+        h = _GEGLUProj(2 * inner, dtype=d, param_dtype=pd, name="net_0")(x)
+        h, gate = h[..., :inner], h[..., inner:]
+        h = h * nn.gelu(gate, approximate=False)
+        return nn.Dense(dim, dtype=d, param_dtype=pd, name="net_2")(h)
+
+
+class _GEGLUProj(nn.Module):
+    """Holds ``net.0.proj`` (diffusers' GEGLU module wraps its Linear as ``proj``)."""
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention, GEGLU feed-forward; pre-LayerNorm residuals."""
+    heads: int
+    dim_head: int
+    attention: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        d, pd = self.dtype, self.param_dtype
+
+        def ln(name, h):  # float32 statistics, like the group norms
+            return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=pd, name=name)(
+                h.astype(jnp.float32)).astype(d)
+
+        attn = lambda name: Attention(self.heads, self.dim_head, self.attention, d, pd, name=name)
+        x = x + attn("attn1")(ln("norm1", x))
+        x = x + attn("attn2")(ln("norm2", x), context)
+        x = x + FeedForward(dtype=d, param_dtype=pd, name="ff")(ln("norm3", x))
+        return x
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm -> proj_in (1x1 conv or linear) -> transformer blocks -> proj_out, + residual."""
+    heads: int
+    dim_head: int
+    num_layers: int = 1
+    groups: int = 32
+    use_linear_projection: bool = False
+    attention: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        d, pd = self.dtype, self.param_dtype
+        b, hh, ww, c = x.shape
+        inner = self.heads * self.dim_head
+        proj = (lambda n, name: nn.Dense(n, dtype=d, param_dtype=pd, name=name)) \
+            if self.use_linear_projection else \
+            (lambda n, name: PointwiseConv(n, dtype=d, param_dtype=pd, name=name))
+        h = norm(group_norm("norm", self.groups, 1e-6, d, pd), x, d)
+        h = proj(inner, "proj_in")(h.reshape(b, hh * ww, c))
+        for i in range(self.num_layers):
+            h = BasicTransformerBlock(self.heads, self.dim_head, self.attention, d, pd,
+                                      name=f"transformer_blocks_{i}")(h, context)
+        h = proj(c, "proj_out")(h)
+        return h.reshape(b, hh, ww, c) + x
+
+
+class DownBlock(nn.Module):
+    """``CrossAttnDownBlock2D`` (``transformer_layers`` given) or ``DownBlock2D``."""
+    out_channels: int
+    num_layers: int
+    transformer_layers: tuple | None = None
+    heads: int = 8
+    add_downsample: bool = True
+    downsample_padding: int = 1
+    groups: int = 32
+    eps: float = 1e-5
+    use_linear_projection: bool = False
+    attention: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, temb, context):
+        d, pd = self.dtype, self.param_dtype
+        states = []
+        for i in range(self.num_layers):
+            x = ResnetBlock2DFast(self.out_channels, self.groups, self.eps, dtype=d, param_dtype=pd,
+                                  conv_impl=self.conv_impl, name=f"resnets_{i}")(x, temb)
+            if self.transformer_layers is not None:
+                x = Transformer2DModel(self.heads, self.out_channels // self.heads,
+                                       self.transformer_layers[i], self.groups,
+                                       self.use_linear_projection, self.attention, d, pd,
+                                       name=f"attentions_{i}")(x, context)
+            states.append(x)
+        if self.add_downsample:
+            x = Downsample2DFast(self.out_channels, self.downsample_padding, d, pd,
+                                 conv_impl=self.conv_impl, name="downsamplers_0")(x)
+            states.append(x)
+        return x, states
+
+
+class UpBlock(nn.Module):
+    """``CrossAttnUpBlock2D`` (``transformer_layers`` given) or ``UpBlock2D``."""
+    out_channels: int
+    num_layers: int
+    transformer_layers: tuple | None = None
+    heads: int = 8
+    add_upsample: bool = True
+    groups: int = 32
+    eps: float = 1e-5
+    use_linear_projection: bool = False
+    attention: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, skips, temb, context):
+        d, pd = self.dtype, self.param_dtype
+        skips = list(skips)
+        for i in range(self.num_layers):
+            x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
+            x = ResnetBlock2DFast(self.out_channels, self.groups, self.eps, dtype=d, param_dtype=pd,
+                                  conv_impl=self.conv_impl, name=f"resnets_{i}")(x, temb)
+            if self.transformer_layers is not None:
+                x = Transformer2DModel(self.heads, self.out_channels // self.heads,
+                                       self.transformer_layers[i], self.groups,
+                                       self.use_linear_projection, self.attention, d, pd,
+                                       name=f"attentions_{i}")(x, context)
+        if self.add_upsample:
+            x = Upsample2DFast(self.out_channels, d, pd, conv_impl=self.conv_impl,
+                               name="upsamplers_0")(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """``UNetMidBlock2DCrossAttn``: resnet, (transformer, resnet)."""
+    channels: int
+    transformer_layers: int = 1
+    heads: int = 8
+    groups: int = 32
+    eps: float = 1e-5
+    output_scale_factor: float = 1.0
+    use_linear_projection: bool = False
+    attention: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, temb, context):
+        d, pd = self.dtype, self.param_dtype
+        res = lambda i: ResnetBlock2DFast(self.channels, self.groups, self.eps,
+                                          self.output_scale_factor, dtype=d, param_dtype=pd,
+                                          conv_impl=self.conv_impl, name=f"resnets_{i}")
+        x = res(0)(x, temb)
+        x = Transformer2DModel(self.heads, self.channels // self.heads, self.transformer_layers,
+                               self.groups, self.use_linear_projection, self.attention, d, pd,
+                               name="attentions_0")(x, context)
+        return res(1)(x, temb)
+
+
+class UNet2DConditionModel(nn.Module):
+    """The conditional denoiser.
+
+    ``dtype`` is the compute dtype (``jnp.bfloat16`` works: norms, softmax and the
+    timestep embedding stay float32); ``attention`` names a
+    :mod:`sd_jax.models.attention` implementation; ``conv_impl`` the convolutions'
+    lowering (:class:`sd_jax.models.layers.Conv2D`; "auto" is right unless measuring).
+    """
+    config: UNetConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention: str = "xla"
+    conv_impl: str = "auto"
+
+    def _added_embedding(self, emb, added_cond_kwargs):
+        """Extension point for ``addition_embed_type`` (SDXL: ``"text_time"`` adds
+        ``add_embedding(concat(text_embeds, time_ids embedding))`` to ``emb``)."""
+        kind = self.config.addition_embed_type
+        if kind is None:
+            return emb
+        raise NotImplementedError(
+            f"UNet addition_embed_type={kind!r} (SDXL micro-conditioning) is not implemented yet "
+            f"in sd-jax; it goes in UNet2DConditionModel._added_embedding")
+
+    @nn.compact
+    def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None):
+        """sample [B, H, W, in_channels] (NHWC); timesteps [B] or scalar, int or float;
+        encoder_hidden_states [B, L, cross_attention_dim].  Returns [B, H, W, out_channels]
+        in ``dtype``.  H and W must be multiples of 2**(number of blocks - 1)."""
+        cfg, d, pd = self.config, self.dtype, self.param_dtype
+        check_impl(self.attention)
+        if self.conv_impl not in CONV_IMPLS:
+            raise ValueError(f"unknown conv_impl {self.conv_impl!r}; choose one of {CONV_IMPLS}")
+        ci = self.conv_impl
+        b = sample.shape[0]
+        factor = 2 ** (cfg.n_blocks - 1)
+        if sample.shape[1] % factor or sample.shape[2] % factor:
+            raise ValueError(f"sample height and width {sample.shape[1:3]} must be multiples of {factor}")
+        if sample.shape[-1] != cfg.in_channels:
+            raise ValueError(f"sample has {sample.shape[-1]} channels, the UNet takes {cfg.in_channels} "
+                             f"(NHWC layout expected)")
+        if cfg.center_input_sample:
+            sample = 2 * sample - 1.0
+        x = sample.astype(d)
+        context = encoder_hidden_states.astype(d)
+
+        # time
+        t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (b,))
+        t_emb = get_timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        emb = TimestepEmbedding(cfg.time_embed_dim, d, pd, name="time_embedding")(t_emb.astype(d))
+        emb = self._added_embedding(emb, added_cond_kwargs)
+
+        x = conv2d(cfg.block_out_channels[0], "conv_in", d, pd, impl=ci)(x)
+        skips = [x]
+        groups, eps, heads = cfg.norm_num_groups, cfg.norm_eps, cfg.heads
+        for i, kind in enumerate(cfg.down_block_types):
+            x, states = DownBlock(
+                cfg.block_out_channels[i], cfg.layers[i],
+                cfg.down_transformer_layers(i) if kind == "CrossAttnDownBlock2D" else None,
+                heads[i], add_downsample=i < cfg.n_blocks - 1,
+                downsample_padding=cfg.downsample_padding, groups=groups, eps=eps,
+                use_linear_projection=cfg.use_linear_projection, attention=self.attention,
+                dtype=d, param_dtype=pd, conv_impl=ci, name=f"down_blocks_{i}")(x, emb, context)
+            skips += states
+
+        if cfg.mid_block_type is not None:
+            x = MidBlock(cfg.block_out_channels[-1], cfg.mid_transformer_layers(), heads[-1], groups,
+                         eps, cfg.mid_block_scale_factor, cfg.use_linear_projection, self.attention,
+                         d, pd, ci, name="mid_block")(x, emb, context)
+
+        rev_ch, rev_heads, rev_layers = (cfg.block_out_channels[::-1], heads[::-1], cfg.layers[::-1])
+        for i, kind in enumerate(cfg.up_block_types):
+            n = rev_layers[i] + 1
+            skips, block_skips = skips[:-n], skips[-n:]
+            x = UpBlock(
+                rev_ch[i], n, cfg.up_transformer_layers(i) if kind == "CrossAttnUpBlock2D" else None,
+                rev_heads[i], add_upsample=i < cfg.n_blocks - 1, groups=groups, eps=eps,
+                use_linear_projection=cfg.use_linear_projection, attention=self.attention,
+                dtype=d, param_dtype=pd, conv_impl=ci, name=f"up_blocks_{i}")(x, block_skips, emb, context)
+
+        x = norm(group_norm("conv_norm_out", groups, eps, d, pd), x, d)
+        return conv2d(cfg.out_channels, "conv_out", d, pd, impl=ci)(nn.silu(x))
+
+    # ----------------------------------------------------------------- helpers
+    def dummy_inputs(self, batch: int = 1, size: int | None = None, seq: int = 1):
+        """Zero inputs of the right shapes (for ``init``/``eval_shape``)."""
+        cfg = self.config
+        size = size or 2 ** (cfg.n_blocks - 1)
+        return (jnp.zeros((batch, size, size, cfg.in_channels), self.dtype),
+                jnp.zeros((batch,), jnp.float32),
+                jnp.zeros((batch, seq, cfg.cross_dims[0]), self.dtype))
+
+    def param_shapes(self):
+        """The parameter tree as ``jax.ShapeDtypeStruct`` (no memory, no compute)."""
+        return jax.eval_shape(lambda: self.init(jax.random.PRNGKey(0), *self.dummy_inputs()))["params"]
+
+
+# --------------------------------------------------------------------------- I/O
+def load(folder: str, *, dtype=jnp.float32, param_dtype=None, attention: str = "xla",
+         variant: str | None = None, allow_pickle: bool = False):
+    """Read a diffusers ``unet/`` folder -> ``(model, params)``.
+
+    ``param_dtype`` defaults to ``dtype``.  Raises ``CheckpointError`` when the weights do
+    not match config.json, ``NotImplementedError`` for unsupported configs (e.g. SDXL).
+    """
+    param_dtype = param_dtype or dtype
+    config = UNetConfig.from_dict(read_config(folder))
+    model = UNet2DConditionModel(config, dtype=dtype, param_dtype=param_dtype,
+                                 attention=check_impl(attention))
+    shapes = model.param_shapes()
+    sd = read_state_dict(folder, variant=variant, allow_pickle=allow_pickle)
+    params = state_dict_to_params(sd, shapes, what="unet", dtype=param_dtype)
+    return model, jax.tree.map(jnp.asarray, params)
+
+
+def save(folder: str, config: UNetConfig, params, dtype=None) -> None:
+    """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` (diffusers format)."""
+    write_component(folder, config.to_dict(), params_to_state_dict(params, dtype=dtype))
+
+
+__all__ = ["UNetConfig", "UNet2DConditionModel", "load", "save", "get_timestep_embedding"]
