@@ -4,11 +4,13 @@ Modules call :func:`dot_product_attention` and pass the implementation name
 they were configured with (a field of the model config, chosen when the model is
 loaded).  The names:
 
-``"xla"``      plain einsum + softmax; scores and softmax in float32.
+``"xla"``      XLA-compiled, scores and softmax in float32.  On GPU (and for small or
+               masked problems) a plain einsum + softmax; on CPU, large unmasked
+               problems run blocked (see below), 1.4-9x faster there.
 ``"cudnn"``    ``jax.nn.dot_product_attention(implementation="cudnn")``: fused
                flash attention on NVIDIA GPUs (fp16/bf16 only).
 ``"chunked"``  queries processed in chunks with ``lax.map`` so the score matrix
-               never exceeds ``chunk x Lk``: memory-saving for large images.
+               never exceeds ``chunk x Lk`` per head: memory-saving for large images.
 ``"auto"``     ``"cudnn"`` on GPU when the dtype allows it, else ``"xla"``.
 """
 from __future__ import annotations
@@ -17,6 +19,19 @@ import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked")
+
+# CPU blocking.  Materialising [B, H, Lq, Lk] float32 scores (1 GiB for SD's 4096-token
+# self-attention at batch 2) makes every softmax pass a trip to DRAM, and each fresh
+# buffer that large is page-faulted in on every call.  Instead one (batch*head,
+# query-block) pair is done at a time in a loop, with the block's scores (block x Lk
+# float32, <= 8 MiB) cache-resident; XLA:CPU compiles each block (matmul, row max, exp,
+# matmul) into a single YNNPACK fusion.  The softmax is normalised after the second
+# matmul, whose ones column after v also yields the denominators (no separate sum).  Measured on a 2-core AVX-512
+# Xeon, SD 1.5 shapes at batch 2 (CPU time; PyTorch's fused SDPA in brackets):
+# 4096x4096 self-attention 6.0 s -> 0.65 s (0.46 s), 1024x1024 157 -> 76 ms (53 ms),
+# 4096x77 cross-attention 57 -> 40 ms (33 ms), 256x256 24 -> 17 ms (11 ms).
+_CPU_BLOCK_BYTES = 8 << 20      # float32 scores per block
+_CPU_MIN_SCORES = 1 << 18       # below this (B*H*Lq*Lk) the plain path is as fast
 
 
 def check_impl(name: str) -> str:
@@ -36,8 +51,51 @@ def _xla(q, k, v, mask, scale):
     return jnp.einsum("bhqk,bkhd->bqhd", p, v)
 
 
+def _blocked(q, k, v, scale, chunk):
+    """Exact attention, one (batch*head, query-block) at a time; no mask.  [B, L, H, D]."""
+    b, lq, h, d = q.shape
+    lk, dv = k.shape[1], v.shape[-1]
+    chunk = max(1, min(chunk, lq))
+    n = -(-lq // chunk)
+    if q.dtype == jnp.float32:       # fold the scale into q (Lq x D multiplies, not Lq x Lk)
+        q, scale = q * scale, None
+    qh = q.transpose(0, 2, 1, 3).reshape(b * h, lq, d)
+    if n * chunk != lq:              # zero rows give finite scores; sliced off below
+        qh = jnp.pad(qh, ((0, 0), (0, n * chunk - lq), (0, 0)))
+    qh = qh.reshape(b * h, n, chunk, d)
+    kh = k.transpose(0, 2, 1, 3).reshape(b * h, lk, d)
+    # A column of ones after v: the second matmul also gives the softmax denominator, so
+    # the probabilities are read once (D=40 -> 41 costs nothing at SIMD widths of 16).
+    vh = jnp.concatenate([v.transpose(0, 2, 1, 3).reshape(b * h, lk, dv),
+                          jnp.ones((b * h, lk, 1), v.dtype)], axis=-1)
+
+    def head(args):
+        qs, kk, vv = args
+
+        def block(qc):
+            s = jnp.dot(qc, kk.T, preferred_element_type=jnp.float32)
+            if scale is not None:
+                s = s * scale
+            e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+            ol = jnp.dot(e.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
+            return (ol[:, :dv] / ol[:, dv:]).astype(v.dtype)
+
+        return jax.lax.map(block, qs)
+
+    out = jax.lax.map(head, (qh, kh, vh)).reshape(b * h, n * chunk, dv)[:, :lq]
+    return out.reshape(b, h, lq, dv).transpose(0, 2, 1, 3)
+
+
+def _cpu_block(lk: int) -> int:
+    """Query rows per block: a power of two with ~_CPU_BLOCK_BYTES of float32 scores."""
+    rows = max(16, _CPU_BLOCK_BYTES // (4 * lk))
+    return 1 << (rows.bit_length() - 1)
+
+
 def _chunked(q, k, v, mask, scale, chunk):
     lq = q.shape[1]
+    if mask is None:
+        return _blocked(q, k, v, scale, chunk) if lq > chunk else _xla(q, k, v, mask, scale)
     if lq <= chunk or lq % chunk:
         return _xla(q, k, v, mask, scale)
     n = lq // chunk
@@ -81,4 +139,8 @@ def dot_product_attention(q, k, v, *, impl: str = "xla", mask=None, causal: bool
         mask = cm if mask is None else jnp.logical_and(mask, cm)
     if impl == "chunked":
         return _chunked(q, k, v, mask, scale, chunk)
+    b, lq, h, _ = q.shape
+    lk = k.shape[1]
+    if mask is None and jax.default_backend() == "cpu" and b * h * lq * lk >= _CPU_MIN_SCORES:
+        return _blocked(q, k, v, scale, _cpu_block(lk))
     return _xla(q, k, v, mask, scale)

@@ -37,19 +37,27 @@ DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
 
-# diffusers config keys this port does not implement: any value but the default is refused
-# (rather than silently computing something else).  `dropout` is irrelevant at inference.
+# diffusers config keys this port does not implement: any value but the default (first)
+# or an equivalent (the others) is refused rather than silently computing something else.
+# `dropout` is irrelevant at inference.
 _MUST_BE_DEFAULT = {
-    "class_embed_type": None, "num_class_embeds": None, "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None, "dual_cross_attention": False,
-    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
-    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
-    "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
-    "class_embeddings_concat": False, "cross_attention_norm": None, "act_fn": "silu",
-    "only_cross_attention": False, "mid_block_only_cross_attention": None,
+    "class_embed_type": (None,), "num_class_embeds": (None,), "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,), "dual_cross_attention": (False,),
+    "resnet_time_scale_shift": ("default",), "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0,), "time_embedding_type": ("positional",),
+    "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,), "conv_out_kernel": (3,), "attention_type": ("default",),
+    "class_embeddings_concat": (False,), "cross_attention_norm": (None,),
+    "act_fn": ("silu", "swish"), "only_cross_attention": (False,),
+    "mid_block_only_cross_attention": (None, False),
 }
-_FALSY_OK = {"only_cross_attention", "mid_block_only_cross_attention"}
+
+
+def _unsupported(key, value) -> bool:
+    allowed = _MUST_BE_DEFAULT[key]
+    if key == "only_cross_attention" and isinstance(value, (list, tuple)):
+        return any(value)        # per-block list of False is the default too
+    return value not in allowed
 
 
 def _tup(x):
@@ -108,13 +116,11 @@ class UNetConfig:
         name = d.get("_class_name")
         if name not in (None, "UNet2DConditionModel"):
             raise CheckpointError(f"config describes a {name}, not a UNet2DConditionModel")
-        for k, default in _MUST_BE_DEFAULT.items():
-            v = d.get(k, default)
-            if k in _FALSY_OK and not v:
-                continue
-            if v != default and not (k == "resnet_out_scale_factor" and v == 1):
+        for k, allowed in _MUST_BE_DEFAULT.items():
+            v = d.get(k, allowed[0])
+            if _unsupported(k, v):
                 raise NotImplementedError(
-                    f"UNet config {k}={v!r} is not supported by sd-jax (only {default!r})")
+                    f"UNet config {k}={v!r} is not supported by sd-jax (only {allowed[0]!r})")
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: _tup(v) for k, v in d.items() if k in names}
         return cls(**kw)
@@ -183,8 +189,7 @@ class UNetConfig:
         # reads the (misnamed) attention_head_dim, so write the head counts there.
         d["attention_head_dim"] = self.num_attention_heads or self.attention_head_dim
         d["num_attention_heads"] = None
-        d.update({k: v for k, v in _MUST_BE_DEFAULT.items()})
-        d["only_cross_attention"] = False
+        d.update({k: v[0] for k, v in _MUST_BE_DEFAULT.items()})
 
         def lists(x):
             return [lists(v) for v in x] if isinstance(x, tuple) else x
