@@ -1,0 +1,228 @@
+"""The denoising loss of Stable Diffusion training, as pure functions of ``(params, batch, key)``.
+
+One training example: encode the image with the frozen VAE (a draw from its posterior,
+times ``scaling_factor``), draw a timestep ``t`` uniformly from ``[0, T)`` and Gaussian
+noise ``eps``, form ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (``abar`` from the
+model's beta schedule: SD's ``scaled_linear`` 0.00085 -> 0.012 over 1000 steps by
+default) and regress the UNet's output on
+
+* ``epsilon``: ``eps``;
+* ``v_prediction``: ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0`` (Salimans & Ho 2022).
+
+Optional min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via
+Min-SNR Weighting Strategy"): with ``SNR_t = abar_t / (1 - abar_t)`` the per-example
+mean squared error is multiplied by ``min(SNR_t, gamma) / SNR_t`` for epsilon
+prediction and ``min(SNR_t, gamma) / (SNR_t + 1)`` for v prediction (the same weight on
+the x0 error in both cases).
+
+Caption dropout (for classifier-free guidance): each caption's token ids are replaced
+by the empty prompt's with probability ``p``.
+
+:class:`DiffusionLoss` is a frozen, hashable dataclass: a jitted train step takes it as a
+static argument, and two runs with equal settings share one compiled program.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sd_jax.diffusion import schedules
+from sd_jax.models import vae as vae_lib
+
+__all__ = ["PREDICTION_TYPES", "NoiseSchedule", "add_noise", "velocity", "prediction_target", "snr",
+           "min_snr_weight", "drop_captions", "encode_latents", "remat_blocks", "DiffusionLoss"]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSchedule:
+    """The training noise schedule (fields of a diffusers ``scheduler_config.json``)."""
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    rescale_betas_zero_snr: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NoiseSchedule":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+
+    def alphas_cumprod(self) -> np.ndarray:
+        """float32 ``abar_t``, ``t = 0 .. num_train_timesteps - 1`` (bit-identical to diffusers)."""
+        return schedules.get_alphas_cumprod(self.beta_schedule, self.num_train_timesteps, self.beta_start,
+                                            self.beta_end, rescale_betas_zero_snr=self.rescale_betas_zero_snr)
+
+
+def _at(values, t, ndim):
+    """``values[t]`` shaped to broadcast against a [B, ...] array of rank ``ndim``."""
+    return jnp.asarray(values, jnp.float32)[t].reshape((-1,) + (1,) * (ndim - 1))
+
+
+def add_noise(x0, noise, t, alphas_cumprod):
+    """``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (DDPM forward process)."""
+    a = _at(alphas_cumprod, t, x0.ndim)
+    return jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
+
+
+def velocity(x0, noise, t, alphas_cumprod):
+    """``v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0``."""
+    a = _at(alphas_cumprod, t, x0.ndim)
+    return jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * x0
+
+
+def prediction_target(x0, noise, t, alphas_cumprod, prediction_type: str):
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return velocity(x0, noise, t, alphas_cumprod)
+    raise ValueError(f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
+
+
+def snr(t, alphas_cumprod):
+    """Signal-to-noise ratio ``abar_t / (1 - abar_t)`` at integer timesteps ``t`` [B]."""
+    a = jnp.asarray(alphas_cumprod, jnp.float32)[t]
+    return a / (1.0 - a)
+
+
+def min_snr_weight(t, alphas_cumprod, gamma: float, prediction_type: str):
+    """Per-example min-SNR-gamma loss weights [B] (Hang et al. 2023)."""
+    s = snr(t, alphas_cumprod)
+    clipped = jnp.minimum(s, gamma)
+    if prediction_type == "epsilon":
+        return clipped / s
+    if prediction_type == "v_prediction":
+        return clipped / (s + 1.0)
+    raise ValueError(f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
+
+
+def drop_captions(input_ids, empty_ids, p: float, key):
+    """Replace each row of ``input_ids`` [B, L] by ``empty_ids`` [L] with probability ``p``."""
+    if not p:
+        return input_ids
+    drop = jax.random.uniform(key, (input_ids.shape[0],)) < p
+    return jnp.where(drop[:, None], jnp.asarray(empty_ids, input_ids.dtype)[None], input_ids)
+
+
+def encode_latents(vae, vae_params, pixels, key):
+    """Images [B, H, W, 3] in [-1, 1] -> a posterior draw in the diffusion latent space
+    (``(z - shift) * scaling_factor``), float32, no gradient."""
+    mean, logvar = vae.apply({"params": vae_params}, pixels.astype(vae.dtype), method="encode")
+    z = vae_lib.sample_latent(mean, logvar, key)
+    return jax.lax.stop_gradient(vae.config.scale_latents(z))
+
+
+# --------------------------------------------------------------------------- remat
+
+def remat_modules() -> tuple[type, ...]:
+    """The UNet's repeated blocks (and their subclasses), rematerialised one by one: their
+    activations are recomputed in the backward pass instead of stored (diffusers'
+    gradient checkpointing does the same)."""
+    from sd_jax.models import layers, unet
+    return (layers.ResnetBlock2D, unet.Transformer2DModel)
+
+
+_remat_active: set = set()
+_remat_count = [0]
+
+
+def _remat_interceptor(next_fun, args, kwargs, context):
+    m = context.module
+    if (context.method_name != "__call__" or not isinstance(m, remat_modules())
+            or m.path in _remat_active):
+        return next_fun(*args, **kwargs)
+    _remat_count[0] += 1
+    _remat_active.add(m.path)
+    try:
+        # A lifted transform (nn.remat on a function of the module) re-enters __call__ on a
+        # clone of ``m``, which the ``_remat_active`` guard lets through unwrapped.
+        return nn.remat(lambda mdl, *a, **k: mdl(*a, **k), prevent_cse=True)(m, *args, **kwargs)
+    finally:
+        _remat_active.discard(m.path)
+
+
+def remat_blocks(fn):
+    """``fn`` (which calls flax modules) with every ResNet and transformer block of the
+    modules it calls rematerialised (``nn.remat``), without changing the model code.
+
+    Wrapping the whole UNet call in ``jax.checkpoint`` would save nothing: the backward
+    pass recomputes the entire forward and holds all its activations again.  Per-block
+    remat keeps only the block inputs, at the price of one extra forward pass.
+    """
+    def wrapped(*args, **kwargs):
+        before = _remat_count[0]
+        with nn.intercept_methods(_remat_interceptor):
+            out = fn(*args, **kwargs)
+        if _remat_count[0] == before:
+            names = " or ".join(t.__name__ for t in remat_modules())
+            raise RuntimeError(f"remat: no {names} block was called; the UNet's modules changed, "
+                               f"update sd_jax.train.losses.remat_modules")
+        return out
+    return wrapped
+
+
+# --------------------------------------------------------------------------- the loss
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionLoss:
+    """``loss(params, batch, key) -> (scalar loss, metrics)``.
+
+    ``params``: ``{"text_encoder": ..., "unet": ..., "vae": ...}``; ``batch``:
+    ``{"pixels": float [B, H, W, 3] in [-1, 1], "input_ids": int [B, L]}`` (or
+    ``"latents"`` [B, h, w, C] already in the diffusion latent space instead of pixels).
+    """
+    text_encoder: Any
+    unet: Any
+    vae: Any
+    schedule: NoiseSchedule = NoiseSchedule()
+    prediction_type: str = "epsilon"
+    snr_gamma: float | None = None
+    caption_dropout: float = 0.0
+    empty_ids: tuple[int, ...] = ()
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction type {self.prediction_type!r}; "
+                             f"use one of {', '.join(PREDICTION_TYPES)}")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ValueError(f"snr gamma must be positive, got {self.snr_gamma}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.caption_dropout and not self.empty_ids:
+            raise ValueError("caption dropout needs the empty prompt's token ids (empty_ids)")
+
+    def __call__(self, params, batch, key):
+        k_lat, k_t, k_noise, k_drop = jax.random.split(key, 4)
+        if "latents" in batch:
+            x0 = batch["latents"].astype(jnp.float32)
+        else:
+            x0 = encode_latents(self.vae, params["vae"], batch["pixels"], k_lat)
+        b = x0.shape[0]
+        ac = self.schedule.alphas_cumprod()
+        t = jax.random.randint(k_t, (b,), 0, self.schedule.num_train_timesteps)
+        noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+        xt = add_noise(x0, noise, t, ac)
+        ids = drop_captions(batch["input_ids"], self.empty_ids, self.caption_dropout, k_drop)
+        context = self.text_encoder.apply({"params": params["text_encoder"]}, ids)["prompt_embeds"]
+
+        def unet(p, x, tt, c):
+            return self.unet.apply({"params": p}, x, tt, c)
+
+        if self.remat:
+            unet = remat_blocks(unet)
+        pred = unet(params["unet"], xt.astype(self.unet.dtype), t, context.astype(self.unet.dtype))
+        target = prediction_target(x0, noise, t, ac, self.prediction_type)
+        per_example = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))
+        mse = jnp.mean(per_example)
+        if self.snr_gamma is not None:
+            loss = jnp.mean(per_example * min_snr_weight(t, ac, self.snr_gamma, self.prediction_type))
+        else:
+            loss = mse
+        return loss, {"mse": mse}

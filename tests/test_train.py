@@ -1,0 +1,352 @@
+"""Training: optimizer, losses, the train loop (resumption, sharding, freezing, EMA, export),
+VAE training and the ``sd-jax train`` command line.
+
+The loop tests share one tiny configuration so that the compiled train step is reused:
+runs A (24 steps, 8 devices), B (killed at step 14, resumed), C (1 device) and the
+fine-tuning run all hit the same cached program per device count.
+"""
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sd_jax import sharding
+from sd_jax.models import clip as clip_lib
+from sd_jax.models import unet as unet_lib
+from sd_jax.models import vae as vae_lib
+from sd_jax.train import cli as train_cli
+from sd_jax.train import losses, optim
+from sd_jax.train.loop import TrainConfig, read_log, train
+from sd_jax.train.vae import VAETrainConfig, train_vae
+
+SIZE = 16
+# Small enough to compile quickly (compilation dominates these tests on CPU).
+VAE_CFG = vae_lib.VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+                            sample_size=SIZE, scaling_factor=1.0, mid_block_add_attention=False)
+TE_CFG = clip_lib.CLIPTextConfig.tiny(vocab_size=873, num_hidden_layers=1, bos_token_id=871, eos_token_id=872,
+                                      pad_token_id=872)
+UNET_CFG = unet_lib.UNetConfig.tiny(sample_size=SIZE // 2, block_out_channels=(32,), mid_block_type=None,
+                                    down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
+# Train the UNet and the text encoder's transformer layers; its embeddings and final norm stay frozen.
+TRAIN = ("unet", r"text_encoder/text_model/encoder/")
+FROZEN_TE = ("embeddings", "final_layer_norm")
+
+
+def leaves(tree):
+    return {optim.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def diffusion_config(out, vae, **kw):
+    base = dict(out=str(out), vae=vae and str(vae), text_encoder_config=TE_CFG, unet_config=UNET_CFG, size=SIZE,
+                steps=24, batch_size=8, lr=3e-3, warmup=2, save_every=12, ema=0.9, train=TRAIN, caption_dropout=0.2,
+                snr_gamma=5.0, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --------------------------------------------------------------------------- fixtures (shared runs)
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+    """Compile the train steps of these tiny models without LLVM optimisations (~2.5x faster)."""
+    from sd_jax.train import loop
+    saved = dict(loop.COMPILER_OPTIONS)
+    if jax.default_backend() == "cpu":
+        loop.COMPILER_OPTIONS["xla_backend_optimization_level"] = 0
+    yield
+    loop.COMPILER_OPTIONS.clear()
+    loop.COMPILER_OPTIONS.update(saved)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def vae_run(runs):
+    cfg = VAETrainConfig(out=str(runs / "vae"), vae_config=VAE_CFG, size=SIZE, steps=30, batch_size=8, lr=3e-3,
+                         warmup=3, save_every=100, progress=False)
+    return train_vae(cfg)
+
+
+@pytest.fixture(scope="module")
+def run_a(runs, vae_run):
+    """The uninterrupted run: 24 steps on all 8 devices, checkpoints at 12 and 24."""
+    return train(diffusion_config(runs / "a", runs / "vae"))
+
+
+@pytest.fixture(scope="module")
+def run_b_killed(runs, vae_run):
+    """The same run, stopped after step 14 (checkpoints at 12 and 14)."""
+    return train(diffusion_config(runs / "b", runs / "vae", stop_after=14))
+
+
+# --------------------------------------------------------------------------- optimizer
+
+def test_trainable_patterns():
+    params = {"text_encoder": {"text_model": {"embeddings": {"w": np.zeros(2)}, "encoder": {"w": np.zeros(2)}}},
+              "unet": {"conv_in": {"kernel": np.zeros((3, 3))}}}
+    labels = leaves(optim.labels_for(params, ("unet",)))
+    assert labels == {"text_encoder/text_model/embeddings/w": "freeze", "text_encoder/text_model/encoder/w": "freeze",
+                      "unet/conv_in/kernel": "train"}
+    labels = leaves(optim.labels_for(params, ("unet", "text_encoder/text_model/enc")))
+    assert labels["text_encoder/text_model/encoder/w"] == "train"
+    assert labels["text_encoder/text_model/embeddings/w"] == "freeze"
+    with pytest.raises(ValueError, match="matches no parameter"):
+        optim.labels_for(params, ("vae",))
+    with pytest.raises(ValueError, match="regular expression"):
+        optim.OptimConfig(trainable=("unet[",))
+
+
+def test_schedule_warmup_cosine_and_accumulation():
+    cfg = optim.OptimConfig(lr=1.0, steps=100, warmup=10, schedule="cosine")
+    lrs = [optim.lr_at(cfg, s) for s in range(100)]
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx(0.5, abs=1e-6) and lrs[-1] < 1e-3
+    const = optim.OptimConfig(lr=1.0, steps=100, warmup=10, schedule="constant")
+    assert optim.lr_at(const, 5) == pytest.approx(0.5) and optim.lr_at(const, 99) == 1.0
+    # grad-accum 4: the schedule runs over 25 updates, one every 4 batches.
+    acc = optim.OptimConfig(lr=1.0, steps=100, warmup=40, grad_accum=4)
+    assert optim.lr_at(acc, 20) == optim.lr_at(acc, 23) == pytest.approx(0.5)
+
+    params = {"w": jnp.ones((2, 2))}
+    cfg = optim.OptimConfig(lr=0.1, steps=8, grad_accum=4, schedule="constant", weight_decay=0.0, clip_norm=None)
+    labels = optim.labels_for(params, (".*",))
+    tx = optim.make_optimizer(cfg, labels)
+    state = tx.init(params)
+    seen = []
+    for i in range(8):
+        grads = {"w": jnp.full((2, 2), float(i))}
+        updates, state = tx.update(grads, state, params)
+        seen.append(float(jnp.abs(updates["w"]).max()))
+        params = optax.apply_updates(params, updates)
+    assert [s > 0 for s in seen] == [False, False, False, True] * 2
+
+
+def test_ema_decay_warmup():
+    assert float(optim.ema_decay(0.999, 0)) == pytest.approx(0.1)
+    assert float(optim.ema_decay(0.999, 10)) == pytest.approx(11 / 20)
+    assert float(optim.ema_decay(0.999, 10**6)) == pytest.approx(0.999)
+    labels = {"a": "train", "b": "freeze"}
+    params = {"a": jnp.ones(3), "b": jnp.ones(3)}
+    ema = optim.ema_init(params, labels)
+    assert ema["b"].shape == ()
+    ema = optim.ema_update(ema, {"a": jnp.full(3, 2.0), "b": jnp.ones(3)}, labels, 0.9, 0)
+    np.testing.assert_allclose(ema["a"], 1.0 + 0.9 * 1.0)  # decay 0.1 at the first update
+    assert optim.ema_params(ema, params, labels)["b"] is params["b"]
+
+
+# --------------------------------------------------------------------------- losses
+
+def test_loss_pieces():
+    ac = losses.NoiseSchedule().alphas_cumprod()
+    assert ac.shape == (1000,) and ac[0] == pytest.approx(1 - 0.00085, rel=1e-6)
+    x0 = jnp.ones((2, 2, 2, 1))
+    eps = jnp.full((2, 2, 2, 1), 2.0)
+    t = jnp.array([0, 999])
+    a = np.broadcast_to(ac[[0, 999]][:, None, None, None], x0.shape)
+    np.testing.assert_allclose(losses.add_noise(x0, eps, t, ac), np.sqrt(a) + 2 * np.sqrt(1 - a), rtol=1e-6)
+    np.testing.assert_allclose(losses.prediction_target(x0, eps, t, ac, "v_prediction"),
+                               np.sqrt(a) * 2 - np.sqrt(1 - a), rtol=1e-6)
+    assert losses.prediction_target(x0, eps, t, ac, "epsilon") is eps
+    snr = ac[[0, 999]] / (1 - ac[[0, 999]])
+    np.testing.assert_allclose(losses.min_snr_weight(t, ac, 5.0, "epsilon"), np.minimum(snr, 5) / snr, rtol=1e-5)
+    np.testing.assert_allclose(losses.min_snr_weight(t, ac, 5.0, "v_prediction"), np.minimum(snr, 5) / (snr + 1),
+                               rtol=1e-5)
+    ids = jnp.arange(12).reshape(3, 4)
+    empty = (7, 8, 8, 8)
+    key = jax.random.key(0)
+    np.testing.assert_array_equal(losses.drop_captions(ids, empty, 0.0, key), ids)
+    np.testing.assert_array_equal(losses.drop_captions(ids, empty, 1.0, key), np.tile(empty, (3, 1)))
+
+
+def test_remat_rematerialises_blocks_without_changing_results():
+    cfg = unet_lib.UNetConfig.tiny(sample_size=4, block_out_channels=(16,), down_block_types=("CrossAttnDownBlock2D",),
+                                   up_block_types=("CrossAttnUpBlock2D",), mid_block_type=None, attention_head_dim=2)
+    model = unet_lib.UNet2DConditionModel(cfg)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 4, 4, 4)).astype(np.float32)
+    ctx = rng.normal(size=(2, 3, 32)).astype(np.float32)
+    t = np.array([3, 500])
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x, t, ctx)["params"]
+    params = jax.tree.map(lambda s: (0.2 * rng.normal(size=s.shape)).astype(np.float32), shapes)
+
+    def f(p):
+        return model.apply({"params": p}, x, t, ctx)
+
+    def loss(p, remat):
+        return jnp.mean((losses.remat_blocks(f) if remat else f)(p) ** 2)
+
+    def remat_regions(remat):
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: loss(p, remat)))(params))
+        return sum(jaxpr.count(name) for name in ("checkpoint[", "remat2[", "remat["))
+
+    # Every ResNet and transformer block (down: 1 + 1, up: 2 + 2) is one remat region.
+    assert remat_regions(True) == 6 and remat_regions(False) == 0
+    np.testing.assert_allclose(jax.jit(losses.remat_blocks(f))(params), jax.jit(f)(params), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- VAE training
+
+def test_vae_training_loss_falls_and_exports(vae_run, runs):
+    loss = [r["loss"] for r in vae_run.log]
+    assert len(loss) == 30 and vae_run.finished
+    assert np.mean(loss[-5:]) < 0.75 * np.mean(loss[:5]), loss
+    assert set(vae_run.log[-1]) >= {"step", "loss", "lr", "steps_per_s", "time", "rec", "kl", "edge", "psnr"}
+    model, p = vae_lib.load(vae_run.export_dir)
+    assert model.config.block_out_channels == VAE_CFG.block_out_channels
+    assert np.isfinite(model.config.scaling_factor) and model.config.scaling_factor > 0
+    assert model.config.scaling_factor != 1.0  # calibrated at export
+    p = p.get("params", p) if set(p) == {"params"} else p
+    for k, v in leaves(vae_run.params["vae"]).items():
+        np.testing.assert_array_equal(leaves(p)[k], v)
+
+
+# --------------------------------------------------------------------------- diffusion training
+
+def test_diffusion_loss_falls(run_a):
+    loss = [r["loss"] for r in run_a.log]
+    assert [r["step"] for r in run_a.log] == list(range(1, 25)) and run_a.finished
+    assert np.mean(loss[-6:]) < 0.8 * np.mean(loss[:6]), loss
+    assert run_a.log == read_log(os.path.dirname(run_a.export_dir))
+    assert sorted(os.listdir(os.path.join(os.path.dirname(run_a.export_dir), "checkpoints"))) == ["12", "24"]
+
+
+def test_kill_and_resume_is_exact(run_a, run_b_killed, runs):
+    out = str(runs / "b")
+    assert not run_b_killed.finished and run_b_killed.step == 14 and run_b_killed.export_dir is None
+    assert [r["step"] for r in read_log(out)] == list(range(1, 15))
+    # Killed after logging step 14 but before its checkpoint: resume from 12, redo 13-14.
+    shutil.rmtree(os.path.join(out, "checkpoints", "14"))
+    resumed = train(diffusion_config(out, runs / "vae"))
+    assert resumed.finished and resumed.step == 24
+    log_a = [(r["step"], r["loss"], r["lr"]) for r in run_a.log]
+    assert [(r["step"], r["loss"], r["lr"]) for r in read_log(out)] == log_a
+    for k, v in leaves(run_a.params).items():
+        np.testing.assert_array_equal(leaves(resumed.params)[k], v, err_msg=k)
+    for k, v in leaves(run_a.ema).items():
+        np.testing.assert_array_equal(leaves(resumed.ema)[k], v, err_msg=k)
+    # Restarting a finished run trains nothing more; other settings are refused.
+    again = train(diffusion_config(out, runs / "vae"))
+    assert again.step == 24 and len(read_log(out)) == 24
+    with pytest.raises(ValueError, match="other settings"):
+        train(diffusion_config(out, runs / "vae", lr=1e-3))
+
+
+def test_one_device_equals_eight(run_b_killed, runs):
+    assert len(jax.devices()) == 8
+    one = sharding.make_mesh(jax.devices()[:1])
+    single = train(diffusion_config(runs / "c", runs / "vae", stop_after=14), mesh=one)
+    np.testing.assert_allclose([r["loss"] for r in single.log], [r["loss"] for r in run_b_killed.log],
+                               rtol=2e-5, atol=1e-6)
+    for k, v in leaves(run_b_killed.params).items():
+        if k.endswith("k_proj/bias"):
+            # The keys' bias has an exactly-zero gradient (softmax ignores a constant shift),
+            # so its float noise, which depends on the reduction order, is all Adam sees.
+            continue
+        np.testing.assert_allclose(leaves(single.params)[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_freezing_and_ema(run_a, runs):
+    """Fine-tune run A's export: frozen leaves stay bit-identical, EMA lies between start and params."""
+    start = leaves({"text_encoder": clip_lib.load(os.path.join(run_a.export_dir, "text_encoder"))[1],
+                    "unet": unet_lib.load(os.path.join(run_a.export_dir, "unet"))[1]})
+    cfg = diffusion_config(runs / "ft", None, model=run_a.export_dir, text_encoder_config=None, unet_config=None,
+                           stop_after=4)
+    ft = train(cfg)
+    params, ema = leaves(ft.params), leaves(ft.ema)
+    frozen = [k for k in start if k.startswith("text_encoder") and any(f in k for f in FROZEN_TE)]
+    trained = [k for k in start if k not in frozen]
+    assert frozen and all(k.startswith(("unet/", "text_encoder/text_model/encoder/")) for k in trained)
+    for k in frozen:
+        np.testing.assert_array_equal(params[k], start[k], err_msg=k)
+        np.testing.assert_array_equal(ema[k], start[k], err_msg=k)
+    moved = [k for k in trained if not np.array_equal(params[k], start[k])]
+    assert len(moved) > 0.9 * len(trained)
+    flat = lambda d, ks: np.concatenate([d[k].ravel() for k in ks])  # noqa: E731
+    p, e, s = flat(params, trained), flat(ema, trained), flat(start, trained)
+    assert not np.array_equal(e, p) and not np.array_equal(e, s)
+    assert np.linalg.norm(e - p) < np.linalg.norm(s - p)  # the EMA moved from the start towards the params
+
+
+def test_export_is_a_diffusers_model(run_a):
+    folder = run_a.export_dir
+    assert sorted(os.listdir(folder)) == ["model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+        sched = json.load(f)
+    assert sched["_class_name"] == "DPMSolverMultistepScheduler" and sched["prediction_type"] == "epsilon"
+    te_model, te_p = clip_lib.load(os.path.join(folder, "text_encoder"))
+    unet_model, unet_p = unet_lib.load(os.path.join(folder, "unet"))
+    vae_model, _ = vae_lib.load(os.path.join(folder, "vae"))
+    assert te_model.config.vocab_size == 873 and unet_model.config == UNET_CFG
+    # The EMA weights were exported.
+    for k, v in leaves({"text_encoder": te_p, "unet": unet_p}).items():
+        np.testing.assert_array_equal(leaves(run_a.ema)[k], v, err_msg=k)
+    from sd_jax.tokenizer import load_tokenizer
+    assert len(load_tokenizer(os.path.join(folder, "tokenizer"))) == 873
+    try:
+        from sd_jax.pipeline import StableDiffusionPipeline
+        pipe = StableDiffusionPipeline.from_pretrained(folder)
+    except (ImportError, AttributeError, NotImplementedError) as e:  # the pipeline is still being finished
+        pytest.skip(f"pipeline not loadable yet: {e}")
+    assert pipe.models.unet.config == UNET_CFG
+
+
+def test_export_loads_in_diffusers(run_a):
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("torch")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(run_a.export_dir, safety_checker=None)
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert tuple(pipe.unet.config.block_out_channels) == UNET_CFG.block_out_channels
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert pipe.text_encoder(ids)[0].shape == (1, 77, TE_CFG.hidden_size)
+
+
+# --------------------------------------------------------------------------- command line
+
+@pytest.mark.parametrize("recipe,argv,match", [
+    (None, [], "give a recipe"),
+    ("bake", [], "unknown recipe"),
+    ("vae", ["--steps", "x"], "--steps"),
+    ("vae", ["--steps", "0"], "at least 1"),
+    ("vae", ["--dtype", "fp16"], "--dtype"),
+    ("vae", ["--size", "30"], "multiple of 8"),
+    ("vae", ["--bogus"], "unrecognized"),
+    ("vae", ["--snr-gamma", "5"], "unrecognized"),
+    ("diffusion", [], "--vae"),
+    ("diffusion", ["--vae", "/nonexistent"], "not found"),
+    ("finetune", [], "--model"),
+    ("finetune", ["--model", "/nonexistent", "--data", "."], "not found"),
+    ("vae", ["--ema", "1.5"], "ema"),
+    ("vae", ["--lr", "-1"], "learning rate"),
+])
+def test_cli_errors(recipe, argv, match):
+    with pytest.raises(ValueError, match=match) as e:
+        train_cli.run(recipe, argv)
+    assert "\n" not in str(e.value)
+
+
+def test_cli_top_level_error(capsys):
+    from sd_jax.cli import main
+    assert main(["train", "vae", "--grad-accum", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sd-jax: error:") and "grad-accum" in err
+
+
+def test_cli_builds_configs(tmp_path):
+    cfg = train_cli.config_from_args("vae", ["--out", str(tmp_path / "v"), "--steps", "10", "--dtype", "bf16"])
+    assert isinstance(cfg, VAETrainConfig) and cfg.steps == 10 and cfg.dtype == "bf16" and cfg.size == 64
+    (tmp_path / "vae").mkdir()
+    cfg = train_cli.config_from_args("diffusion", [
+        "--out", str(tmp_path / "d"), "--vae", str(tmp_path / "vae"), "--train", "unet", "--prediction-type",
+        "v_prediction", "--snr-gamma", "0", "--grad-accum", "2", "--remat", "--ema", "0.99"])
+    assert isinstance(cfg, TrainConfig) and cfg.train == ("unet",) and cfg.snr_gamma is None
+    assert cfg.prediction_type == "v_prediction" and cfg.grad_accum == 2 and cfg.remat and cfg.ema == 0.99
+    assert dataclasses.replace(cfg, steps=5).steps == 5
