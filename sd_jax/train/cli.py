@@ -103,6 +103,9 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     if recipe == "vae":
         p.add_argument("--model", default=None, help="start from this VAE (run folder or vae/ folder)")
+        p.add_argument("--widths", default=None,
+                       help="VAE block widths, e.g. 32,64,64 (downscale 2**(levels-1); default 16,32,64)")
+        p.add_argument("--groups", type=int, default=None, help="GroupNorm groups (must divide every width)")
         p.add_argument("--kl-weight", type=float, default=1e-6)
         p.add_argument("--recon", choices=["l1", "l2"], default="l1")
         p.add_argument("--edge-weight", type=float, default=1.0, help="weight of the image-gradient (edge) loss")
@@ -158,8 +161,22 @@ def config_from_args(recipe: str | None, argv) -> object:
         from sd_jax.train.vae import VAETrainConfig
         if a.remat:
             raise ValueError("--remat applies to the UNet; the VAE recipe does not support it")
+        vae_config = None
+        if a.widths or a.groups:
+            from sd_jax.train.vae import small_vae_config
+            kw = {}
+            if a.widths:
+                try:
+                    kw["block_out_channels"] = tuple(int(w) for w in a.widths.split(","))
+                except ValueError:
+                    raise ValueError(f"--widths {a.widths!r} must be comma-separated integers, e.g. 32,64,64") from None
+            if a.groups:
+                kw["norm_num_groups"] = a.groups
+            if any(w % (a.groups or 8) for w in kw.get("block_out_channels", ())):
+                raise ValueError("every --widths entry must be a multiple of --groups")
+            vae_config = small_vae_config(**kw)
         return VAETrainConfig(**common, size=a.size or 64, model=a.model, kl_weight=a.kl_weight, recon=a.recon,
-                              edge_weight=a.edge_weight)
+                              edge_weight=a.edge_weight, vae_config=vae_config)
     from sd_jax.train.loop import TrainConfig
     model = getattr(a, "model", None)
     if recipe == "diffusion" and a.vae is None:
