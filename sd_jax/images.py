@@ -27,24 +27,43 @@ XMP = ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
        '</Iptc4xmpExt:DigitalSourceType></rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>')
 
 
+def _quote(value) -> str:
+    """A1111's ``quote``: a value with a comma, colon, quote or newline is written as JSON."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:"\n') else text
+
+
 def a1111_parameters(meta: dict) -> str:
-    """The ``parameters`` string A1111-style tools read."""
-    sampler = meta.get("scheduler", "")
-    name = A1111_SAMPLERS.get(sampler.removesuffix("_karras"), sampler)
+    """The ``parameters`` string A1111-style tools read: the prompt, ``Negative prompt: ...``,
+    then one line ``Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 1, Size: 512x512, ...``."""
+    sampler = meta.get("scheduler") or ""
+    name = A1111_SAMPLERS.get(sampler.removesuffix("_karras"), sampler) or None
     fields = [("Steps", meta.get("steps")), ("Sampler", name),
               ("Schedule type", "Karras" if sampler.endswith("_karras") else None),
               ("CFG scale", meta.get("guidance")), ("Seed", meta.get("seed")),
-              ("Size", f"{meta['width']}x{meta['height']}" if "width" in meta else None),
-              ("Model", meta.get("model")), ("Denoising strength", meta.get("strength")),
-              ("CFG Rescale", meta.get("guidance_rescale") or None), ("Version", "sd-jax")]
+              ("Size", f"{meta['width']}x{meta['height']}" if "width" in meta and "height" in meta else None),
+              ("Model", meta.get("model") or None), ("Denoising strength", meta.get("strength")),
+              ("Clip skip", meta.get("clip_skip")), ("CFG Rescale", meta.get("guidance_rescale") or None),
+              ("Version", "sd-jax")]
     text = meta.get("prompt", "")
     if meta.get("negative_prompt"):
         text += f"\nNegative prompt: {meta['negative_prompt']}"
-    return text + "\n" + ", ".join(f"{k}: {v}" for k, v in fields if v is not None)
+    return text + "\n" + ", ".join(f"{k}: {_quote(v)}" for k, v in fields if v is not None)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # read once: os.umask is process-wide, not thread-safe to probe later
+TMP_PREFIX = ".tmp-"
 
 
 def save_png(path: str, image, meta: dict | None = None) -> None:
-    """Write ``image`` (uint8 [H, W, 3] or PIL) to ``path`` atomically, with metadata."""
+    """Write ``image`` (uint8 [H, W, 3] or PIL) to ``path`` atomically, with metadata: a
+    temporary file ``.tmp-*.png`` in the same folder, fsynced, then renamed over ``path``."""
     from PIL import Image, PngImagePlugin
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
     info = PngImagePlugin.PngInfo()
@@ -55,12 +74,13 @@ def save_png(path: str, image, meta: dict | None = None) -> None:
     info.add_itxt("XML:com.adobe.xmp", XMP)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".png", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             img.save(f, format="PNG", pnginfo=info)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # the data is on disk before the name is: no empty PNG after a crash
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600 files; an image should get the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
