@@ -183,9 +183,8 @@ def settings(args, pipe=None) -> dict:
 
 
 def size_multiple(pipe) -> int:
-    """Image sides must be multiples of this: the VAE's factor times the UNet's down-sampling."""
-    unet = pipe.models.unet.config
-    return pipe.models.vae_scale * 2 ** (len(unet.block_out_channels) - 1)
+    """Image sides must be multiples of this: the VAE's factor (the UNet takes any latent size)."""
+    return max(8, pipe.models.vae_scale)
 
 
 def check_size(pipe, width: int, height: int, what: str = "--size") -> None:

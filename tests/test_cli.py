@@ -360,13 +360,14 @@ def test_out_of_memory_and_bugs(monkeypatch, capsys):
 
 
 def test_size_must_suit_the_model():
-    """A UNet that halves the latent 3 times under an 8x VAE (SD 1.x/2.x) needs multiples of 64."""
+    """SD 1.x/2.x (an 8x VAE) takes any multiple of 8, as diffusers does."""
     from types import SimpleNamespace
 
     from sd_jax import commands
     sd = SimpleNamespace(models=SimpleNamespace(vae_scale=8, unet=SimpleNamespace(
         config=SimpleNamespace(block_out_channels=(320, 640, 1280, 1280)))))
-    assert commands.size_multiple(sd) == 64
+    assert commands.size_multiple(sd) == 8
     commands.check_size(sd, 768, 512)
-    with pytest.raises(commands.UsageError, match="520x512: this model needs both sides to be multiples of 64"):
-        commands.check_size(sd, 520, 512)
+    commands.check_size(sd, 520, 512)
+    with pytest.raises(commands.UsageError, match="516x512: this model needs both sides to be multiples of 8"):
+        commands.check_size(sd, 516, 512)

@@ -180,7 +180,14 @@ def test_orbax_and_diffusers_round_trip(tiny, tmp_path):
     from sd_jax.weights.convert import flatten
     from sd_jax.weights.safetensors_io import load_file
     folder, ref, pipe = tiny
+    from sd_jax.weights.safetensors_io import CheckpointError
     pipe.save_pretrained(str(tmp_path / "ckpt"), format="orbax")
+    pipe.save_pretrained(str(tmp_path / "ckpt"), format="orbax")  # saving over an sd-jax checkpoint replaces it
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("user data")
+    with pytest.raises(CheckpointError, match="not an sd-jax checkpoint"):
+        pipe.save_pretrained(str(tmp_path / "other"), format="orbax")
+    assert (tmp_path / "other" / "keep.txt").read_text() == "user data"
     back = StableDiffusionPipeline.from_pretrained(str(tmp_path / "ckpt"))
     a, b = flatten(jax.device_get(pipe.params)), flatten(jax.device_get(back.params))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

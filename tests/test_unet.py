@@ -235,3 +235,23 @@ def test_polyphase_upsample_matches():
     up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     np.testing.assert_allclose(np.asarray(layers.upsample2x_conv3x3(x, kernel)),
                                np.asarray(_lax_conv(up, kernel, 1, 1)), atol=1e-4)
+
+
+@pytest.mark.parametrize("hw", [(20, 12), (18, 26)])
+def test_any_latent_size_matches_diffusers(hw):
+    """Sizes that are not multiples of 2**(levels-1): odd levels upsample back to the skip's size."""
+    import torch
+    from diffusers import UNet2DConditionModel as TorchUNet
+    from sd_jax.weights.convert import state_dict_to_params
+    cfg = UNetConfig.tiny()
+    torch.manual_seed(0)
+    tm = TorchUNet(**{k: v for k, v in cfg.to_dict().items() if not k.startswith("_")}).eval()
+    model = UNet2DConditionModel(cfg)
+    params = state_dict_to_params({k: v.numpy() for k, v in tm.state_dict().items()}, model.param_shapes(), what="unet")
+    x = np.random.RandomState(0).randn(1, *hw, 4).astype(np.float32)
+    c = np.random.RandomState(1).randn(1, 5, cfg.cross_attention_dim).astype(np.float32)
+    with torch.no_grad():
+        ref = tm(torch.from_numpy(x.transpose(0, 3, 1, 2)), 500, torch.from_numpy(c)).sample.numpy().transpose(0, 2, 3, 1)
+    out = model.apply({"params": params}, x, jnp.array([500]), c)
+    assert out.shape == (1, *hw, 4)
+    assert np.abs(np.asarray(out) - ref).max() < 1e-4

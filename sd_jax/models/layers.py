@@ -10,6 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -220,9 +221,16 @@ class Upsample2DFast(Upsample2D):
     conv_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, size=None):
+        """``size``: the (H, W) to upsample to when it is not exactly twice the input's (an
+        odd-sized skip connection, as diffusers' ``upsample_size``): nearest-neighbour then."""
         b, h, w, c = x.shape
         conv_layer = conv2d(self.out_channels, "conv", self.dtype, self.param_dtype, impl=self.conv_impl)
+        if size is not None and tuple(size) != (2 * h, 2 * w):
+            # torch's "nearest": source index floor(dst * in / out)
+            rows = (np.arange(size[0]) * h) // size[0]
+            cols = (np.arange(size[1]) * w) // size[1]
+            return conv_layer(x[:, rows][:, :, cols])
         if (self.conv_impl == "auto" and h * w >= POLYPHASE_MIN_PIXELS
                 and jax.default_backend() == "cpu"):
             return conv_layer(x, upsample=True)

@@ -405,7 +405,7 @@ class UpBlock(nn.Module):
     conv_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, skips, temb, context):
+    def __call__(self, x, skips, temb, context, upsample_size=None):
         d, pd = self.dtype, self.param_dtype
         skips = list(skips)
         for i in range(self.num_layers):
@@ -419,7 +419,7 @@ class UpBlock(nn.Module):
                                        name=f"attentions_{i}")(x, context)
         if self.add_upsample:
             x = Upsample2DFast(self.out_channels, d, pd, conv_impl=self.conv_impl,
-                               name="upsamplers_0")(x)
+                               name="upsamplers_0")(x, upsample_size)
         return x
 
 
@@ -478,16 +478,14 @@ class UNet2DConditionModel(nn.Module):
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None):
         """sample [B, H, W, in_channels] (NHWC); timesteps [B] or scalar, int or float;
         encoder_hidden_states [B, L, cross_attention_dim].  Returns [B, H, W, out_channels]
-        in ``dtype``.  H and W must be multiples of 2**(number of blocks - 1)."""
+        in ``dtype``.  Any H and W: where a level's size is odd, upsampling goes back to the
+        skip connection's size (diffusers' ``upsample_size``)."""
         cfg, d, pd = self.config, self.dtype, self.param_dtype
         check_impl(self.attention)
         if self.conv_impl not in CONV_IMPLS:
             raise ValueError(f"unknown conv_impl {self.conv_impl!r}; choose one of {CONV_IMPLS}")
         ci = self.conv_impl
         b = sample.shape[0]
-        factor = 2 ** (cfg.n_blocks - 1)
-        if sample.shape[1] % factor or sample.shape[2] % factor:
-            raise ValueError(f"sample height and width {sample.shape[1:3]} must be multiples of {factor}")
         if sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"sample has {sample.shape[-1]} channels, the UNet takes {cfg.in_channels} "
                              f"(NHWC layout expected)")
@@ -528,7 +526,8 @@ class UNet2DConditionModel(nn.Module):
                 rev_ch[i], n, cfg.up_transformer_layers(i) if kind == "CrossAttnUpBlock2D" else None,
                 rev_heads[i], add_upsample=i < cfg.n_blocks - 1, groups=groups, eps=eps,
                 use_linear_projection=cfg.use_linear_projection, attention=self.attention,
-                dtype=d, param_dtype=pd, conv_impl=ci, name=f"up_blocks_{i}")(x, block_skips, emb, context)
+                dtype=d, param_dtype=pd, conv_impl=ci, name=f"up_blocks_{i}")(
+                    x, block_skips, emb, context, skips[-1].shape[1:3] if skips else None)
 
         x = norm(group_norm("conv_norm_out", groups, eps, d, pd), x, d)
         return conv2d(cfg.out_channels, "conv_out", d, pd, impl=ci)(nn.silu(x))

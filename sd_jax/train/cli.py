@@ -115,6 +115,9 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
         if recipe == "finetune":
             p.add_argument("--model", required=True,
                            help="the model to fine-tune (diffusers folder or sd-jax checkpoint)")
+        else:
+            p.add_argument("--model", default=None,
+                           help="continue training this model (e.g. an earlier run's model/) on the shapes data")
         p.add_argument("--train", type=_components, default=None,
                        help="components or regexes over parameter paths to train, comma-separated "
                             f"(default: {'unet,text_encoder' if recipe == 'diffusion' else 'unet'})")
@@ -179,7 +182,7 @@ def config_from_args(recipe: str | None, argv) -> object:
                               edge_weight=a.edge_weight, vae_config=vae_config)
     from sd_jax.train.loop import TrainConfig
     model = getattr(a, "model", None)
-    if recipe == "diffusion" and a.vae is None:
+    if recipe == "diffusion" and a.vae is None and model is None:
         raise ValueError("the diffusion recipe needs a trained VAE: --vae DIR (train one with `sd-jax train vae`)")
     if recipe == "finetune":
         if a.data is None:

@@ -100,7 +100,11 @@ def _configs(pipe) -> dict:
 
 def save_orbax(pipe, path: str) -> None:
     import orbax.checkpoint as ocp
-    path = os.path.abspath(path)
+    final = os.path.abspath(path)
+    if os.path.exists(final) and os.listdir(final) and not os.path.isfile(os.path.join(final, "sd_jax.json")):
+        raise CheckpointError(f"{final} exists and is not an sd-jax checkpoint; save to a new or empty folder")
+    # Write beside the destination, then swap it in: an interrupted save never leaves half a checkpoint.
+    path = final + ".tmp-save"
     if os.path.exists(path):
         shutil.rmtree(path)
     os.makedirs(path)
@@ -113,6 +117,9 @@ def save_orbax(pipe, path: str) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(path, "sd_jax.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(path, final)
 
 
 def _scheduler_dict(pipe) -> dict:
