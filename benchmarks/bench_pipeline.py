@@ -24,17 +24,9 @@ import time
 
 import numpy as np
 
+from bench_vae import flops_of  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 PROMPT = "a photograph of an astronaut riding a horse"
-
-
-def flops_of(compiled):
-    try:
-        ca = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - not every backend reports costs
-        return None
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0] if ca else None
-    return float(ca["flops"]) if ca and "flops" in ca else None
 
 
 def build_models(dtype_name: str, tmp: str):
