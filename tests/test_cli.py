@@ -295,12 +295,16 @@ def test_argument_errors_are_one_line(tiny, tmp_path):
     assert not out.exists()
 
 
-def test_missing_default_model(tmp_path):
-    from sd_jax.cli import default_model
-    if os.path.exists(default_model()):
-        pytest.skip("the default model is installed")
-    p = run_cli("generate", "x", "-o", tmp_path / "out" / "a.png")
-    assert_user_error(p, "default model", "--model", "SD_JAX_MODEL")
+def test_missing_default_model(tmp_path, monkeypatch, capsys):
+    """Without the shipped model (e.g. a wheel install without checkpoints/), a clear error."""
+    from sd_jax import cli
+    monkeypatch.delenv("SD_JAX_MODEL", raising=False)
+    monkeypatch.setattr(cli, "default_model", lambda: str(tmp_path / "no-model-here"))
+    assert cli.main(["generate", "x", "-o", str(tmp_path / "out" / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sd-jax: error:") and err.count("\n") == 1, err
+    for fragment in ("default model", "--model", "SD_JAX_MODEL"):
+        assert fragment in err, err
     assert not (tmp_path / "out").exists()
 
 
