@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 from bench_vae import flops_of  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
@@ -56,7 +55,6 @@ def build_models(dtype_name: str, tmp: str):
 
 
 def time_jax(pipe, batch, steps, size, iters):
-    import jax
     t = time.perf_counter()
     lowered = pipe.lower(batch_size=batch, height=size, width=size, num_inference_steps=steps, scheduler="dpmpp_2m")
     compiled = lowered.compile()

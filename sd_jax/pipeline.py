@@ -27,10 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sd_jax import sharding
-from sd_jax.diffusion.samplers import SchedulerConfig, default_scheduler_name, make_sampler
-from sd_jax.models import clip, unet as unet_lib, vae as vae_lib
-from sd_jax.tokenizer import load_tokenizer, tokenize
-from sd_jax.weights.safetensors_io import CheckpointError
+from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
+from sd_jax.tokenizer import tokenize
 
 MODES = ("txt2img", "img2img", "inpaint")
 

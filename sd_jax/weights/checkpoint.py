@@ -188,7 +188,6 @@ def pipeline_from_state_dicts(cls, configs: dict, state_dicts: dict, tokenizer, 
     """Build a pipeline from diffusers-layout configs and state dicts (e.g. a converted single file)."""
     from sd_jax.diffusion.samplers import SchedulerConfig, default_scheduler_name
     from sd_jax.models import clip, vae
-    from sd_jax.pipeline import Models
     from sd_jax.weights.convert import state_dict_to_params
     param_dtype = param_dtype or dtype
     models = _models(configs, dtype, param_dtype, attention)
