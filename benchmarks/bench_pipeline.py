@@ -2,14 +2,19 @@
 
     python benchmarks/bench_pipeline.py                          # 512x512, 20 and 50 steps, batch 1 and 4
     python benchmarks/bench_pipeline.py --size 256 --steps 20    # quicker
-    python benchmarks/bench_pipeline.py --dtype bf16 --batch 1 8 16 --skip-torch   # on a GPU
     python benchmarks/bench_pipeline.py --cache-startup          # + a second process's start-up with the cache
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 python benchmarks/bench_pipeline.py --dtype bf16 \
+        --configs 20x1 50x1 20x8 20x32 20x64 --peak-tflops 989 --cache-startup   # on a GPU (H100)
 
 Both sides use the SD 1.5 architecture (random weights: the speed is the same as with
-trained ones), DPM-Solver++ 2M, guidance 7.5 (batch doubled for classifier-free guidance).
-Prints per configuration: sd-jax compile time, steady-state seconds per call (median),
-diffusers seconds per call, their ratio, images per second, and XLA's FLOP count of the
-compiled function with the achieved FLOP/s (model FLOP utilisation with ``--peak-tflops``).
+trained ones), DPM-Solver++ 2M, guidance 7.5 (batch doubled for classifier-free guidance);
+on a GPU both run there, in the same dtype (diffusers with PyTorch's SDPA attention, sd-jax
+with cuDNN's fused attention).  Prints per configuration: sd-jax compile time, steady-state
+seconds per call (median), diffusers seconds per call, their ratio, images per second, the
+model's FLOPs per call (text encoder + steps x UNet + VAE decode, each from XLA's cost
+analysis of one call: the compiled scan counts its body once) and the achieved TFLOP/s of
+each side (model FLOP utilisation with ``--peak-tflops``).  A configuration that runs out
+of device memory prints ``OOM`` for that side and the run goes on.
 """
 from __future__ import annotations
 
@@ -22,8 +27,6 @@ import sys
 import tempfile
 import time
 
-
-from bench_vae import flops_of  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -51,15 +54,39 @@ def build_models(dtype_name: str, tmp: str):
     folder = os.path.join(tmp, "sd15-random")
     pipe.save_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
+    if torch.cuda.is_available():
+        pipe = pipe.to("cuda", {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype_name, torch.float32))
     return pipe, folder
+
+
+def model_flops(pipe, batch, steps, size):
+    """FLOPs of one generation: text encoder (2B prompts) + steps x UNet (2B) + VAE decode (B)."""
+    import jax
+    import jax.numpy as jnp
+    m, p = pipe.models, pipe.params
+    f = m.vae_scale
+    lat = jax.ShapeDtypeStruct((2 * batch, size // f, size // f, pipe.latent_channels), m.unet.dtype)
+    ctx = jax.ShapeDtypeStruct((2 * batch, 77, m.unet.config.cross_dims[0]), m.unet.dtype)
+    t = jax.ShapeDtypeStruct((2 * batch,), jnp.float32)
+    ids = jax.ShapeDtypeStruct((2 * batch, 77), jnp.int32)
+    z = jax.ShapeDtypeStruct((batch, size // f, size // f, pipe.latent_channels), m.vae.dtype)
+
+    def cost(fn, *args):
+        ca = jax.jit(fn).lower(*args).cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        return float(ca["flops"])
+
+    te = cost(lambda pp, i: m.text_encoder.encode(pp, i), p["text_encoder"], ids)
+    un = cost(lambda pp, x, tt, c: m.unet.apply({"params": pp}, x, tt, c), p["unet"], lat, t, ctx)
+    va = cost(lambda pp, x: m.vae.apply({"params": pp}, x, method="decode"), p["vae"], z)
+    return te + steps * un + va
 
 
 def time_jax(pipe, batch, steps, size, iters):
     t = time.perf_counter()
     lowered = pipe.lower(batch_size=batch, height=size, width=size, num_inference_steps=steps, scheduler="dpmpp_2m")
-    compiled = lowered.compile()
+    lowered.compile()
     compile_s = time.perf_counter() - t
-    flops = flops_of(compiled)
     kw = dict(num_inference_steps=steps, height=size, width=size, scheduler="dpmpp_2m", output_type="np")
     pipe([PROMPT] * batch, **kw)  # warm: the pipeline's own jit cache compiles (or hits the persistent cache)
     ts = []
@@ -67,7 +94,7 @@ def time_jax(pipe, batch, steps, size, iters):
         t = time.perf_counter()
         pipe([PROMPT] * batch, seed=100 + i, **kw)
         ts.append(time.perf_counter() - t)
-    return compile_s, statistics.median(ts), flops
+    return compile_s, statistics.median(ts)
 
 
 def time_torch(pipe, batch, steps, size, iters):
@@ -76,7 +103,7 @@ def time_torch(pipe, batch, steps, size, iters):
     with torch.inference_mode():
         pipe([PROMPT] * batch, num_inference_steps=steps, height=size, width=size, output_type="np")  # warm-up
         for i in range(iters):
-            g = torch.Generator().manual_seed(i)
+            g = torch.Generator(pipe.device).manual_seed(i)
             t = time.perf_counter()
             pipe([PROMPT] * batch, num_inference_steps=steps, height=size, width=size, generator=g, output_type="np")
             ts.append(time.perf_counter() - t)
@@ -89,7 +116,7 @@ t0 = time.perf_counter()
 import jax.numpy as jnp
 from sd_jax.pipeline import StableDiffusionPipeline, enable_compilation_cache
 enable_compilation_cache(sys.argv[2])
-pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1])
+pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], dtype=jnp.bfloat16 if sys.argv[5] == "bf16" else jnp.float32)
 t1 = time.perf_counter()
 pipe("a cat", num_inference_steps=int(sys.argv[4]), height=int(sys.argv[3]), width=int(sys.argv[3]), scheduler="dpmpp_2m")
 t2 = time.perf_counter()
@@ -97,12 +124,12 @@ print(f"{t1 - t0:.2f} {t2 - t1:.2f}")
 """
 
 
-def startup(folder, size, steps):
+def startup(folder, size, steps, dtype):
     """Two fresh processes sharing a new persistent cache: the second skips compilation."""
     cache = tempfile.mkdtemp(prefix="sdjax-cache-")
     out = []
     for _ in range(2):
-        r = subprocess.run([sys.executable, "-c", STARTUP, folder, cache, str(size), str(steps)],
+        r = subprocess.run([sys.executable, "-c", STARTUP, folder, cache, str(size), str(steps), dtype],
                            capture_output=True, text=True, check=True)
         load, first = map(float, r.stdout.split()[-2:])
         out.append((load, first))
@@ -114,6 +141,8 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, nargs="+", default=[20, 50])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--configs", nargs="+", default=None, metavar="STEPSxBATCH",
+                    help="explicit configurations, e.g. 20x1 50x1 20x8 (instead of --steps x --batch)")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--iters", type=int, default=2)
@@ -128,40 +157,78 @@ def main(argv=None):
     import torch
     from sd_jax.pipeline import StableDiffusionPipeline
 
+    from sd_jax.pipeline import enable_compilation_cache
+
+    if args.configs:
+        try:
+            configs = [tuple(int(v) for v in c.lower().split("x")) for c in args.configs]
+        except ValueError:
+            ap.error(f"--configs takes STEPSxBATCH items such as 20x1, got {args.configs}")
+    else:
+        configs = [(st, b) for st in args.steps for b in args.batch]
     tmp = tempfile.mkdtemp(prefix="sdjax-bench-")
+    # A fresh persistent cache: the compile timed below is cold, and the pipeline's own call
+    # of the same function then loads it instead of compiling it a second time.
+    enable_compilation_cache(os.path.join(tmp, "xla-cache"))
     tpipe, folder = build_models(args.dtype, tmp)
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, attention=args.attention)
     print(f"# backend {jax.default_backend()}, {jax.device_count()} device(s) ({jax.devices()[0].device_kind}), "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads, {args.size}x{args.size}, {args.dtype}")
     rows = []
-    hdr = f"{'steps':>5} {'batch':>5} | {'compile s':>9} {'sd-jax s':>9} {'img/s':>7} | {'torch s':>9} {'img/s':>7} | {'jax/torch':>9} | {'TFLOP':>7} {'TFLOP/s':>8}"
+    mfu = " MFU" if args.peak_tflops else ""
+    hdr = (f"{'steps':>5} {'batch':>5} | {'compile s':>9} {'sd-jax s':>9} {'img/s':>7} | {'torch s':>9} {'img/s':>7} | "
+           f"{'jax/torch':>9} | {'TFLOP':>7} | TFLOP/s{mfu} sd-jax, torch")
     print(hdr)
     print("-" * len(hdr))
-    for steps in args.steps:
-        for b in args.batch:
-            compile_s, jax_s, flops = time_jax(pipe, b, steps, args.size, args.iters)
-            torch_s = None if args.skip_torch else time_torch(tpipe, b, steps, args.size, args.iters)
-            r = {"steps": steps, "batch": b, "compile_s": compile_s, "jax_s": jax_s, "jax_img_s": b / jax_s,
-                 "torch_s": torch_s, "torch_img_s": b / torch_s if torch_s else None,
-                 "ratio_jax_over_torch": jax_s / torch_s if torch_s else None, "tflop": flops / 1e12 if flops else None,
-                 "tflop_s": flops / jax_s / 1e12 if flops else None}
-            if args.peak_tflops and flops:
-                r["mfu"] = r["tflop_s"] / args.peak_tflops
-            rows.append(r)
-            f = lambda v, fmt: format(v, fmt) if v is not None else "-"
-            print(f"{steps:>5} {b:>5} | {compile_s:>9.1f} {jax_s:>9.2f} {b / jax_s:>7.3f} | {f(torch_s, '>9.2f')} "
-                  f"{f(r['torch_img_s'], '>7.3f')} | {f(r['ratio_jax_over_torch'], '>9.2f')} | {f(r['tflop'], '>7.2f')} "
-                  f"{f(r['tflop_s'], '>8.3f')}" + (f"  MFU {r['mfu']:.1%}" if 'mfu' in r else ""), flush=True)
-    result = {"size": args.size, "dtype": args.dtype, "backend": jax.default_backend(), "rows": rows}
+    result = {"size": args.size, "dtype": args.dtype, "backend": jax.default_backend(),
+              "device": jax.devices()[0].device_kind, "peak_tflops": args.peak_tflops, "rows": rows}
+
+    def dump():
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=2)
+
+    def guarded(fn, *a):
+        try:
+            return fn(*a)
+        except Exception as e:  # noqa: BLE001 - out of memory on either side: report it, go on
+            msg = str(e)
+            if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower():
+                if "torch" in sys.modules:
+                    sys.modules["torch"].cuda.empty_cache()
+                return "OOM"
+            raise
+
+    f = lambda v, fmt: format(v, fmt) if isinstance(v, (int, float)) else (v or "-")
+    for steps, b in configs:
+        got = guarded(time_jax, pipe, b, steps, args.size, args.iters)
+        compile_s, jax_s = got if got != "OOM" else (None, "OOM")
+        torch_s = None if args.skip_torch else guarded(time_torch, tpipe, b, steps, args.size, args.iters)
+        flops = model_flops(pipe, b, steps, args.size)
+        num = lambda v: isinstance(v, float)
+        r = {"steps": steps, "batch": b, "compile_s": compile_s, "jax_s": jax_s,
+             "jax_img_s": b / jax_s if num(jax_s) else None, "torch_s": torch_s,
+             "torch_img_s": b / torch_s if num(torch_s) else None,
+             "ratio_jax_over_torch": jax_s / torch_s if num(jax_s) and num(torch_s) else None,
+             "tflop": flops / 1e12, "jax_tflop_s": flops / jax_s / 1e12 if num(jax_s) else None,
+             "torch_tflop_s": flops / torch_s / 1e12 if num(torch_s) else None}
+        util = ""
+        if args.peak_tflops:
+            r["jax_mfu"] = r["jax_tflop_s"] / args.peak_tflops if r["jax_tflop_s"] else None
+            r["torch_mfu"] = r["torch_tflop_s"] / args.peak_tflops if r["torch_tflop_s"] else None
+            util = f"  ({f(r['jax_mfu'], '.1%')}, {f(r['torch_mfu'], '.1%')})"
+        rows.append(r)
+        dump()
+        print(f"{steps:>5} {b:>5} | {f(compile_s, '>9.1f')} {f(jax_s, '>9.3f')} {f(r['jax_img_s'], '>7.3f')} | "
+              f"{f(torch_s, '>9.3f')} {f(r['torch_img_s'], '>7.3f')} | {f(r['ratio_jax_over_torch'], '>9.2f')} | "
+              f"{r['tflop']:>7.2f} | {f(r['jax_tflop_s'], '.1f')}, {f(r['torch_tflop_s'], '.1f')}{util}", flush=True)
     if args.cache_startup:
-        (l1, f1), (l2, f2) = startup(folder, args.size, args.steps[0])
+        (l1, f1), (l2, f2) = startup(folder, args.size, configs[0][0], args.dtype)
         print(f"start-up, new process, empty cache:  load {l1:.1f}s, first image {f1:.1f}s")
         print(f"start-up, new process, warm cache:   load {l2:.1f}s, first image {f2:.1f}s")
         result["startup"] = {"cold": [l1, f1], "warm": [l2, f2]}
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    dump()
 
 
 if __name__ == "__main__":

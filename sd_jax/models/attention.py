@@ -11,7 +11,8 @@ loaded).  The names:
                flash attention on NVIDIA GPUs (fp16/bf16 only).
 ``"chunked"``  queries processed in chunks with ``lax.map`` so the score matrix
                never exceeds ``chunk x Lk`` per head: memory-saving for large images.
-``"auto"``     ``"cudnn"`` on GPU when the dtype allows it, else ``"xla"``.
+``"auto"``     ``"cudnn"`` on GPU for unmasked fp16/bf16 attention with a head size cuDNN
+               takes (a multiple of 8, at most 128), else ``"xla"``.
 """
 from __future__ import annotations
 
@@ -109,10 +110,13 @@ def _chunked(q, k, v, mask, scale, chunk):
     return out.swapaxes(0, 1).reshape(q.shape[:2] + v.shape[2:])
 
 
-def _resolve(impl: str, dtype) -> str:
+def _resolve(impl: str, dtype, head_dim: int, masked: bool) -> str:
     if impl != "auto":
         return impl
-    if jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
+    # cuDNN's fused kernels take half-precision head sizes that are multiples of 8 up to 128
+    # (the VAE's single 512-wide head is not one of them); masks other than causal go to XLA.
+    if (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and not masked
+            and head_dim % 8 == 0 and head_dim <= 128):
         return "cudnn"
     return "xla"
 
@@ -130,7 +134,7 @@ def dot_product_attention(q, k, v, *, impl: str = "xla", mask=None, causal: bool
       [B, Lq, H, D].
     """
     scale = q.shape[-1] ** -0.5
-    impl = _resolve(check_impl(impl), q.dtype)
+    impl = _resolve(check_impl(impl), q.dtype, q.shape[-1], mask is not None)
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                             implementation="cudnn")
