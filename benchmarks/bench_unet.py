@@ -111,11 +111,11 @@ def main():
     xla_flops = _flops(compiled.cost_analysis())
     # XLA counts a while loop's body once, so the blocked attention is undercounted in the
     # compiled program; the model's FLOPs are taken from the plain (unblocked) formulation.
-    from sd_jax.models import attention
-    saved, attention._CPU_MIN_SCORES = attention._CPU_MIN_SCORES, float("inf")
-    plain = UNet2DConditionModel(cfg, dtype=dtype, param_dtype=dtype, attention=args.attention, conv_impl="lax")
-    flops = _flops(jax.jit(plain.apply).lower({"params": params}, xj, tj, cj).cost_analysis())
-    attention._CPU_MIN_SCORES = saved
+    from sd_jax.models.attention import plain_formulation
+    with plain_formulation():
+        plain = UNet2DConditionModel(cfg, dtype=dtype, param_dtype=dtype, attention="xla", conv_impl="lax")
+        flops = _flops(jax.jit(plain.apply).trace({"params": params}, xj, tj, cj)
+                       .lower(lowering_platforms=("cpu",)).cost_analysis())
     print(f"sd-jax: trace+lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s; XLA cost_analysis: "
           f"{flops / 1e9:.1f} GFLOP per call (plain formulation; GFLOP/s below use it), "
           f"{xla_flops / 1e9:.1f} GFLOP as compiled (loop bodies counted once)")

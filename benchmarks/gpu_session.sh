@@ -34,5 +34,5 @@ if [ "$mode" = train ]; then
 elif [ "$mode" = bench ]; then
   export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45   # the rest of the GPU's memory is PyTorch's
   python3 benchmarks/bench_pipeline.py --dtype bf16 --iters 2 --configs ${CONFIGS:-20x1 50x1 20x8 20x32 20x64} \
-    --peak-tflops 989 --cache-startup --json "$out/bench_pipeline.json" 2>&1 | tee -a "$log"
+    --peak-tflops 989 ${STARTUP---cache-startup} --json "$out/bench_pipeline.json" 2>&1 | tee -a "$log"
 fi

@@ -7,6 +7,7 @@ sd-jax is NHWC, diffusers NCHW: inputs and outputs are transposed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 
 import jax
@@ -212,6 +213,42 @@ def test_blocked_attention_matches_plain(lq, lk, chunk, dtype):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=tol, rtol=tol)
     out = attn.dot_product_attention(q, k, v, impl="xla").astype(jnp.float32)   # CPU: blocked if large
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=tol, rtol=tol)
+
+
+def test_auto_attention_uses_cudnn_only_where_cudnn_runs(monkeypatch):
+    """On a GPU "auto" picks cuDNN for unmasked half-precision heads of 8..128 (multiple of 8),
+    and XLA for float32, masks, and the VAE's single 512-wide head."""
+    monkeypatch.setattr(attn.jax, "default_backend", lambda: "gpu")
+    assert attn._resolve("auto", jnp.bfloat16, 40, False) == "cudnn"       # SD 1.5 UNet heads
+    assert attn._resolve("auto", jnp.float16, 64, False) == "cudnn"
+    assert attn._resolve("auto", jnp.bfloat16, 512, False) == "xla"        # the VAE's mid-block
+    assert attn._resolve("auto", jnp.bfloat16, 36, False) == "xla"
+    assert attn._resolve("auto", jnp.bfloat16, 64, True) == "xla"
+    assert attn._resolve("auto", jnp.float32, 64, False) == "xla"
+    assert attn._resolve("cudnn", jnp.float32, 512, True) == "cudnn"       # asked for by name: as asked
+    monkeypatch.setattr(attn.jax, "default_backend", lambda: "cpu")
+    assert attn._resolve("auto", jnp.bfloat16, 40, False) == "xla"
+
+
+def test_plain_formulation_gives_model_flops_and_same_result():
+    """Under ``plain_formulation`` the CPU's blocked attention is off: XLA's cost analysis sees
+    both matmuls whole (the blocked loop's body counts once), and the result is the same."""
+    b, lq, lk, h, d = 1, 2048, 2048, 2, 16        # 8M scores: blocked on the CPU
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for n in (lq, lk, lk))
+    want = 2 * 2 * b * h * lq * lk * d             # QK^T and PV
+    out, flops = {}, {}
+    for plain in (False, True):
+        fn = jax.jit(lambda q, k, v: attn.dot_product_attention(q, k, v, impl="xla"))
+        with attn.plain_formulation() if plain else contextlib.nullcontext():
+            assert attn.cpu_lowerings() is (not plain and jax.default_backend() == "cpu")
+            lowered = fn.lower(q, k, v)
+            out[plain] = np.asarray(lowered.compile()(q, k, v))
+        flops[plain] = lowered.cost_analysis()["flops"]
+    assert attn.cpu_lowerings() is (jax.default_backend() == "cpu")     # the context is left
+    assert want <= flops[True] <= 1.1 * want, (flops[True], want)
+    assert flops[False] < 0.5 * want               # what the blocked program reports
+    np.testing.assert_allclose(out[False], out[True], atol=1e-5, rtol=1e-5)
 
 
 def _lax_conv(x, kernel, stride, pad):

@@ -16,6 +16,8 @@ loaded).  The names:
 """
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
@@ -32,6 +34,24 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked")
 # 4096x4096 self-attention 6.0 s -> 0.65 s (0.46 s), 1024x1024 157 -> 76 ms (53 ms),
 # 4096x77 cross-attention 57 -> 40 ms (33 ms), 256x256 24 -> 17 ms (11 ms).
 _CPU_BLOCK_BYTES = 8 << 20      # float32 scores per block
+_PLAIN = [False]
+
+
+@contextlib.contextmanager
+def plain_formulation():
+    """Trace the models without their CPU-specific lowerings (blocked attention, patch-matmul
+    and polyphase convolutions): the formulation every framework computes, whose XLA cost
+    analysis is the model's FLOP count (a blocked loop's body is counted once)."""
+    _PLAIN[0] = True
+    try:
+        yield
+    finally:
+        _PLAIN[0] = False
+
+
+def cpu_lowerings() -> bool:
+    """Whether the CPU-specific lowerings apply to what is traced now."""
+    return not _PLAIN[0] and jax.default_backend() == "cpu"
 _CPU_MIN_SCORES = 1 << 18       # below this (B*H*Lq*Lk) the plain path is as fast
 
 
@@ -145,6 +165,6 @@ def dot_product_attention(q, k, v, *, impl: str = "xla", mask=None, causal: bool
         return _chunked(q, k, v, mask, scale, chunk)
     b, lq, h, _ = q.shape
     lk = k.shape[1]
-    if mask is None and jax.default_backend() == "cpu" and b * h * lq * lk >= _CPU_MIN_SCORES:
+    if mask is None and cpu_lowerings() and b * h * lq * lk >= _CPU_MIN_SCORES:
         return _blocked(q, k, v, scale, _cpu_block(lk))
     return _xla(q, k, v, mask, scale)

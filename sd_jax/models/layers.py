@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sd_jax.models.attention import cpu_lowerings
+
 Dtype = Any
 
 
@@ -147,7 +149,7 @@ class Conv2D(nn.Module):
             ho = (x.shape[1] + 2 * self.padding - k) // self.stride + 1
             wo = (x.shape[2] + 2 * self.padding - k) // self.stride + 1
             small = ho * wo <= IM2COL_MAX_PIXELS and k > 1
-            impl = "im2col" if small and jax.default_backend() == "cpu" else "lax"
+            impl = "im2col" if small and cpu_lowerings() else "lax"
         if impl == "im2col" or k == 1:
             y = conv_im2col(x, kernel, self.stride, self.padding)
         else:
@@ -232,7 +234,7 @@ class Upsample2DFast(Upsample2D):
             cols = (np.arange(size[1]) * w) // size[1]
             return conv_layer(x[:, rows][:, :, cols])
         if (self.conv_impl == "auto" and h * w >= POLYPHASE_MIN_PIXELS
-                and jax.default_backend() == "cpu"):
+                and cpu_lowerings()):
             return conv_layer(x, upsample=True)
         x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
         return conv_layer(x)
