@@ -2,6 +2,8 @@
 # One GPU lease's work, as run on the lent H100 (see benchmarks/README.md):
 #   bash benchmarks/gpu_session.sh train OUT_DIR   # shapes model: timed training + adherence
 #   bash benchmarks/gpu_session.sh bench OUT_DIR   # SD 1.5 512x512 bf16: sd-jax vs diffusers
+# Environment: BUDGET (train seconds, default 150), CONFIGS (bench STEPSxBATCH list),
+# STARTUP= (empty: skip the bench's persistent-cache start-up measurement).
 # Wheels for what the machine lacks (diffusers, and the tested flax/optax/orbax) are in
 # .whl/ when present (pip download ... -d .whl, see the device notes).
 set -uo pipefail
