@@ -34,59 +34,6 @@ def conv(features, name, dtype, param_dtype, kernel=3, stride=1, padding=1):
                    dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-class ResnetBlock2D(nn.Module):
-    """diffusers ``ResnetBlock2D`` (default "default" time-embedding norm, SiLU)."""
-    out_channels: int
-    groups: int = 32
-    eps: float = 1e-5
-    output_scale_factor: float = 1.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, temb=None):
-        """x: [B, H, W, C]; temb: [B, T] or None. Returns [B, H, W, out_channels]."""
-        d, pd = self.dtype, self.param_dtype
-        h = norm(group_norm("norm1", self.groups, self.eps, d, pd), x, d)
-        h = conv(self.out_channels, "conv1", d, pd)(nn.silu(h))
-        if temb is not None:
-            t = nn.Dense(self.out_channels, dtype=d, param_dtype=pd, name="time_emb_proj")(nn.silu(temb))
-            h = h + t[:, None, None, :]
-        h = norm(group_norm("norm2", self.groups, self.eps, d, pd), h, d)
-        h = conv(self.out_channels, "conv2", d, pd)(nn.silu(h))
-        if x.shape[-1] != self.out_channels:
-            x = conv(self.out_channels, "conv_shortcut", d, pd, kernel=1, padding=0)(x)
-        return ((x + h) / self.output_scale_factor).astype(d)
-
-
-class Downsample2D(nn.Module):
-    """Strided 3x3 conv. ``padding=0`` is the VAE encoder's form: pad right/bottom by one."""
-    out_channels: int
-    padding: int = 1
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        if self.padding == 0:
-            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return conv(self.out_channels, "conv", self.dtype, self.param_dtype, stride=2,
-                    padding=self.padding)(x)
-
-
-class Upsample2D(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
-    out_channels: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        b, h, w, c = x.shape
-        x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
-        return conv(self.out_channels, "conv", self.dtype, self.param_dtype)(x)
-
-
 # --------------------------------------------------------------------------------------
 # Convolutions with a choice of lowering (added for the UNet's speed on CPU).
 #
@@ -164,12 +111,23 @@ def conv2d(features, name, dtype, param_dtype, kernel=3, stride=1, padding=1, im
     return Conv2D(features, kernel, stride, padding, impl, dtype, param_dtype, name=name)
 
 
-class ResnetBlock2DFast(ResnetBlock2D):
-    """:class:`ResnetBlock2D` (same parameters and math) with :class:`Conv2D` convolutions."""
+# --------------------------------------------------------------------------------------
+# The UNet's and VAE's blocks.  Their convolutions are :class:`Conv2D` (``nn.Conv``'s
+# parameters), so ``conv_impl`` picks a lowering without touching checkpoints.
+
+class ResnetBlock2D(nn.Module):
+    """diffusers ``ResnetBlock2D`` (default "default" time-embedding norm, SiLU)."""
+    out_channels: int
+    groups: int = 32
+    eps: float = 1e-5
+    output_scale_factor: float = 1.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
     conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, temb=None):
+        """x: [B, H, W, C]; temb: [B, T] or None. Returns [B, H, W, out_channels]."""
         d, pd, ci = self.dtype, self.param_dtype, self.conv_impl
         h = norm(group_norm("norm1", self.groups, self.eps, d, pd), x, d)
         h = conv2d(self.out_channels, "conv1", d, pd, impl=ci)(nn.silu(h))
@@ -183,8 +141,12 @@ class ResnetBlock2DFast(ResnetBlock2D):
         return ((x + h) / self.output_scale_factor).astype(d)
 
 
-class Downsample2DFast(Downsample2D):
-    """:class:`Downsample2D` with a :class:`Conv2D` convolution."""
+class Downsample2D(nn.Module):
+    """Strided 3x3 conv. ``padding=0`` is the VAE encoder's form: pad right/bottom by one."""
+    out_channels: int
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
     conv_impl: str = "auto"
 
     @nn.compact
@@ -216,10 +178,13 @@ def upsample2x_conv3x3(x, kernel):
     return y.reshape(b, 2 * h, 2 * w, -1)
 
 
-class Upsample2DFast(Upsample2D):
-    """:class:`Upsample2D` (same parameters and math) with a :class:`Conv2D` convolution;
-    with ``conv_impl="auto"`` on CPU and inputs of at least ``POLYPHASE_MIN_PIXELS``
-    pixels, computed as :func:`upsample2x_conv3x3` (2.25x fewer FLOPs)."""
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv; with ``conv_impl="auto"`` on
+    CPU and inputs of at least ``POLYPHASE_MIN_PIXELS`` pixels, computed as
+    :func:`upsample2x_conv3x3` (2.25x fewer FLOPs)."""
+    out_channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
     conv_impl: str = "auto"
 
     @nn.compact

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from sd_jax.models.attention import check_impl, dot_product_attention
 from sd_jax.models.embeddings import TimestepEmbedding, get_timestep_embedding
-from sd_jax.models.layers import (CONV_IMPLS, Downsample2DFast, ResnetBlock2DFast, Upsample2DFast,
+from sd_jax.models.layers import (CONV_IMPLS, Downsample2D, ResnetBlock2D, Upsample2D,
                                   conv2d, group_norm, norm)
 from sd_jax.weights.convert import params_to_state_dict, state_dict_to_params
 from sd_jax.weights.diffusers import read_config, read_state_dict, write_component
@@ -374,7 +374,7 @@ class DownBlock(nn.Module):
         d, pd = self.dtype, self.param_dtype
         states = []
         for i in range(self.num_layers):
-            x = ResnetBlock2DFast(self.out_channels, self.groups, self.eps, dtype=d, param_dtype=pd,
+            x = ResnetBlock2D(self.out_channels, self.groups, self.eps, dtype=d, param_dtype=pd,
                                   conv_impl=self.conv_impl, name=f"resnets_{i}")(x, temb)
             if self.transformer_layers is not None:
                 x = Transformer2DModel(self.heads, self.out_channels // self.heads,
@@ -383,7 +383,7 @@ class DownBlock(nn.Module):
                                        name=f"attentions_{i}")(x, context)
             states.append(x)
         if self.add_downsample:
-            x = Downsample2DFast(self.out_channels, self.downsample_padding, d, pd,
+            x = Downsample2D(self.out_channels, self.downsample_padding, d, pd,
                                  conv_impl=self.conv_impl, name="downsamplers_0")(x)
             states.append(x)
         return x, states
@@ -410,7 +410,7 @@ class UpBlock(nn.Module):
         skips = list(skips)
         for i in range(self.num_layers):
             x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
-            x = ResnetBlock2DFast(self.out_channels, self.groups, self.eps, dtype=d, param_dtype=pd,
+            x = ResnetBlock2D(self.out_channels, self.groups, self.eps, dtype=d, param_dtype=pd,
                                   conv_impl=self.conv_impl, name=f"resnets_{i}")(x, temb)
             if self.transformer_layers is not None:
                 x = Transformer2DModel(self.heads, self.out_channels // self.heads,
@@ -418,7 +418,7 @@ class UpBlock(nn.Module):
                                        self.use_linear_projection, self.attention, d, pd,
                                        name=f"attentions_{i}")(x, context)
         if self.add_upsample:
-            x = Upsample2DFast(self.out_channels, d, pd, conv_impl=self.conv_impl,
+            x = Upsample2D(self.out_channels, d, pd, conv_impl=self.conv_impl,
                                name="upsamplers_0")(x, upsample_size)
         return x
 
@@ -440,7 +440,7 @@ class MidBlock(nn.Module):
     @nn.compact
     def __call__(self, x, temb, context):
         d, pd = self.dtype, self.param_dtype
-        res = lambda i: ResnetBlock2DFast(self.channels, self.groups, self.eps,
+        res = lambda i: ResnetBlock2D(self.channels, self.groups, self.eps,
                                           self.output_scale_factor, dtype=d, param_dtype=pd,
                                           conv_impl=self.conv_impl, name=f"resnets_{i}")
         x = res(0)(x, temb)
