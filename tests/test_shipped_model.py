@@ -60,8 +60,9 @@ def test_diffusers_loads_it_and_agrees(pipe):
 def test_prompt_adherence(pipe):
     """New prompts ("a <colour> <shape> on a <colour> background", one per colour-and-shape
     combination, random backgrounds), read back by the image evaluator: the shape's colour
-    must come out right in >= 90% and its class in >= 75% (measured: 100% and 90% on 40
-    such prompts, benchmarks/README.md; chance is 1/8 and 1/3)."""
+    must come out right in >= 85% and its class in >= 75% (measured here: 95% and 90% of these
+    20; 99% and 92% on 160 such prompts, benchmarks/README.md; chance is 1/8 and 1/3).  The
+    margins allow a borderline image or two to flip on another CPU's float rounding."""
     from sd_jax.data import evaluator, shapes
     rng = np.random.default_rng(11)
     held = {tuple(c) for c in shapes.HELD_OUT}
@@ -72,4 +73,4 @@ def test_prompt_adherence(pipe):
     scores = [evaluator.score(p, im) for p, im in zip(prompts, images)]
     colour = np.mean([bool(s["color_ok"]) for s in scores])
     shape = np.mean([bool(s["shape_ok"]) for s in scores])
-    assert colour >= 0.9 and shape >= 0.75, f"{len(prompts)} prompts: colour {colour:.0%}, shape {shape:.0%}"
+    assert colour >= 0.85 and shape >= 0.75, f"{len(prompts)} prompts: colour {colour:.0%}, shape {shape:.0%}"
