@@ -2,6 +2,7 @@
 
     python benchmarks/bench_adherence.py                       # the shipped model, 20 DPM-Solver++ steps
     python benchmarks/bench_adherence.py --model runs/diff/model --per-combo 4 --guidance 1 2 3 5 7.5
+    python benchmarks/bench_adherence.py --guidance 2 --positions    # also "at the top left" etc.
 
 Prompts are new sentences ("a <colour> <shape> on a <colour> background", with random
 other colours and seeds), in two groups: colour-and-shape combinations the training set
@@ -19,12 +20,16 @@ import os
 import numpy as np
 
 
-def prompts_for(combos, per_combo, rng, colors):
+def prompts_for(combos, per_combo, rng, colors, positions=None):
     out = []
     for color, shape in combos:
         for _ in range(per_combo):
             bg = rng.choice([c for c in colors if c != color])
-            out.append(f"a {color} {shape} on a {bg} background")
+            where = ""
+            if positions:
+                pos = positions[len(out) % len(positions)]
+                where = " in the center" if pos == "center" else f" at the {pos}"
+            out.append(f"a {color} {shape}{where} on a {bg} background")
     return out
 
 
@@ -40,6 +45,8 @@ def main(argv=None):
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.5])
     ap.add_argument("--per-combo", type=int, default=2, help="prompts per colour-and-shape combination")
     ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--positions", action="store_true",
+                    help="add a position word to every prompt (cycling through all nine) and report it")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "adherence"))
     args = ap.parse_args(argv)
 
@@ -47,12 +54,14 @@ def main(argv=None):
     colors = list(shapes.COLORS)
     held = [tuple(c) for c in shapes.HELD_OUT]
     seen = [(c, s) for c in colors for s in shapes.SHAPES if (c, s) not in held]
-    groups = {"seen combos": prompts_for(seen, args.per_combo, rng, colors),
-              "held-out combos": prompts_for(held, max(args.per_combo, 4), rng, colors)}
+    positions = list(shapes.POSITIONS) if args.positions else None
+    groups = {"seen combos": prompts_for(seen, args.per_combo, rng, colors, positions),
+              "held-out combos": prompts_for(held, max(args.per_combo, 4), rng, colors, positions)}
     pipe = StableDiffusionPipeline.from_pretrained(args.model or default_model())
     os.makedirs(args.out, exist_ok=True)
     results = {}
-    print(f"{'guidance':>8} {'group':>16} {'n':>4} | {'colour':>7} {'shape':>7} {'background':>10}")
+    print(f"{'guidance':>8} {'group':>16} {'n':>4} | {'colour':>7} {'shape':>7} {'background':>10}"
+          + (f" {'position':>8}" if positions else ""))
     samples = []
     for g in args.guidance:
         for name, prompts in groups.items():
@@ -63,9 +72,11 @@ def main(argv=None):
             rate = lambda k: float(np.mean([bool(s[k]) for s in scores]))  # noqa: E731
             r = {"n": len(prompts), "color": rate("color_ok"), "shape": rate("shape_ok"),
                  "background": rate("background_ok")}
+            if positions:
+                r["position"] = rate("position_ok")
             results.setdefault(str(g), {})[name] = r
-            print(f"{g:>8} {name:>16} {r['n']:>4} | {r['color']:>7.1%} {r['shape']:>7.1%} {r['background']:>10.1%}",
-                  flush=True)
+            print(f"{g:>8} {name:>16} {r['n']:>4} | {r['color']:>7.1%} {r['shape']:>7.1%} {r['background']:>10.1%}"
+                  + (f" {r['position']:>8.1%}" if positions else ""), flush=True)
             if name == "held-out combos" and g == sorted(args.guidance)[len(args.guidance) // 2]:
                 samples = list(zip(prompts, images))
     with open(os.path.join(args.out, "adherence.json"), "w") as f:
