@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -22,6 +21,7 @@ from PIL import Image
 
 from sd_jax import batch, sharding
 from sd_jax.batch import PromptFileError
+from cli_helpers import assert_user_error, cli_env, ok, run_cli, sd_jax_command
 from tiny_models import build_tiny_pipeline
 
 DEFAULTS = {"negative_prompt": "", "seed": 0, "steps": 2, "guidance": 7.5, "guidance_rescale": 0.0,
@@ -29,39 +29,6 @@ DEFAULTS = {"negative_prompt": "", "seed": 0, "steps": 2, "guidance": 7.5, "guid
 
 
 # ----------------------------------------------------------------------------- helpers
-def sd_jax_command() -> list[str]:
-    exe = shutil.which("sd-jax")
-    return [exe] if exe else [sys.executable, "-m", "sd_jax.cli"]
-
-
-def cli_env(devices: int = 1) -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in ("SD_JAX_MODEL", "SD_JAX_DEBUG")}
-    e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-             # LLVM -O0: halves XLA:CPU compile time here; same arithmetic (no fast-math either way)
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
-    return e
-
-
-def run_cli(*args, devices: int = 1, timeout: int = 400):
-    return subprocess.run(sd_jax_command() + [str(a) for a in args], capture_output=True, text=True,
-                          env=cli_env(devices), timeout=timeout)
-
-
-def ok(p):
-    assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr[-4000:]}"
-    assert "Traceback" not in p.stderr
-    return p
-
-
-def assert_user_error(p, *fragments):
-    assert p.returncode != 0, p.stdout + p.stderr
-    assert "Traceback" not in p.stderr, p.stderr
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("sd-jax: error: "), p.stderr
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-
-
 def manifest(out) -> list[dict]:
     with open(os.path.join(out, "manifest.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f]

@@ -5,7 +5,6 @@ transformers (measured ~1e-6 tiny, ~5e-6 at the SD 1.5 size).  bfloat16 compute 
 float32 at the SD 1.5 size: max abs diff <= 5e-2 (measured ~0.04; PyTorch's own
 bf16-vs-fp32 gap on the same model is ~0.06).
 """
-import dataclasses
 import json
 import os
 import warnings
