@@ -67,7 +67,7 @@ def main(argv=None):
         for name, prompts in groups.items():
             seeds = list(range(1000, 1000 + len(prompts)))
             images = pipe(prompts, seed=seeds, num_inference_steps=args.steps, guidance_scale=g,
-                          scheduler=args.scheduler, output_type="np")
+                          scheduler=args.scheduler, output_type="uint8")
             scores = [evaluator.score(p, im) for p, im in zip(prompts, images)]
             rate = lambda k: float(np.mean([bool(s[k]) for s in scores]))  # noqa: E731
             r = {"n": len(prompts), "color": rate("color_ok"), "shape": rate("shape_ok"),

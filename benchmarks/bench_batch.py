@@ -102,7 +102,7 @@ def time_api(pipe, args, tmp: str) -> float:
 
     def one(r, out):
         img = pipe(r.prompt, r.negative_prompt, seed=r.seed, num_inference_steps=r.steps, guidance_scale=r.guidance,
-                   height=r.height, width=r.width, scheduler=r.scheduler, output_type="np")[0]
+                   height=r.height, width=r.width, scheduler=r.scheduler, output_type="uint8")[0]
         save_png(os.path.join(out, r.name), img, batch._meta(r, "bench"))
 
     one(rows_for(args, 1, seed0=10_000)[0], tmp)  # compile

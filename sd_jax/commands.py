@@ -232,7 +232,7 @@ def generate(args) -> int:
     images = pipe([args.prompt] * args.num, s["negative_prompt"], seed=s["seed"], num_inference_steps=s["steps"],
                   guidance_scale=s["guidance"], guidance_rescale=s["guidance_rescale"], height=s["height"],
                   width=s["width"], scheduler=s["scheduler"], clip_skip=s["clip_skip"], image=args.init_image,
-                  mask_image=args.mask, strength=args.strength, output_type="np")
+                  mask_image=args.mask, strength=args.strength, output_type="uint8")
     dt = time.perf_counter() - t0
     if jax.process_index() != 0:  # multi-host: every process holds every image; one writes them
         return 0

@@ -27,11 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sd_jax import sharding
+from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, unet_denoiser
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
+from sd_jax.diffusion.sampling import sample, sampler_order
+from sd_jax.request import Dispatcher, GenerationRequest, RequestError
 from sd_jax.tokenizer import tokenize
 
-MODES = ("txt2img", "img2img", "inpaint")
-
+OUTPUTS = ("uint8", "float32", "latent")
 
 def enable_compilation_cache(path: str | None = None) -> str:
     """Turn on JAX's persistent compilation cache so a second process starts fast."""
@@ -55,90 +57,109 @@ class Models:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-def _encode_text(models: Models, params, ids, clip_skip):
-    return models.text_encoder.encode(params["text_encoder"], ids, clip_skip=clip_skip)
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The static settings of one compiled generation (each distinct Plan compiles once).
+
+    sampler: the :class:`~sd_jax.diffusion.samplers.Sampler` (steps, schedule, config).
+    start, end: the sampler steps to run (img2img's strength, ``denoising_start/_end``).
+    mode: ``"txt2img"``, ``"img2img"`` or ``"inpaint"``.
+    guidance: whether classifier-free guidance runs (any sample's scale > 1): without it
+      the UNet runs once per step on the batch and negative prompts are not encoded.
+    clip_skip: diffusers' ``clip_skip`` (None = last layer).
+    latent_shape: (h, w, C) of one sample's latents.
+    output: ``"uint8"`` [B, H, W, 3], ``"float32"`` [B, H, W, 3] in [0, 1], or ``"latent"``
+      (the final latents [B, h, w, C], not decoded: for a second model to continue from).
+    loop: ``"scan"``, ``"python"`` (compiled, unrolled) or ``"debug"`` (not compiled).
+    given_noise: the initial noise comes with the request (``latents``) instead of its seed.
+    """
+    sampler: Any
+    start: int
+    end: int
+    mode: str
+    guidance: bool
+    clip_skip: int | None
+    latent_shape: tuple
+    output: str = "uint8"
+    loop: str = "scan"
+    given_noise: bool = False
 
 
-def _denoise_and_decode(models: Models, sampler, start: int, mode: str, clip_skip, loop: str,
-                        latent_shape, params, batch):
-    """The whole generation for one static configuration.
+def encode_prompt(models: Models, params, ids, clip_skip) -> Conditioning:
+    """SD 1.x/2.x: token ids int32 [B, 77] -> Conditioning (the text encoder's ``prompt_embeds``)."""
+    context = models.text_encoder.encode(params["text_encoder"], ids, clip_skip=clip_skip)
+    return Conditioning(context=context.astype(models.unet.dtype))
+
+
+def vae_encode(models: Models, params, images):
+    """float32 [B, H, W, 3] in [-1, 1] -> latents in the diffusion model's space.
+
+    The distribution's mean, not a sample: a trained VAE's std is ~1e-3 of the latent scale."""
+    mean, _ = models.vae.apply({"params": params["vae"]}, images.astype(models.vae.dtype), method="encode")
+    return models.vae.config.scale_latents(mean.astype(jnp.float32))
+
+
+def vae_decode(models: Models, params, latents, output: str = "float32"):
+    """Latents [B, h, w, C] -> images [B, H, W, 3]: float32 in [0, 1], or uint8 (``output="uint8"``)."""
+    z = models.vae.config.unscale_latents(latents).astype(models.vae.dtype)
+    img = models.vae.apply({"params": params["vae"]}, z, method="decode")
+    img = jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+    return jnp.round(img * 255).astype(jnp.uint8) if output == "uint8" else img
+
+
+def _generate(models: Models, plan: Plan, params, batch):
+    """The whole generation for one static :class:`Plan`.
 
     batch (all leading dim B, batch-sharded):
-      ids, neg_ids: int32 [B, 77];  seeds: uint32 [B];  guidance, rescale: float32 [B];
-      latents: optional float32 [B, h, w, C] initial noise (replaces the seeded noise);
-      image: float32 [B, H, W, 3] in [-1, 1] (img2img, inpaint);  mask: float32 [B, H, W, 1], 1 = repaint.
-    Returns uint8 [B, H, W, 3].
+      ids, neg_ids: int32 [B, 77] (neg_ids only with guidance);  seeds: uint32 [B];
+      guidance, rescale: float32 [B];  latents: optional float32 [B, h, w, C] initial noise
+      (replaces the seeded noise);  image: float32 [B, H, W, 3] in [-1, 1] (img2img, inpaint);
+      mask: float32 [B, H, W, 1], 1 = repaint.
+    Returns the output of ``plan.output`` for every sample.
     """
-    te_out = _encode_text(models, params, jnp.concatenate([batch["neg_ids"], batch["ids"]]), clip_skip)
-    context = te_out.astype(models.unet.dtype)
+    sampler = plan.sampler
     keys = jax.vmap(jax.random.key)(batch["seeds"])
-    noise_at = lambda step: jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), latent_shape))(keys)
+    noise_at = lambda step: jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), plan.latent_shape))(keys)
     noise0 = batch["latents"].astype(jnp.float32) if "latents" in batch else noise_at(0)
-    sf = models.vae.config.scaling_factor
-    shift = getattr(models.vae.config, "shift_factor", None) or 0.0
 
-    def vae_encode(img):
-        mean, _ = models.vae.apply({"params": params["vae"]}, img.astype(models.vae.dtype), method="encode")
-        # The distribution's mean: a trained VAE's std is ~1e-3 of the latent scale.
-        return (mean.astype(jnp.float32) - shift) * sf
+    cond = encode_prompt(models, params, batch["ids"], plan.clip_skip)
+    uncond = encode_prompt(models, params, batch["neg_ids"], plan.clip_skip) if plan.guidance else None
 
-    image_latents = mask_lat = cond_extra = None
-    if mode in ("img2img", "inpaint"):
-        image_latents = vae_encode(batch["image"])
-    if mode == "inpaint":
-        b, h, w, _ = noise0.shape
-        m = batch["mask"]
-        # diffusers resizes the mask with nearest-neighbour interpolation to the latent grid.
-        fh, fw = m.shape[1] // h, m.shape[2] // w
-        mask_lat = m[:, ::fh, ::fw, :]
-        if models.unet.config.in_channels == 9:
-            masked = vae_encode(batch["image"] * (m < 0.5))
-            cond_extra = jnp.concatenate([mask_lat, masked], axis=-1)
-
-    if mode == "txt2img" or (mode == "inpaint" and start == 0):
+    post_step = None
+    if plan.mode == "txt2img":
         x = noise0 * sampler.init_noise_sigma
     else:
-        x = sampler.add_noise(image_latents, noise0, start)
+        image_latents = vae_encode(models, params, batch["image"])
+        if plan.mode == "inpaint" and plan.start == 0:
+            x = noise0 * sampler.init_noise_sigma
+        else:
+            x = sampler.add_noise(image_latents, noise0, plan.start)
+    if plan.mode == "inpaint":
+        m = batch["mask"]
+        h, w = plan.latent_shape[:2]
+        # diffusers resizes the mask with nearest-neighbour interpolation to the latent grid.
+        mask_lat = m[:, ::m.shape[1] // h, ::m.shape[2] // w, :]
+        if models.unet.config.in_channels == 9:  # the inpainting UNet sees mask and masked image
+            masked = vae_encode(models, params, batch["image"] * (m < 0.5))
+            extra = jnp.concatenate([mask_lat, masked], axis=-1).astype(models.unet.dtype)
+            cond = cond.replace(concat=extra)
+            uncond = uncond.replace(concat=extra) if uncond is not None else None
+        else:  # an ordinary UNet: keep the known region on the image's own noisy trajectory
+            n = sampler.num_steps
 
-    g = batch["guidance"][:, None, None, None]
-    rescale = batch["rescale"][:, None, None, None]
-    timesteps = jnp.asarray(sampler.timesteps)
-    n = len(sampler.timesteps)
-    legacy_inpaint = mode == "inpaint" and cond_extra is None
+            def post_step(x, i):
+                nxt = jnp.minimum(i + 1, n - 1)
+                known = jnp.where(i < n - 1, sampler.add_noise(image_latents, noise0, nxt), image_latents)
+                return (1 - mask_lat) * known + mask_lat * x
 
-    def body(carry, i):
-        x, state = carry
-        xin = sampler.scale_model_input(x, i)
-        if cond_extra is not None:
-            xin = jnp.concatenate([xin, cond_extra], axis=-1)
-        xin = jnp.concatenate([xin, xin]).astype(models.unet.dtype)
-        t = jnp.broadcast_to(timesteps[i], (xin.shape[0],))
-        out = models.unet.apply({"params": params["unet"]}, xin, t, context).astype(jnp.float32)
-        uncond, cond = jnp.split(out, 2)
-        guided = uncond + g * (cond - uncond)
-        # Guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample
-        # Steps are Flawed", sec. 3.4): match the std of the guided prediction to the text one.
-        std_c = jnp.std(cond, axis=(1, 2, 3), keepdims=True, ddof=1)
-        std_g = jnp.std(guided, axis=(1, 2, 3), keepdims=True, ddof=1)
-        guided = rescale * guided * (std_c / std_g) + (1 - rescale) * guided
-        noise = noise_at(i + 1) if sampler.needs_noise else None
-        x, state = sampler.step(state, guided, x, i, noise)
-        if legacy_inpaint:
-            nxt = jnp.minimum(i + 1, n - 1)
-            proper = jnp.where(i < n - 1, sampler.add_noise(image_latents, noise0, nxt), image_latents)
-            x = (1 - mask_lat) * proper + mask_lat * x
-        return (x, state), None
-
-    carry = (x, sampler.init_state(x.shape))
-    if loop == "scan":
-        carry, _ = jax.lax.scan(body, carry, jnp.arange(start, n, dtype=jnp.int32))
-    else:  # plain Python loop, for debugging (and to check the scan against)
-        for i in range(start, n):
-            carry, _ = body(carry, jnp.int32(i))
-    x = carry[0]
-    img = models.vae.apply({"params": params["vae"]}, (x / sf + shift).astype(models.vae.dtype), method="decode")
-    img = jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-    return jnp.round(img * 255).astype(jnp.uint8)
+    make = lambda c: unet_denoiser(models.unet, params["unet"], c)
+    model_fn = (classifier_free_guidance(make, cond, uncond, batch["guidance"], batch["rescale"])
+                if plan.guidance else make(cond))
+    x, _ = sample(model_fn, sampler, x, start=plan.start, end=plan.end, noise_fn=noise_at,
+                  post_step=post_step, loop="python" if plan.loop == "debug" else plan.loop)
+    if plan.output == "latent":
+        return x
+    return vae_decode(models, params, x, plan.output)
 
 
 def img2img_start(num_inference_steps: int, strength: float, order: int = 1) -> int:
@@ -195,6 +216,7 @@ class StableDiffusionPipeline:
         self.params = sharding.replicate(params, self.mesh)
         self.source = source
         self._compiled: dict = {}
+        self.compilations = 0  # programs compiled by this pipeline (tests, metrics)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -223,19 +245,124 @@ class StableDiffusionPipeline:
     def default_size(self) -> int:
         return self.models.unet.config.sample_size * self.models.vae_scale
 
-    # ------------------------------------------------------------------ compile cache
-    def _fn(self, sampler, start, mode, clip_skip, loop, latent_shape, batch_size):
-        key = (sampler, start, mode, clip_skip, loop, latent_shape, batch_size)
-        fn = self._compiled.get(key)
-        if fn is None:
-            f = functools.partial(_denoise_and_decode, self.models, sampler, start, mode, clip_skip, loop,
-                                  latent_shape)
-            fn = self._compiled[key] = f if loop == "debug" else jax.jit(
-                f, out_shardings=sharding.batch_sharded(self.mesh))
-        return fn
-
+    # ------------------------------------------------------------------ requests -> compiled calls
     def sampler(self, name: str | None, num_inference_steps: int, **overrides):
         return make_sampler(name or self.scheduler_name, self.scheduler_config, num_inference_steps, **overrides)
+
+    def resolve(self, request: GenerationRequest, *, output: str = "uint8", loop: str = "scan"):
+        """The request with the model's defaults filled in, and its static :class:`Plan`.
+
+        Raises ``ValueError`` (a :class:`~sd_jax.request.RequestError`) for what this model
+        cannot do: sizes that are not multiples of its VAE factor, a sampler or step count
+        its schedule does not allow, an img2img strength that leaves no step, text-to-image
+        with an inpainting UNet."""
+        r = request
+        if output not in OUTPUTS:
+            raise RequestError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if loop not in ("scan", "python", "debug"):
+            raise RequestError(f"loop must be 'scan', 'python' or 'debug', got {loop!r}")
+        height, width = r.height or self.default_size, r.width or self.default_size
+        f = self.models.vae_scale
+        if height % f or width % f:
+            raise RequestError(f"height and width must be multiples of {f} for this model, got {width}x{height}")
+        scheduler = r.scheduler or self.scheduler_name
+        sampler = self.sampler(scheduler, r.steps)
+        if self.models.unet.config.in_channels == 9 and r.mode != "inpaint":
+            raise RequestError("this is an inpainting model: pass image= and mask_image=")
+        start = 0
+        if r.mode == "img2img" or (r.mode == "inpaint" and r.strength < 1.0):
+            start = img2img_start(r.steps, r.strength, sampler_order(sampler))
+            if start >= sampler.num_steps:
+                raise RequestError(f"strength {r.strength} with {r.steps} steps leaves no denoising step; "
+                                   f"raise one of them")
+        latent_shape = (height // f, width // f, self.latent_channels)
+        if r.latents is not None and np.shape(r.latents) != latent_shape:
+            raise RequestError(f"latents must have shape {latent_shape} per image, got {np.shape(r.latents)}")
+        r = r.replace(height=height, width=width, scheduler=scheduler)
+        plan = Plan(sampler, start, sampler.num_steps, r.mode, r.guided, r.clip_skip, latent_shape,
+                    output, loop, r.latents is not None)
+        return r, plan
+
+    def _inputs(self, plan: Plan, requests: Sequence[GenerationRequest]) -> dict:
+        """The host arrays of one call (leading axis = the requests)."""
+        batch = {"ids": tokenize(self.tokenizer, [r.prompt for r in requests]),
+                 "seeds": np.asarray([r.seed for r in requests], np.uint32),
+                 "guidance": np.asarray([r.guidance for r in requests], np.float32),
+                 "rescale": np.asarray([r.guidance_rescale for r in requests], np.float32)}
+        if plan.guidance:
+            batch["neg_ids"] = tokenize(self.tokenizer, [r.negative_prompt for r in requests])
+        if plan.given_noise:
+            batch["latents"] = np.stack([np.asarray(r.latents, np.float32) for r in requests])
+        if plan.mode != "txt2img":
+            batch["image"] = np.stack([load_image(r.image, r.height, r.width) for r in requests])
+        if plan.mode == "inpaint":
+            batch["mask"] = np.stack([load_image(r.mask, r.height, r.width, channels=1) for r in requests])
+        return batch
+
+    def _executable(self, plan: Plan, batch):
+        key = (plan, tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items())))
+        fn = self._compiled.get(key)
+        if fn is None:
+            f = functools.partial(_generate, self.models, plan)
+            if plan.loop == "debug":
+                fn = f
+            else:
+                fn = jax.jit(f, out_shardings=sharding.batch_sharded(self.mesh)).lower(self.params, batch).compile()
+                self.compilations += 1
+            self._compiled[key] = fn
+        return fn
+
+    def compiled_sizes(self, plan: Plan) -> set[int]:
+        """The call sizes (rows) ``plan`` is compiled for in this pipeline."""
+        return {dict((k, shape) for k, shape, _ in key[1])["seeds"][0] for key in self._compiled if key[0] == plan}
+
+    def dispatch(self, plan: Plan, requests: Sequence[GenerationRequest], size: int | None = None):
+        """Start one device call for ``requests`` (resolved, all of ``plan``), padded to ``size``
+        rows; returns at once with the batch-sharded global output (rows ``len(requests):``
+        are padding)."""
+        size = sharding.padded_size(max(size or 0, len(requests)), self.mesh)
+        batch = sharding.shard_batch({k: sharding.pad_batch(v, size) for k, v in self._inputs(plan, requests).items()},
+                                     self.mesh)
+        return self._executable(plan, batch)(self.params, batch)
+
+    def compile(self, plan: Plan, request: GenerationRequest, size: int) -> None:
+        """Compile ``plan`` for calls of ``size`` rows (the request gives example inputs)."""
+        size = sharding.padded_size(size, self.mesh)
+        specs = {k: jax.ShapeDtypeStruct((size,) + v.shape[1:], v.dtype, sharding=sharding.batch_sharded(self.mesh))
+                 for k, v in self._inputs(plan, [request]).items()}
+        self._executable(plan, specs)
+
+    def requests(self, prompt, negative_prompt=None, *, seed=0, num_inference_steps=30, guidance_scale=7.5,
+                 guidance_rescale=0.0, height=None, width=None, scheduler=None, clip_skip=None, image=None,
+                 mask_image=None, strength=0.8, latents=None, num_images_per_prompt=1) -> list[GenerationRequest]:
+        """The diffusers-style arguments of :meth:`__call__` as one request per image."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise RequestError("no prompt given")
+        k = num_images_per_prompt
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise RequestError(f"num_images_per_prompt must be a positive integer, got {k!r}")
+        negs = _to_list(negative_prompt, len(prompts), "negative_prompt")
+        prompts = [p for p in prompts for _ in range(k)]
+        negs = [x for x in negs for _ in range(k)]
+        n = len(prompts)
+        if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+            seeds = [int(seed) + i for i in range(n)]
+        else:
+            seeds = _to_list(seed, n, "seed")
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.ndim != 4 or latents.shape[0] != n:
+                raise RequestError(f"latents must be [{n}, h, w, C] (one per image, NHWC), got {latents.shape}")
+        images = image if isinstance(image, (list, tuple)) else [image] * n
+        masks = mask_image if isinstance(mask_image, (list, tuple)) else [mask_image] * n
+        cols = dict(negative_prompt=negs, seed=seeds, guidance=_to_list(guidance_scale, n, "guidance_scale"),
+                    guidance_rescale=_to_list(guidance_rescale, n, "guidance_rescale"),
+                    image=_to_list(images, n, "image"), mask=_to_list(masks, n, "mask_image"))
+        return [GenerationRequest(prompts[i], steps=num_inference_steps, width=width, height=height,
+                                  scheduler=scheduler, clip_skip=clip_skip, strength=strength,
+                                  latents=None if latents is None else latents[i],
+                                  **{c: v[i] for c, v in cols.items()}) for i in range(n)]
 
     # ------------------------------------------------------------------ generation
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
@@ -243,111 +370,64 @@ class StableDiffusionPipeline:
                  guidance_rescale: float | Sequence[float] = 0.0, height: int | None = None, width: int | None = None,
                  scheduler: str | None = None, clip_skip: int | None = None, image=None, mask_image=None,
                  strength: float = 0.8, latents=None, num_images_per_prompt: int = 1, output_type: str = "pil",
-                 loop: str = "scan"):
+                 batch_size: int | None = None, loop: str = "scan"):
         """Generate images.
 
         Args:
           prompt: one prompt or a list (one image each, times ``num_images_per_prompt``).
-          negative_prompt: one for all or one per prompt; empty by default.
+          negative_prompt: one for all or one per prompt; empty by default (ignored where
+            guidance is off, i.e. ``guidance_scale <= 1``, as in diffusers).
           seed: an int (image i gets ``seed + i``) or one seed per image.
-          guidance_scale, guidance_rescale: scalars or one per image (traced: no recompilation).
+          guidance_scale, guidance_rescale: scalars or one per image (traced: no recompilation;
+            at ``guidance_scale <= 1`` the UNet runs once per step instead of twice).
           height, width: multiples of 8; default: the UNet's native size.
           scheduler: a sampler name (``sd_jax.diffusion.samplers.SCHEDULERS``); default: the checkpoint's.
           image: init image for img2img / inpainting (PIL image, path, or HxWx3 array in [0, 255] or [0, 1]).
           mask_image: inpainting mask, white = repaint.
           strength: how far img2img / inpainting moves from ``image`` (1 = all the way).
           latents: optional initial noise [B, h, w, C] (NHWC) instead of the seeded noise.
-          output_type: ``"pil"`` (list of PIL images) or ``"np"`` (uint8 [B, H, W, 3]).
+          output_type: as diffusers: ``"pil"`` (list of PIL images), ``"np"`` (float32
+            [B, H, W, 3] in [0, 1]), ``"latent"`` (float32 [B, h, w, C], not decoded); and
+            ``"uint8"`` (uint8 [B, H, W, 3], rounded on the devices: the least to copy back).
+          batch_size: images per device call (default: all at once).
           loop: ``"scan"`` (compiled, default), ``"python"`` (compiled, unrolled) or ``"debug"`` (eager).
         """
-        out, n = self.generate_async(prompt, negative_prompt, seed=seed, num_inference_steps=num_inference_steps,
-                                     guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height,
-                                     width=width, scheduler=scheduler, clip_skip=clip_skip, image=image,
-                                     mask_image=mask_image, strength=strength, latents=latents,
-                                     num_images_per_prompt=num_images_per_prompt, loop=loop)
-        images = sharding.to_host(out)[:n]
-        if output_type == "np":
+        output = {"pil": "uint8", "np": "float32", "uint8": "uint8", "latent": "latent"}.get(output_type)
+        if output is None:
+            raise RequestError(f"output_type must be 'pil', 'np', 'uint8' or 'latent', got {output_type!r}")
+        requests = self.requests(prompt, negative_prompt, seed=seed, num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height,
+                                 width=width, scheduler=scheduler, clip_skip=clip_skip, image=image,
+                                 mask_image=mask_image, strength=strength, latents=latents,
+                                 num_images_per_prompt=num_images_per_prompt)
+        images = np.stack(Dispatcher(self, batch_size=batch_size, output=output, loop=loop).generate(requests))
+        if output_type != "pil":
             return images
         from PIL import Image
         return [Image.fromarray(im) for im in images]
 
-    def generate_async(self, prompt, negative_prompt=None, *, seed=0, num_inference_steps=30, guidance_scale=7.5,
-                       guidance_rescale=0.0, height=None, width=None, scheduler=None, clip_skip=None, image=None,
-                       mask_image=None, strength=0.8, latents=None, num_images_per_prompt=1, loop="scan"):
-        """Like ``__call__`` but returns at once: (uint8 [B_padded, H, W, 3] global jax.Array, n).
+    def generate_async(self, prompt, negative_prompt=None, *, loop="scan", output="uint8", **kwargs):
+        """Like ``__call__`` but returns at once: (output [B_padded, ...] global jax.Array, n).
 
-        The device work runs asynchronously (JAX dispatch), so a caller can prepare the
-        next batch or write the previous one's files meanwhile; rows ``n:`` are padding.
+        All images must share their static settings (one call).  The device work runs
+        asynchronously (JAX dispatch), so a caller can prepare the next batch or write the
+        previous one's files meanwhile; rows ``n:`` are padding.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("no prompt given")
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        n = len(prompts)
-        negs = ["" if x is None else x for x in _to_list(negative_prompt, len(prompts) // num_images_per_prompt,
-                                                         "negative_prompt")]
-        negs = [x for x in negs for _ in range(num_images_per_prompt)]
-        seeds = [int(seed) + i for i in range(n)] if isinstance(seed, (int, np.integer)) else [int(s) for s in _to_list(seed, n, "seed")]
-        if any(not 0 <= s < 2**32 for s in seeds):
-            raise ValueError("seeds must be integers in [0, 2**32)")
-        guidance = np.asarray(_to_list(guidance_scale, n, "guidance_scale"), np.float32)
-        rescale = np.asarray(_to_list(guidance_rescale, n, "guidance_rescale"), np.float32)
-        height = height or self.default_size
-        width = width or self.default_size
-        if height % 8 or width % 8 or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of 8, got {width}x{height}")
-        f = self.models.vae_scale
-        if height % f or width % f:
-            raise ValueError(f"height and width must be multiples of {f} for this model, got {width}x{height}")
-        if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if loop not in ("scan", "python", "debug"):
-            raise ValueError(f"loop must be 'scan', 'python' or 'debug', got {loop!r}")
-        sampler = self.sampler(scheduler, num_inference_steps)
-        mode = "txt2img" if image is None else ("img2img" if mask_image is None else "inpaint")
-        if mask_image is not None and image is None:
-            raise ValueError("mask_image needs an image to inpaint")
-        if self.models.unet.config.in_channels == 9 and mode != "inpaint":
-            raise ValueError("this is an inpainting model: pass image= and mask_image=")
-        start = 0
-        if mode == "img2img" or (mode == "inpaint" and strength < 1.0):
-            # diffusers' `scheduler.order`: Heun takes two model evaluations per step.
-            start = img2img_start(num_inference_steps, strength, 2 if sampler.name == "heun" else 1)
-            if start >= len(sampler.timesteps):
-                raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no denoising step; raise one of them")
-        latent_shape = (height // f, width // f, self.latent_channels)
+        requests = self.requests(prompt, negative_prompt, **kwargs)
+        planned = Dispatcher(self, output=output, loop=loop).plan(requests)
+        if len(planned) != 1:
+            raise RequestError("generate_async takes images with the same static settings (size, steps, "
+                               "scheduler, guidance on or off); use __call__ or a Dispatcher for a mix")
+        plan, items = planned[0]
+        return self.dispatch(plan, [r for _, r in items]), len(items)
 
-        batch = {
-            "ids": tokenize(self.tokenizer, prompts), "neg_ids": tokenize(self.tokenizer, negs),
-            "seeds": np.asarray(seeds, np.uint32), "guidance": guidance, "rescale": rescale,
-        }
-        if latents is not None:
-            latents = np.asarray(latents, np.float32)
-            if latents.shape != (n,) + latent_shape:
-                raise ValueError(f"latents must have shape {(n,) + latent_shape}, got {latents.shape}")
-            batch["latents"] = latents
-        if mode != "txt2img":
-            imgs = image if isinstance(image, (list, tuple)) else [image] * n
-            batch["image"] = np.stack([load_image(im, height, width) for im in _to_list(imgs, n, "image")])
-        if mode == "inpaint":
-            masks = mask_image if isinstance(mask_image, (list, tuple)) else [mask_image] * n
-            batch["mask"] = np.stack([load_image(m, height, width, channels=1) for m in _to_list(masks, n, "mask_image")])
-
-        size = sharding.padded_size(n, self.mesh)
-        batch = sharding.shard_batch({k: sharding.pad_batch(v, size) for k, v in batch.items()}, self.mesh)
-        fn = self._fn(sampler, start, mode, clip_skip, loop, latent_shape, size)
-        return fn(self.params, batch), n
-
-    def lower(self, *, batch_size=1, height=None, width=None, num_inference_steps=30, scheduler=None):
+    def lower(self, *, batch_size=1, height=None, width=None, num_inference_steps=30, scheduler=None,
+              guidance_scale=7.5, output="uint8"):
         """The lowered txt2img function (for FLOP counts and compile timing in benchmarks)."""
-        height = height or self.default_size
-        width = width or self.default_size
-        f = self.models.vae_scale
-        sampler = self.sampler(scheduler, num_inference_steps)
-        latent_shape = (height // f, width // f, self.latent_channels)
+        r, plan = self.resolve(GenerationRequest("", steps=num_inference_steps, height=height, width=width,
+                                                 scheduler=scheduler, guidance=guidance_scale), output=output)
         size = sharding.padded_size(batch_size, self.mesh)
-        ids = np.zeros((size, 77), np.int32)
-        batch = sharding.shard_batch({"ids": ids, "neg_ids": ids, "seeds": np.zeros(size, np.uint32),
-                                      "guidance": np.ones(size, np.float32), "rescale": np.zeros(size, np.float32)},
+        batch = sharding.shard_batch({k: sharding.pad_batch(v, size) for k, v in self._inputs(plan, [r]).items()},
                                      self.mesh)
-        return self._fn(sampler, 0, "txt2img", None, "scan", latent_shape, size).lower(self.params, batch)
+        return jax.jit(functools.partial(_generate, self.models, plan),
+                       out_shardings=sharding.batch_sharded(self.mesh)).lower(self.params, batch)

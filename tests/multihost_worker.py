@@ -28,7 +28,7 @@ assert pipe.mesh.devices.size == 4
 if mode == "generate":
     images = pipe(["a red circle", "a blue square", "a green triangle", "a white circle", "a black square"],
                   seed=[1, 2, 3, 4, 5], num_inference_steps=4, height=32, width=32, scheduler="euler_a",
-                  output_type="np")
+                  output_type="uint8")
     if pid == 0:
         np.save(os.path.join(out, "images.npy"), images)
 else:

@@ -293,10 +293,10 @@ def test_batch_command_with_jsonl_and_csv(tiny, pipe1, reference, tmp_path):
     assert js["000002-a-white-square-2.png"]["guidance_rescale"] == 0.7
     assert all(isinstance(e["seconds"], float) and e["prompt"] for e in js.values())
     want = pipe1("a green star", "blurry", seed=3, num_inference_steps=3, guidance_scale=3.0, height=48, width=32,
-                 scheduler="euler", output_type="np")[0]
+                 scheduler="euler", output_type="uint8")[0]
     np.testing.assert_array_equal(pixels(tmp_path / "jsonl" / "star.png"), want)
     want = pipe1("a white square", seed=2, num_inference_steps=2, guidance_rescale=0.7, height=32, width=32,
-                 scheduler="ddim", output_type="np")[0]
+                 scheduler="ddim", output_type="uint8")[0]
     np.testing.assert_array_equal(pixels(tmp_path / "jsonl" / "000002-a-white-square-2.png"), want)
     cs = {e["file"]: e for e in manifest(tmp_path / "csv")}
     assert sorted(cs) == ["000001-a-red-square-11.png", "tri.png"]

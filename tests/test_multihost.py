@@ -58,7 +58,7 @@ def test_two_processes_generate_like_one(model, tmp_path):
     got = np.load(tmp_path / "images.npy")
     pipe = StableDiffusionPipeline.from_pretrained(model, mesh=sharding.make_mesh(jax.devices()[:1]))
     want = pipe(["a red circle", "a blue square", "a green triangle", "a white circle", "a black square"],
-                seed=[1, 2, 3, 4, 5], num_inference_steps=4, height=32, width=32, scheduler="euler_a", output_type="np")
+                seed=[1, 2, 3, 4, 5], num_inference_steps=4, height=32, width=32, scheduler="euler_a", output_type="uint8")
     assert got.shape == want.shape == (5, 32, 32, 3)
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
 

@@ -36,7 +36,7 @@ def test_generated_image_depends_on_the_prompt(pipe):
     """The same seed with different prompts gives clearly different images (the text conditions
     the UNet)."""
     images = pipe(PROMPTS[:2], seed=[7, 7], num_inference_steps=20, guidance_scale=4.0, scheduler="dpmpp_2m",
-                  output_type="np")
+                  output_type="uint8")
     assert images.shape == (2, 64, 64, 3)
     assert np.abs(images[0].astype(int) - images[1].astype(int)).mean() > 20
 
@@ -52,7 +52,7 @@ def test_diffusers_loads_it_and_agrees(pipe):
     with torch.no_grad():
         want = ref(prompt=PROMPTS[:2], latents=nchw(lat), num_inference_steps=10, guidance_scale=4.0,
                    height=size, width=size, output_type="np").images
-    got = pipe(PROMPTS[:2], latents=lat, num_inference_steps=10, guidance_scale=4.0, output_type="np")
+    got = pipe(PROMPTS[:2], latents=lat, num_inference_steps=10, guidance_scale=4.0, output_type="uint8")
     want = np.round(np.clip(want, 0, 1) * 255).astype(np.uint8)
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
 
@@ -69,7 +69,7 @@ def test_prompt_adherence(pipe):
     combos = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES if (c, s) not in held]
     prompts = [f"a {c} {s} on a {rng.choice([b for b in shapes.COLORS if b != c])} background" for c, s in combos]
     images = pipe(prompts, seed=list(range(500, 500 + len(prompts))), num_inference_steps=20, guidance_scale=2.0,
-                  scheduler="dpmpp_2m", output_type="np")
+                  scheduler="dpmpp_2m", output_type="uint8")
     scores = [evaluator.score(p, im) for p, im in zip(prompts, images)]
     colour = np.mean([bool(s["color_ok"]) for s in scores])
     shape = np.mean([bool(s["shape_ok"]) for s in scores])

@@ -1,0 +1,249 @@
+"""One request path: a :class:`GenerationRequest` validated in one place, one :class:`Dispatcher`.
+
+The Python API (``StableDiffusionPipeline.__call__``), ``sd-jax generate``, batch jobs and a
+server all describe each image they want as a :class:`GenerationRequest` and hand the
+requests to a :class:`Dispatcher`, which
+
+* groups them by their static settings (size, steps, sampler, mode, clip skip, whether
+  guidance runs), so each group compiles once;
+* cuts each group into device calls of at most ``batch_size`` images, padding the last one
+  up to a bucket size (multiples of the device count, doubling, up to ``batch_size``; a size
+  compiled already is preferred), so a stream of requests reuses a few compiled shapes;
+* keeps one call queued on the devices while the previous one is collected (JAX dispatch
+  is asynchronous), so host work (PNG encoding, writing) overlaps device work;
+* can compile a list of shapes ahead of time (:meth:`Dispatcher.precompile`).
+
+An image depends only on its own request (prompt, seed, settings): not on what it was
+batched with, the batch size or the number of devices (up to XLA's choice of kernels for
+different batch shapes: see README, "Reproducibility").
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
+
+MAX_SEED = 2**32
+
+
+class RequestError(ValueError):
+    """A request that cannot be generated; the message names the field and what to do."""
+
+
+# ----------------------------------------------------------------------------- field parsers
+def parse_size(text) -> tuple[int, int]:
+    """``"512"`` or ``"768x512"`` (width x height) -> (width, height); a ValueError otherwise."""
+    try:
+        parts = [int(p) for p in str(text).strip().lower().split("x")]
+    except ValueError:
+        raise RequestError(f"size {text!r} is not WxH (e.g. 512x512)") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0 or parts[0] % 8 or parts[1] % 8:
+        raise RequestError(f"size {text!r} must be WxH with both sides positive multiples of 8 (e.g. 512x512)")
+    return parts[0], parts[1]
+
+
+def canonical_scheduler(name: str) -> str:
+    """The canonical sampler name (``"Euler-A"`` -> ``"euler_a"``); a RequestError for an unknown one."""
+    from sd_jax.diffusion import samplers
+    key = str(name).strip().lower().replace("-", "_")
+    base = key.removesuffix("_karras")
+    cls = samplers.SCHEDULERS.get(base)
+    if cls is None or (key != base and not cls.supports_karras):
+        karras = sorted(k for k, c in samplers.SCHEDULERS.items() if c.supports_karras)
+        raise RequestError(f"unknown scheduler {name!r}; choose one of {', '.join(sorted(samplers.SCHEDULERS))} "
+                           f"(or add _karras to {', '.join(karras)})")
+    return key
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise RequestError(f"{what} must be a number, got {value!r}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise RequestError(f"{what} must be a finite number, got {value!r}")
+    return x
+
+
+def _integer(value, what: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():
+            return int(value)
+        raise RequestError(f"{what} must be an integer, got {value!r}")
+    return int(value)
+
+
+# ----------------------------------------------------------------------------- the request
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """One image to generate.  Constructing it checks every field that needs no model.
+
+    ``width``/``height``/``scheduler`` None: the model's defaults (filled by
+    :meth:`resolved`).  ``image`` (img2img, inpainting) and ``mask`` (inpainting, white =
+    repaint): a path, a PIL image or an array.  ``latents``: optional initial noise
+    [h, w, C] instead of the seeded noise.
+    """
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 30
+    guidance: float = 7.5
+    guidance_rescale: float = 0.0
+    width: Optional[int] = None
+    height: Optional[int] = None
+    scheduler: Optional[str] = None
+    clip_skip: Optional[int] = None
+    image: Any = dataclasses.field(default=None, compare=False)
+    mask: Any = dataclasses.field(default=None, compare=False)
+    strength: float = 0.8
+    latents: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)
+        if not isinstance(self.prompt, str):
+            raise RequestError(f"prompt must be text, got {self.prompt!r}")
+        neg = "" if self.negative_prompt is None else self.negative_prompt
+        if not isinstance(neg, str):
+            raise RequestError(f"negative_prompt must be text, got {neg!r}")
+        set_("negative_prompt", neg)
+        seed = _integer(self.seed, "seed")
+        if not 0 <= seed < MAX_SEED:
+            raise RequestError(f"seed must be an integer in [0, 2**32), got {seed}")
+        set_("seed", seed)
+        steps = _integer(self.steps, "steps (num_inference_steps)")
+        if steps < 1:
+            raise RequestError(f"steps (num_inference_steps) must be at least 1, got {steps}")
+        set_("steps", steps)
+        set_("guidance", _number(self.guidance, "guidance (guidance_scale)"))
+        rescale = _number(self.guidance_rescale, "guidance_rescale")
+        if not 0.0 <= rescale <= 1.0:
+            raise RequestError(f"guidance_rescale must be in [0, 1], got {rescale}")
+        set_("guidance_rescale", rescale)
+        for side in ("width", "height"):
+            v = getattr(self, side)
+            if v is not None:
+                v = _integer(v, side)
+                if v <= 0 or v % 8:
+                    raise RequestError(f"height and width must be positive multiples of 8, got {side}={v}")
+                set_(side, v)
+        if self.scheduler is not None:
+            set_("scheduler", canonical_scheduler(self.scheduler))
+        if self.clip_skip is not None:
+            cs = _integer(self.clip_skip, "clip_skip")
+            if cs < 0:
+                raise RequestError(f"clip_skip must be >= 0, got {cs}")
+            set_("clip_skip", cs or None)  # 0 and None both mean the last layer
+        strength = _number(self.strength, "strength")
+        if self.image is not None and not 0.0 < strength <= 1.0:
+            raise RequestError(f"strength must be in (0, 1], got {strength}")
+        set_("strength", strength)
+        if self.mask is not None and self.image is None:
+            raise RequestError("a mask (mask_image) needs an image to inpaint")
+
+    @property
+    def mode(self) -> str:
+        return "txt2img" if self.image is None else ("img2img" if self.mask is None else "inpaint")
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance runs for this image (diffusers: guidance_scale > 1)."""
+        return self.guidance > 1.0
+
+    def replace(self, **changes) -> "GenerationRequest":
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------- dispatching
+def bucket_sizes(devices: int, batch_size: int) -> list[int]:
+    """Padded call sizes: multiples of the device count, doubling, up to ``batch_size``."""
+    top = -(-batch_size // devices) * devices
+    sizes, s = [], devices
+    while s < top:
+        sizes.append(s)
+        s *= 2
+    return sizes + [top]
+
+
+@dataclasses.dataclass
+class Chunk:
+    """One device call: ``items`` are (index in the submitted list, request); ``out`` holds
+    ``len(items)`` results followed by padding rows (a batch-sharded global jax.Array)."""
+    items: list
+    out: Any
+
+    def host(self) -> np.ndarray:
+        """The results of this chunk on this host (all rows, gathered across hosts)."""
+        from sd_jax import sharding
+        return sharding.to_host(self.out)[: len(self.items)]
+
+
+class Dispatcher:
+    """Runs requests on a pipeline in device-sized, compile-friendly calls.
+
+    batch_size: images per device call over all devices (rounded up to a multiple of the
+      device count); None: each group in one call.
+    output: ``"uint8"``, ``"float32"`` or ``"latent"`` (see ``pipeline.Plan``).
+    """
+
+    def __init__(self, pipe, *, batch_size: Optional[int] = None, output: str = "uint8", loop: str = "scan"):
+        if batch_size is not None and batch_size < 1:
+            raise RequestError(f"batch_size must be at least 1, got {batch_size}")
+        self.pipe = pipe
+        self.devices = pipe.mesh.devices.size
+        self.batch_size = batch_size
+        self.output = output
+        self.loop = loop
+
+    def _chunks(self, plan, group: list) -> Iterator[tuple[list, int]]:
+        limit = self.batch_size or len(group)
+        buckets = bucket_sizes(self.devices, limit)
+        for k in range(0, len(group), limit):
+            items = group[k:k + limit]
+            # A shape compiled already (a batch job's full batches) beats compiling a smaller one.
+            done = [b for b in buckets if b >= len(items) and b in self.pipe.compiled_sizes(plan)]
+            yield items, done[0] if done else next(b for b in buckets if b >= len(items))
+
+    def plan(self, requests: Iterable[GenerationRequest]):
+        """The requests resolved against the model and grouped: [(plan, [(index, request)...])]."""
+        groups: dict = collections.OrderedDict()
+        for i, r in enumerate(requests):
+            r, plan = self.pipe.resolve(r, output=self.output, loop=self.loop)
+            groups.setdefault(plan, []).append((i, r))
+        return list(groups.items())
+
+    def run(self, requests: Iterable[GenerationRequest]) -> Iterator[Chunk]:
+        """Yield one :class:`Chunk` per device call, each once its call has been dispatched
+        *and* the next one is queued behind it (so the caller's host work overlaps the next
+        call).  Every request is checked before the first call."""
+        planned = self.plan(requests)
+        pending: collections.deque = collections.deque()
+        for plan, group in planned:
+            for items, size in self._chunks(plan, group):
+                pending.append(Chunk(items, self.pipe.dispatch(plan, [r for _, r in items], size)))
+                while len(pending) > 1:
+                    yield pending.popleft()
+        while pending:
+            yield pending.popleft()
+
+    def generate(self, requests: Iterable[GenerationRequest]) -> list:
+        """Every request's result, in the order given (numpy arrays)."""
+        requests = list(requests)
+        out: list = [None] * len(requests)
+        for chunk in self.run(requests):
+            for (i, _), x in zip(chunk.items, chunk.host()):
+                out[i] = x
+        return out
+
+    def precompile(self, requests: Iterable[GenerationRequest], sizes: Optional[Iterable[int]] = None) -> int:
+        """Compile the calls these (example) requests need, at every bucket size (or ``sizes``)
+        without running them; returns the number of programs compiled."""
+        n = 0
+        for plan, group in self.plan(requests):
+            for size in (sizes or bucket_sizes(self.devices, self.batch_size or len(group))):
+                self.pipe.compile(plan, group[0][1], size)
+                n += 1
+        return n
