@@ -18,8 +18,15 @@
   job deletes leftover temporary files, repairs the manifest (a cut last line is
   dropped; an image written just before the kill gets its entry back from the PNG's
   metadata), skips what is done, and finishes with every image present exactly once.
-  An image whose recorded settings differ from its row's (the prompt file or the model
-  changed) is generated again.
+* The folder remembers its job in ``sd-jax-batch.json`` (the model, the default settings and a
+  hash of the rows): a changed job is refused, saying what changed, unless ``replace``
+  (``--replace``), which makes the folder the new job's and generates again the images whose
+  recorded settings differ from their row's.  A ``manifest.jsonl`` or job file sd-jax did not
+  write is refused, never overwritten.
+* One job at a time: the running job holds an ``fcntl.flock`` on ``.sd-jax-batch.lock`` (with
+  its pid, for the message another job gets); the OS drops it when the job dies, so the file a
+  killed job leaves blocks nothing.  Manifest lines are appended with one ``write`` each
+  (``O_APPEND``) and the manifest is rewritten only under the lock.
 * Multi-host: every process runs the same SPMD program over the global mesh and writes
   the images that its own devices computed, recording them in its own manifest part
   ``manifest.p{i}.jsonl``; process 0 merges the parts into ``manifest.jsonl`` at the
