@@ -472,22 +472,7 @@ def check_job(out: str, job: dict, replace: bool = False) -> bool:
 
 
 def write_job(out: str, job: dict) -> None:
-    path = os.path.join(out, JOB_FILE)
-    with _writing(path):
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=out, prefix=".tmp-job-", suffix=".json",
-                                         delete=False) as f:
-            tmp = f.name
-            try:
-                json.dump(job, f, indent=1, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            except BaseException:
-                f.close()
-                os.unlink(tmp)
-                raise
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+    _write_atomic(os.path.join(out, JOB_FILE), json.dumps(job, indent=1, sort_keys=True) + "\n")
 
 
 def _is_sd_jax_manifest(path: str) -> bool:
@@ -592,13 +577,13 @@ def _read_manifest(path: str) -> dict[str, dict]:
     return entries
 
 
-def _write_jsonl_atomic(path: str, entries) -> None:
+def _write_atomic(path: str, text: str) -> None:
+    """``path`` holds ``text`` or what it held before: written to ``path.tmp``, fsynced, renamed."""
     tmp = path + ".tmp"
     with _writing(path):
         try:
             with open(tmp, "w", encoding="utf-8") as f:
-                for e in entries:
-                    f.write(json.dumps(e, sort_keys=True) + "\n")
+                f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -606,6 +591,10 @@ def _write_jsonl_atomic(path: str, entries) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def _write_jsonl_atomic(path: str, entries) -> None:
+    _write_atomic(path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
 
 
 def _order(e: dict):
@@ -634,7 +623,7 @@ def recover(out: str, rows: list[Row], manifest: str, model: str, other_manifest
     (killed between the rename and the manifest line).  ``other_manifests`` (multi-host:
     the other processes' parts and the merged manifest) are read, never written.
     """
-    for pattern in (f"{TMP_PREFIX}*.png", "manifest*.jsonl.tmp"):
+    for pattern in (f"{TMP_PREFIX}*.png", "manifest*.jsonl.tmp", f"{JOB_FILE}.tmp"):
         for tmp in glob.glob(os.path.join(glob.escape(out), pattern)):
             try:
                 os.unlink(tmp)
