@@ -18,8 +18,15 @@
   job deletes leftover temporary files, repairs the manifest (a cut last line is
   dropped; an image written just before the kill gets its entry back from the PNG's
   metadata), skips what is done, and finishes with every image present exactly once.
-  An image whose recorded settings differ from its row's (the prompt file or the model
-  changed) is generated again.
+* The folder remembers its job in ``sd-jax-batch.json`` (the model, the default settings and a
+  hash of the rows): a changed job is refused, saying what changed, unless ``replace``
+  (``--replace``), which makes the folder the new job's and generates again the images whose
+  recorded settings differ from their row's.  A ``manifest.jsonl`` or job file sd-jax did not
+  write is refused, never overwritten.
+* One job at a time: the running job holds an ``fcntl.flock`` on ``.sd-jax-batch.lock`` (with
+  its pid, for the message another job gets); the OS drops it when the job dies, so the file a
+  killed job leaves blocks nothing.  Manifest lines are appended with one ``write`` each
+  (``O_APPEND``) and the manifest is rewritten only under the lock.
 * Multi-host: every process runs the same SPMD program over the global mesh and writes
   the images that its own devices computed, recording them in its own manifest part
   ``manifest.p{i}.jsonl``; process 0 merges the parts into ``manifest.jsonl`` at the
@@ -30,15 +37,21 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import csv
 import dataclasses
+import errno
+import fcntl
 import glob
+import hashlib
 import io
 import json
 import os
 import re
 import sys
+import tempfile
 import time
+import types
 
 import numpy as np
 
@@ -51,6 +64,9 @@ ALIASES = {"negative": "negative_prompt", "cfg": "guidance", "cfg_scale": "guida
            "file": "name", "output": "name", "num_inference_steps": "steps", "sampler": "scheduler",
            "rescale": "guidance_rescale"}
 MANIFEST = "manifest.jsonl"
+JOB_FILE = "sd-jax-batch.json"  # what defines the folder's images: a changed job is refused
+LOCK_FILE = ".sd-jax-batch.lock"  # flock'ed by the running job; holds its pid
+JOB_KIND = "sd-jax batch job"
 # The settings an image is checked against on resume (its own metadata or manifest entry).
 _SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "guidance_rescale", "width", "height",
              "scheduler", "clip_skip", "model")
@@ -58,6 +74,11 @@ _SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "guidance
 
 class PromptFileError(ValueError):
     """A prompt file that cannot be used (the message names the file and the line)."""
+
+
+class OutputFolderError(OSError):
+    """The output folder cannot be used as it is: in use, another job's, holding files sd-jax did
+    not write, not writable, or full.  ``str()`` is the one-line message naming the path."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +214,9 @@ def make_rows(raw: list[tuple[int, dict]], defaults: dict, path: str, schedulers
             raise PromptFileError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; "
                                   f"known: {', '.join(FIELDS)}")
         prompt = rec.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
+        if prompt is not None and not isinstance(prompt, str):
+            raise PromptFileError(f"{where}: prompt must be text, got {prompt!r}")
+        if prompt is None or not prompt.strip():
             raise PromptFileError(f"{where}: empty or missing prompt")
         neg = rec.get("negative_prompt", defaults["negative_prompt"])
         if neg is None:
@@ -238,6 +261,303 @@ def make_rows(raw: list[tuple[int, dict]], defaults: dict, path: str, schedulers
     return rows
 
 
+# ----------------------------------------------------------------------------- the output folder: writing, lock
+def _write_error(path: str, e: OSError) -> OutputFolderError:
+    """``e`` (from writing ``path``) as one line that names the path and the fix."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        msg = (f"no space left on the disk to write {path!r}: free some space, then run the same command "
+               f"again to resume")
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        msg = f"cannot write {path!r} ({e.strerror}): choose a writable --out"
+    else:
+        msg = f"cannot write {path!r}: {e.strerror or e}"
+    err = OutputFolderError(msg)
+    err.errno = e.errno
+    return err
+
+
+@contextlib.contextmanager
+def _writing(path: str):
+    """An ``OSError`` raised inside names ``path`` (a full disk's ``ENOSPC`` names no file)."""
+    try:
+        yield
+    except OutputFolderError:
+        raise
+    except OSError as e:
+        raise _write_error(path, e) from None
+
+
+def check_writable(out: str) -> None:
+    """Fail (naming the folder) unless files can be created in ``out``, or in the nearest existing
+    folder above it when ``out`` does not exist yet; creates nothing that stays."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutputFolderError(f"--out {out!r} exists and is not a folder")
+    folder = os.path.abspath(out)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        where = "" if folder == os.path.abspath(out) else f" (in {folder!r})"
+        raise OutputFolderError(f"--out {out!r} is not writable{where}: {e.strerror or e}; "
+                                f"choose a writable folder") from None
+
+
+def _lock_name(process: int, nproc: int) -> str:
+    return LOCK_FILE if nproc == 1 else f".sd-jax-batch.p{process}.lock"
+
+
+def _busy(out: str, pid: int | None) -> OutputFolderError:
+    who = f"pid {pid}" if pid else "another process"
+    return OutputFolderError(f"--out {out!r} is in use by {who} (another sd-jax batch job); wait for it to "
+                             f"end or choose another --out")
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+class FolderLock:
+    """An exclusive lock on a batch folder: ``fcntl.flock`` on a lock file that holds the pid.
+
+    The OS drops a flock when its holder dies, so the file a killed job leaves behind blocks
+    nothing: the next job takes it over.  ``wait``: seconds to retry a held lock before giving up
+    (rides out :func:`lock_holder`'s instant probe by a job starting up).
+    """
+
+    def __init__(self, out: str, name: str = LOCK_FILE):
+        self.out, self.path, self.fd = out, os.path.join(out, name), None
+
+    def acquire(self, wait: float = 2.0) -> FolderLock:
+        deadline = time.monotonic() + wait
+        while True:
+            with _writing(self.path):
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                if time.monotonic() >= deadline:
+                    raise _busy(self.out, holder) from None
+                time.sleep(0.05)
+                continue
+            try:  # the last holder may have removed the file between our open and flock: lock the new one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            with _writing(self.path):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            self.fd = fd
+            return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # while still holding it; a waiter then sees another inode and retries
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_holder(out: str) -> int | None:
+    """The pid holding ``out``'s lock (0 if unknown), or None when no job holds it."""
+    path = os.path.join(out, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return _read_pid(fd) or 0
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- the job file, reserved files
+# Command-line flags of the job settings, for messages.
+_FLAGS = {"negative_prompt": "--negative", "seed": "--seed", "steps": "--steps", "guidance": "--guidance",
+          "guidance_rescale": "--rescale", "size": "--size", "scheduler": "--scheduler", "clip_skip": "--clip-skip",
+          "dtype": "--dtype"}
+
+
+def make_job(model: str, settings: dict, rows: list) -> dict:
+    """The job file's contents: what defines a folder's images.  ``settings``: the job-wide
+    defaults (None = the model's own); ``rows``: JSON-able rows, hashed in order."""
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return {"kind": JOB_KIND, "version": 1, "model": model, "settings": dict(settings), "rows": len(rows),
+            "rows_sha256": digest}
+
+
+def job_of_rows(model: str, rows: list[Row]) -> dict:
+    """The job of :func:`run` called without one: the model and every row's resolved settings."""
+    return make_job(model, {}, [{"name": r.name, **_meta(r, model)} for r in rows])
+
+
+def job_of_args(args, model: str, raw: list[tuple[int, dict]]) -> dict:
+    """The job of an ``sd-jax batch`` command, known before the model is loaded: the model's name,
+    the flags that set row defaults, and the prompt file's rows (not their line numbers)."""
+    settings = {"negative_prompt": args.negative, "seed": args.seed, "steps": args.steps or 30,
+                "guidance": args.guidance if args.guidance is not None else 7.5, "guidance_rescale": args.rescale,
+                "size": f"{args.size[0]}x{args.size[1]}" if args.size else None, "scheduler": args.scheduler,
+                "clip_skip": args.clip_skip, "dtype": args.dtype}
+    return make_job(model, settings, [rec for _, rec in raw])
+
+
+def read_job(out: str) -> dict | None:
+    """The folder's job file (None if there is none); refuses one sd-jax did not write."""
+    path = os.path.join(out, JOB_FILE)
+    if not os.path.lexists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            job = json.load(f)
+    except (OSError, ValueError):
+        job = None
+    if not isinstance(job, dict) or job.get("kind") != JOB_KIND:
+        raise OutputFolderError(f"{path!r} was not written by sd-jax (it is where sd-jax records a batch "
+                                f"job's settings): move it away or choose another --out")
+    return job
+
+
+def job_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two jobs, in words (empty: the same job)."""
+    show = lambda v: "(default)" if v is None else repr(v) if isinstance(v, str) else str(v)  # noqa: E731
+    changes = []
+    if old.get("model") != new.get("model"):
+        changes.append(f"model {show(old.get('model'))} -> {show(new.get('model'))}")
+    a, b = old.get("settings") or {}, new.get("settings") or {}
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            changes.append(f"{_FLAGS.get(k, k)} {show(a.get(k))} -> {show(b.get(k))}")
+    if old.get("rows_sha256") != new.get("rows_sha256"):
+        n, m = old.get("rows"), new.get("rows")
+        changes.append(f"the prompt rows ({n} -> {m} rows)" if n != m else "the prompt rows (other contents)")
+    return changes
+
+
+def _changed_job_error(out: str, changes: list[str]) -> OutputFolderError:
+    return OutputFolderError(f"--out {out!r} holds the images of another job ({'; '.join(changes)}): use a new "
+                             f"--out, or add --replace to generate the changed images again in this folder")
+
+
+def check_job(out: str, job: dict, replace: bool = False) -> bool:
+    """Whether ``job`` differs from the one ``out`` was made with (True: none recorded); a
+    changed job is refused unless ``replace``."""
+    old = read_job(out)
+    if old is None:
+        return True
+    changes = job_changes(old, job)
+    if changes and not replace:
+        raise _changed_job_error(out, changes)
+    return bool(changes)
+
+
+def write_job(out: str, job: dict) -> None:
+    _write_atomic(os.path.join(out, JOB_FILE), json.dumps(job, indent=1, sort_keys=True) + "\n")
+
+
+def _is_sd_jax_manifest(path: str) -> bool:
+    """Every line a JSON entry sd-jax wrote (a last line cut by a kill aside)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return False
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # unterminated: cut by a kill
+                continue
+            return False
+        if not (isinstance(e, dict) and e.get("generator") == "sd-jax" and isinstance(e.get("file"), str)):
+            return False
+    return True
+
+
+def check_reserved_files(out: str) -> dict | None:
+    """Refuse a folder whose reserved files sd-jax did not write: a ``manifest.jsonl`` with no job
+    file beside it must hold nothing but sd-jax entries (a folder of an sd-jax from before job
+    files); returns the job file's contents (None if there is none)."""
+    job = read_job(out)
+    path = os.path.join(out, MANIFEST)
+    if job is None and os.path.lexists(path) and not _is_sd_jax_manifest(path):
+        raise OutputFolderError(f"{path!r} was not written by sd-jax (sd-jax lists its images there): move it "
+                                f"away or choose another --out")
+    return job
+
+
+def check_out(out: str, job: dict, replace: bool = False) -> None:
+    """Everything about ``--out`` that is checked before the model is loaded: a folder (or none
+    yet), writable, not in use, no reserved file of someone else's, the same job (or ``replace``)."""
+    check_writable(out)
+    if not os.path.isdir(out):
+        return
+    holder = lock_holder(out)
+    if holder is not None:
+        raise _busy(out, holder)
+    check_reserved_files(out)
+    check_job(out, job, replace)
+
+
+def _legacy_changes(out: str, manifest: str, rows: list[Row], model: str) -> list[str]:
+    """A folder with no job file (an earlier sd-jax's): its manifest's entries for this job's
+    names, where their settings differ, in words."""
+    entries = _read_manifest(manifest)
+    for r in rows:
+        e = entries.get(r.name)
+        if e is not None and os.path.isfile(os.path.join(out, r.name)) and not _matches(e, r, model):
+            want = _meta(r, model)
+            diff = [f"{k} {e.get(k)!r} -> {want[k]!r}" for k in _SETTINGS if e.get(k) != want[k]]
+            return [f"{r.name}: {', '.join(diff)}"]
+    return []
+
+
+# ----------------------------------------------------------------------------- manifest writing
+class ManifestWriter:
+    """Appends one JSON line per image: the whole line in one ``os.write`` to a file opened with
+    ``O_APPEND``, so lines of several writers never interleave and a kill cuts at most the last."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with _writing(path):
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+
+    def append(self, entry: dict) -> None:
+        data = (json.dumps(entry, sort_keys=True) + "\n").encode()
+        with _writing(self.path):
+            n = os.write(self.fd, data)
+            if n != len(data):  # a regular file writes less only when the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 # ----------------------------------------------------------------------------- manifest and recovery
 def _manifest_path(out: str, process: int, nproc: int) -> str:
     return os.path.join(out, MANIFEST if nproc == 1 else f"manifest.p{process}.jsonl")
@@ -257,14 +577,24 @@ def _read_manifest(path: str) -> dict[str, dict]:
     return entries
 
 
-def _write_jsonl_atomic(path: str, entries) -> None:
+def _write_atomic(path: str, text: str) -> None:
+    """``path`` holds ``text`` or what it held before: written to ``path.tmp``, fsynced, renamed."""
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for e in entries:
-            f.write(json.dumps(e, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _writing(path):
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def _write_jsonl_atomic(path: str, entries) -> None:
+    _write_atomic(path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
 
 
 def _order(e: dict):
@@ -293,7 +623,7 @@ def recover(out: str, rows: list[Row], manifest: str, model: str, other_manifest
     (killed between the rename and the manifest line).  ``other_manifests`` (multi-host:
     the other processes' parts and the merged manifest) are read, never written.
     """
-    for pattern in (f"{TMP_PREFIX}*.png", "manifest*.jsonl.tmp"):
+    for pattern in (f"{TMP_PREFIX}*.png", "manifest*.jsonl.tmp", f"{JOB_FILE}.tmp"):
         for tmp in glob.glob(os.path.join(glob.escape(out), pattern)):
             try:
                 os.unlink(tmp)
@@ -339,19 +669,39 @@ def _batch_sizes(ndev: int, per_device: int) -> list[int]:
 
 
 def run(pipe, rows: list[Row], out: str, *, per_device: int = 1, progress: bool = True,
-        write_threads: int = 4) -> dict:
+        write_threads: int = 4, job: dict | None = None, replace: bool = False) -> dict:
     """Generate every row whose image is not already in ``out``; returns a summary dict.
 
-    Every process of a multi-host job calls this with the same rows.
+    Every process of a multi-host job calls this with the same rows.  The folder is locked
+    while the job runs (:class:`FolderLock`), and remembers its job in ``sd-jax-batch.json``:
+    ``job`` (default: :func:`job_of_rows`) must be the one the folder was made with, unless
+    ``replace``, which makes the folder this job's (images whose settings differ are made again).
     """
     import jax
-    from tqdm import tqdm
     if per_device < 1:
         raise ValueError(f"per_device must be at least 1, got {per_device}")
     t_start = time.perf_counter()
-    os.makedirs(out, exist_ok=True)
+    with _writing(out):
+        os.makedirs(out, exist_ok=True)
     pid, nproc = jax.process_index(), jax.process_count()
     model = _model_name(pipe)
+    job = job if job is not None else job_of_rows(model, rows)
+    with FolderLock(out, _lock_name(pid, nproc)):
+        old = check_reserved_files(out)
+        changes = (job_changes(old, job) if old is not None
+                   else _legacy_changes(out, os.path.join(out, MANIFEST), rows, model))
+        if changes and not replace:
+            raise _changed_job_error(out, changes)
+        if (old is None or changes) and pid == 0:
+            write_job(out, job)
+        return _generate(pipe, rows, out, model, per_device, progress, write_threads, t_start)
+
+
+def _generate(pipe, rows, out, model, per_device, progress, write_threads, t_start) -> dict:
+    """:func:`run`'s work, in a folder it has locked and checked."""
+    import jax
+    from tqdm import tqdm
+    pid, nproc = jax.process_index(), jax.process_count()
     manifest = _manifest_path(out, pid, nproc)
     others = [] if nproc == 1 else [os.path.join(out, MANIFEST)] + [
         _manifest_path(out, p, nproc) for p in range(nproc) if p != pid]
@@ -377,26 +727,24 @@ def run(pipe, rows: list[Row], out: str, *, per_device: int = 1, progress: bool 
     written = 0
     first_batch_seconds = None
     t0 = time.perf_counter()
-    mf = open(manifest, "a", encoding="utf-8")
+    mf = ManifestWriter(manifest)
     writes: collections.deque = collections.deque()  # futures of PNG writes, oldest first
     max_pending = max(2 * sizes[-1], write_threads)  # bounds the host memory held by images to write
 
     def write(row: Row, img: np.ndarray, seconds: float, batch_index: int, batch_size: int) -> dict:
-        save_png(os.path.join(out, row.name), img, _meta(row, model))
+        path = os.path.join(out, row.name)
+        with _writing(path):
+            save_png(path, img, _meta(row, model))
         return {"file": row.name, "row": row.index, **_meta(row, model), "seconds": round(seconds, 4),
                 "batch": batch_index, "batch_size": batch_size}
 
     def record(limit: int) -> None:
         """Manifest lines for finished writes, oldest first; wait while more than ``limit`` are pending."""
         nonlocal written
-        n = 0
         while writes and (len(writes) > limit or writes[0].done()):
             entry = writes.popleft().result()  # a failed write (disk full, ...) raises here
-            mf.write(json.dumps(entry, sort_keys=True) + "\n")
+            mf.append(entry)  # in the kernel at once: enough for a killed process; the PNG itself is fsynced
             written += 1
-            n += 1
-        if n:
-            mf.flush()  # enough for a killed process; the PNG itself is fsynced
 
     def dispatch(brows: list[Row]):
         size = next(s for s in sizes if s >= len(brows))
@@ -444,8 +792,9 @@ def run(pipe, rows: list[Row], out: str, *, per_device: int = 1, progress: bool 
         while writes:  # record what was written before an error; a failed write's image is absent
             fu = writes.popleft()
             if fu.exception() is None:
-                mf.write(json.dumps(fu.result(), sort_keys=True) + "\n")
-                written += 1
+                with contextlib.suppress(OSError):  # the error being raised says more
+                    mf.append(fu.result())
+                    written += 1
         mf.close()
         bar.close()
     elapsed = time.perf_counter() - t0
@@ -476,14 +825,15 @@ def _model_name(pipe) -> str:
 def run_from_args(args) -> int:
     import jax
 
-    from sd_jax.commands import UsageError, check_generation_args, check_size, load, settings
+    from sd_jax.commands import (UsageError, check_generation_args, check_size, load, model_name, model_path,
+                                 settings)
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     check_generation_args(args)
     raw = read_prompt_file(args.prompts)
     make_rows(raw, settings(args), args.prompts)  # a bad row fails before the (slow) model load
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out!r} exists and is not a folder")
+    job = job_of_args(args, model_name(types.SimpleNamespace(source=model_path(args))), raw)
+    check_out(args.out, job, args.replace)  # and so does a folder that cannot be used
     pipe = load(args)
     if pipe.models.unet.config.in_channels == 9:
         raise UsageError(f"{args.model or 'the model'} is an inpainting model (9 input channels); "
@@ -503,7 +853,8 @@ def run_from_args(args) -> int:
             raise PromptFileError(f"{args.prompts} line {r.line}: {e}") from None
     ndev = pipe.mesh.devices.size
     per_device = -(-(args.batch_size or ndev) // ndev)
-    s = run(pipe, rows, args.out, per_device=per_device, progress=not args.no_progress)
+    s = run(pipe, rows, args.out, per_device=per_device, progress=not args.no_progress, job=job,
+            replace=args.replace)
     if jax.process_index() == 0:
         rate = f"{s['images_per_second']:.2f} images/s" if s["generated"] else "nothing to do"
         first = (f" (first batch, with compilation: {s['first_batch_seconds']:.1f}s)"

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per device call over all devices (default: 1 per device; "
                         "rounded up to a multiple of the device count)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--replace", action="store_true",
+                   help="--out holds a job with other settings: make it this job's, generating the changed "
+                        "images again (by default a changed job is refused)")
     _add_model_args(b)
 
     c = sub.add_parser("convert", help="convert a model: diffusers folder / single-file .safetensors / "

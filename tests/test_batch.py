@@ -48,7 +48,7 @@ def assert_complete(out, rows):
     """Every row's image exactly once, a one-line-per-image manifest, nothing else left."""
     names = sorted(r.name for r in rows)
     assert pngs(out) == names
-    assert sorted(os.listdir(out)) == sorted(names + ["manifest.jsonl"])  # no .tmp-* files
+    assert sorted(os.listdir(out)) == sorted(names + ["manifest.jsonl", "sd-jax-batch.json"])  # no .tmp-*, no lock
     entries = manifest(out)
     assert sorted(e["file"] for e in entries) == names
     for e in entries:
@@ -98,6 +98,7 @@ def test_prompt_file_formats(tmp_path):
     ("p.jsonl", '{"prompt": "a"}\n[1, 2]\n', "line 2: expected a JSON object"),
     ("p.jsonl", '{"prompt": "a", "colour": "red"}\n', "line 1: unknown field(s) colour"),
     ("p.jsonl", '{"prompt": "a"}\n\n{"prompt": "  "}\n', "line 3: empty or missing prompt"),
+    ("p.jsonl", '{"prompt": 42}\n', "line 1: prompt must be text, got 42"),
     ("p.jsonl", '{"prompt": "a", "seed": "abc"}\n', "line 1: seed must be an integer"),
     ("p.jsonl", '{"prompt": "a", "seed": 1.5}\n', "line 1: seed must be an integer"),
     ("p.jsonl", '{"prompt": "a", "seed": -1}\n', "line 1: seed must be in"),
@@ -309,7 +310,8 @@ def test_batch_command_with_jsonl_and_csv(tiny, pipe1, reference, tmp_path):
 
     p = ok(run_cli("batch", tmp_path / "p.csv", "--out", tmp_path / "csv", *common))
     assert "0 generated, 2 already done, 2 rows" in p.stderr
-    assert sorted(os.listdir(tmp_path / "csv")) == ["000001-a-red-square-11.png", "manifest.jsonl", "tri.png"]
+    assert sorted(os.listdir(tmp_path / "csv")) == ["000001-a-red-square-11.png", "manifest.jsonl",
+                                                    "sd-jax-batch.json", "tri.png"]
 
 
 def test_batch_command_errors(tiny, tmp_path):
@@ -358,6 +360,7 @@ def test_killed_batch_job_resumes_on_8_devices(tiny, reference, tmp_path):
         proc.stderr.close()
     before = [f for f in pngs(out) if not f.startswith(".tmp-")]  # a write cut by the kill may be left
     assert 1 <= len(before) < 16, before
+    assert (out / ".sd-jax-batch.lock").read_text().strip() == str(proc.pid)  # stale: it must not block
 
     p = ok(run_cli(*args, devices=8))
     n = len(before)
