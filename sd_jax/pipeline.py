@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax import sharding
+from sd_jax import memory, sharding
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
 from sd_jax.tokenizer import tokenize
 
@@ -292,6 +292,10 @@ class StableDiffusionPipeline:
             raise ValueError("seeds must be integers in [0, 2**32)")
         guidance = np.asarray(_to_list(guidance_scale, n, "guidance_scale"), np.float32)
         rescale = np.asarray(_to_list(guidance_rescale, n, "guidance_rescale"), np.float32)
+        if not np.isfinite(guidance).all():  # NaN/inf guidance gives black images, silently
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if not ((rescale >= 0) & (rescale <= 1)).all():  # NaN fails this too
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
         height = height or self.default_size
         width = width or self.default_size
         if height % 8 or width % 8 or height <= 0 or width <= 0:
@@ -299,6 +303,7 @@ class StableDiffusionPipeline:
         f = self.models.vae_scale
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of {f} for this model, got {width}x{height}")
+        memory.check_generation(self, sharding.padded_size(n, self.mesh), height, width)  # before compiling
         if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if loop not in ("scan", "python", "debug"):
