@@ -172,3 +172,21 @@ def test_ctrl_c_stops_at_a_batch_boundary(tmp_path):
     for name in files:
         with Image.open(out / name) as im:
             im.load()
+
+
+def test_memory_available_reads_the_device_limit_else_the_host():
+    """GPU/TPU: ``memory_stats()['bytes_limit']`` less what is in use (the weights); CPU (no
+    statistics): the host's available memory."""
+    class Device:
+        platform = "gpu"
+
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    limit, source, host = memory.available(Device({"bytes_limit": 80 << 30, "bytes_in_use": 2 << 30}))
+    assert limit == 78 << 30 and "bytes_limit" in source and not host
+    limit, source, host = memory.available(Device(None))
+    assert host and 0 < limit and ("MemAvailable" in source or "sysconf" in source or "cgroup" in source)
