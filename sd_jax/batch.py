@@ -827,6 +827,7 @@ def run_from_args(args) -> int:
 
     from sd_jax.commands import (UsageError, check_generation_args, check_size, load, model_name, model_path,
                                  settings)
+    from sd_jax.memory import check_generation
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     check_generation_args(args)
@@ -839,6 +840,9 @@ def run_from_args(args) -> int:
         raise UsageError(f"{args.model or 'the model'} is an inpainting model (9 input channels); "
                          f"batch does text-to-image only")
     rows = make_rows(raw, settings(args, pipe), args.prompts)
+    pipe.memory_check = not args.no_memory_check
+    ndev = pipe.mesh.devices.size
+    per_device = -(-(args.batch_size or ndev) // ndev)
     seen = set()
     for r in rows:  # every sampler and size is checked before the first image
         if (r.scheduler, r.steps) not in seen:
@@ -849,10 +853,11 @@ def run_from_args(args) -> int:
                 raise PromptFileError(f"{args.prompts} line {r.line}: {e}") from None
         try:
             check_size(pipe, r.width, r.height, "size")
+            if (r.width, r.height) not in seen:  # fits in memory, checked before the first image
+                seen.add((r.width, r.height))
+                check_generation(pipe, ndev * per_device, r.height, r.width)
         except ValueError as e:
             raise PromptFileError(f"{args.prompts} line {r.line}: {e}") from None
-    ndev = pipe.mesh.devices.size
-    per_device = -(-(args.batch_size or ndev) // ndev)
     s = run(pipe, rows, args.out, per_device=per_device, progress=not args.no_progress, job=job,
             replace=args.replace)
     if jax.process_index() == 0:

@@ -36,6 +36,8 @@ def parse_size(text: str) -> tuple[int, int]:
         parts = parts * 2
     if len(parts) != 2 or min(parts) <= 0 or parts[0] % 8 or parts[1] % 8:
         raise ValueError(f"size {text!r} must be WxH with both sides positive multiples of 8 (e.g. 512x512)")
+    from sd_jax.memory import check_side
+    check_side(parts[0], parts[1])
     return parts[0], parts[1]
 
 
@@ -76,6 +78,8 @@ def _add_gen_args(p):
                                                      "(default: the model's own)")
     p.add_argument("--size", type=_size_arg, default=None, help="WxH, multiples of 8 (default: the model's)")
     p.add_argument("--clip-skip", type=int, default=None)
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="skip the check that the size and batch fit in memory (refused before compiling)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,9 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gen_args(g)
     g.add_argument("--num", type=int, default=1, help="number of images (seeds seed, seed+1, ...)")
     g.add_argument("--init-image", default=None, help="img2img: the starting image")
-    g.add_argument("--strength", type=float, default=0.8, help="img2img/inpaint: how far to move from the image")
+    g.add_argument("--strength", type=float, default=None,
+                   help="img2img/inpaint: how far to move from the image (default 0.8)")
     g.add_argument("--mask", default=None, help="inpainting: mask image, white = repaint (needs --init-image)")
     g.add_argument("-o", "--output", default="out.png", help="PNG path (with --num > 1: NAME-0.png, NAME-1.png, ...)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="images per device call over all devices (default: 1 per device); --num runs in "
+                        "batches of this size, each written as it is done")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_args(g)
 
     b = sub.add_parser("batch", help="generate every row of a prompt file (.txt, .jsonl, .csv), resumably")

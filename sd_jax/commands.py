@@ -1,6 +1,7 @@
 """What each ``sd-jax`` sub-command does (the parser lives in ``cli.py``)."""
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -163,6 +164,10 @@ def check_generation_args(args) -> None:
         args.scheduler = check_scheduler(args.scheduler)
     if args.clip_skip is not None and args.clip_skip < 0:
         raise UsageError(f"--clip-skip must be >= 0, got {args.clip_skip}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise UsageError(f"--guidance must be a finite number, got {args.guidance}")
+    if not 0.0 <= args.rescale <= 1.0:  # NaN fails this too
+        raise UsageError(f"--rescale must be in [0, 1], got {args.rescale}")
 
 
 def settings(args, pipe=None) -> dict:
@@ -203,49 +208,134 @@ def _check_writable(path: str, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------- sub-commands
-def generate(args) -> int:
-    import jax
+def warn(message: str) -> None:
+    """One line on stderr, ``sd-jax: warning: ...``, above a running progress bar."""
+    from tqdm import tqdm
+    tqdm.write(f"sd-jax: warning: {_one_line(message)}", file=sys.stderr)
 
+
+def _image_size(path: str, flag: str) -> tuple[int, int]:
+    """(width, height) of an image file, from its header; a UsageError naming ``flag`` if unreadable."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{flag} {path!r} is not a readable image ({_one_line(e)})") from None
+
+
+def _check_inputs(args) -> dict:
+    """Checks of generate's image inputs before the model load; {flag: (path, (w, h))} of the images."""
+    if args.mask and not args.init_image:
+        raise UsageError("--mask needs --init-image (the image to inpaint)")
+    images = {}
+    for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            raise UsageError(f"{flag} {path!r} is a folder; give an image file")
+        if not os.path.isfile(path):
+            raise UsageError(f"{flag} {path!r}: no such file")
+        images[flag] = (path, _image_size(path, flag))
+    if args.strength is not None and not args.init_image:
+        warn("--strength only applies with --init-image (img2img, inpainting); ignored")
+    if args.init_image and not 0.0 < _strength(args) <= 1.0:
+        raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
+    return images
+
+
+def _strength(args) -> float:
+    return 0.8 if args.strength is None else args.strength
+
+
+def generate(args) -> int:
+    """``--num`` images in batches of ``--batch-size`` (one per device by default): batch k+1 is
+    queued on the devices before batch k is copied back and written, so memory does not grow
+    with ``--num``; Ctrl-C stops at the next batch boundary, keeping the images written."""
+    import signal
+    import threading
+
+    import jax
+    from tqdm import tqdm
+
+    from sd_jax import sharding
     from sd_jax.images import save_png
+    from sd_jax.request import Dispatcher, GenerationRequest
     if args.num < 1:
         raise UsageError("--num must be at least 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
     if not args.output.lower().endswith(".png"):
         raise UsageError(f"--output {args.output!r} must end in .png")
     if os.path.isdir(args.output):
         raise UsageError(f"--output {args.output!r} is a folder; give a file name ending in .png")
     check_generation_args(args)
-    if args.mask and not args.init_image:
-        raise UsageError("--mask needs --init-image (the image to inpaint)")
-    for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
-        if path is not None and not os.path.isfile(path):
-            raise UsageError(f"{flag} {path!r}: no such file")
-    if args.init_image and not 0.0 < args.strength <= 1.0:
-        raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
+    images = _check_inputs(args)
     _check_writable(args.output, "--output")
     pipe = load(args)
+    pipe.memory_check = not args.no_memory_check
     if pipe.models.unet.config.in_channels == 9 and not args.mask:
         raise UsageError(f"{args.model or 'the model'} is an inpainting model (9 input channels): "
                          f"pass --init-image and --mask")
     s = settings(args, pipe)
     check_size(pipe, s["width"], s["height"])
-    t0 = time.perf_counter()
-    images = pipe([args.prompt] * args.num, s["negative_prompt"], seed=s["seed"], num_inference_steps=s["steps"],
-                  guidance_scale=s["guidance"], guidance_rescale=s["guidance_rescale"], height=s["height"],
-                  width=s["width"], scheduler=s["scheduler"], clip_skip=s["clip_skip"], image=args.init_image,
-                  mask_image=args.mask, strength=args.strength, output_type="uint8")
-    dt = time.perf_counter() - t0
-    if jax.process_index() != 0:  # multi-host: every process holds every image; one writes them
-        return 0
+    for flag, (path, (w, h)) in images.items():
+        if (w, h) != (s["width"], s["height"]):
+            warn(f"{flag} {path} is {w}x{h}; it is resized to the output size {s['width']}x{s['height']} "
+                 f"(--size sets the output size)")
+    strength = _strength(args)
+    ndev = pipe.mesh.devices.size
+    chunk = min(-(-(args.batch_size or ndev) // ndev) * ndev, sharding.padded_size(args.num, pipe.mesh))
+    writer = jax.process_index() == 0  # multi-host: every process holds every image; one writes them
     stem = args.output[:-4]
-    for i, img in enumerate(images):
+    requests = [GenerationRequest(args.prompt, s["negative_prompt"], seed=s["seed"] + i, steps=s["steps"],
+                                  guidance=s["guidance"], guidance_rescale=s["guidance_rescale"],
+                                  width=s["width"], height=s["height"], scheduler=s["scheduler"],
+                                  clip_skip=s["clip_skip"], image=args.init_image, mask=args.mask,
+                                  strength=strength)
+                for i in range(args.num)]
+
+    def write(i: int, img) -> None:
         path = args.output if args.num == 1 else f"{stem}-{i}.png"
         meta = {"prompt": args.prompt, **s, "seed": s["seed"] + i, "model": model_name(pipe), "generator": "sd-jax"}
         if args.init_image:
-            meta["strength"] = args.strength
+            meta["strength"] = strength
             meta["mode"] = "inpaint" if args.mask else "img2img"
         save_png(path, img, meta)
-        print(path)
-    print(f"{len(images)} image(s) in {dt:.1f}s", file=sys.stderr)
+        print(path, flush=True)
+
+    stop = []
+
+    def on_interrupt(signum, frame):
+        if stop:  # a second Ctrl-C: now
+            raise KeyboardInterrupt
+        stop.append(True)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_interrupt) if in_main else None
+    bar = tqdm(total=args.num, unit="img", file=sys.stderr, disable=args.no_progress or args.num <= chunk
+               or not writer, delay=0.5)
+    written = 0
+    t0 = time.perf_counter()
+    try:
+        # The dispatcher queues call k+1 on the devices before handing back call k.
+        for call in Dispatcher(pipe, batch_size=chunk, output="uint8").run(requests):
+            if stop:
+                break
+            for (i, _), img in zip(call.items, call.host()):
+                if writer:
+                    write(i, img)
+                written += 1
+            bar.update(len(call.items))
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+        bar.close()
+    if stop:
+        print(f"sd-jax: interrupted: {written} of {args.num} image(s) written, the rest not generated",
+              file=sys.stderr)
+        return 130
+    print(f"{written} image(s) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax import sharding
+from sd_jax import memory, sharding
 from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, unet_denoiser
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
 from sd_jax.diffusion.sampling import sample, sampler_order
@@ -307,6 +307,9 @@ class StableDiffusionPipeline:
             if plan.loop == "debug":
                 fn = f
             else:
+                f_ = self.models.vae_scale  # refuse what cannot fit before XLA tries (and aborts)
+                memory.check_generation(self, batch["seeds"].shape[0], plan.latent_shape[0] * f_,
+                                        plan.latent_shape[1] * f_)
                 fn = jax.jit(f, out_shardings=sharding.batch_sharded(self.mesh)).lower(self.params, batch).compile()
                 self.compilations += 1
             self._compiled[key] = fn
