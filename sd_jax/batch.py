@@ -51,12 +51,12 @@ import re
 import sys
 import tempfile
 import time
-import types
 
 import numpy as np
 
 from sd_jax import sharding
-from sd_jax.images import TMP_PREFIX, read_metadata, save_png
+from sd_jax.images import TMP_PREFIX, model_name, read_metadata, save_png
+from sd_jax.request import Chunk, Dispatcher, GenerationRequest, RequestError, canonical_scheduler, parse_size
 
 FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "guidance_rescale", "size", "width", "height",
           "scheduler", "name")
@@ -96,6 +96,12 @@ class Row:
     name: str
     clip_skip: int | None = None
     line: int = 0
+
+    def request(self) -> GenerationRequest:
+        """This row as the request every entry point hands to the dispatcher."""
+        return GenerationRequest(self.prompt, self.negative_prompt, seed=self.seed, steps=self.steps,
+                                 guidance=self.guidance, guidance_rescale=self.guidance_rescale, width=self.width,
+                                 height=self.height, scheduler=self.scheduler, clip_skip=self.clip_skip)
 
     @property
     def group(self):
@@ -191,8 +197,7 @@ def make_rows(raw: list[tuple[int, dict]], defaults: dict, path: str, schedulers
     collection), or a function ``name -> canonical name`` raising ``ValueError`` for an unknown
     one; default: every sampler (:func:`sd_jax.commands.check_scheduler`).
     """
-    from sd_jax.cli import parse_size
-    from sd_jax.commands import check_scheduler as canonical
+    canonical = canonical_scheduler
     if schedulers is None:
         check_scheduler = canonical
     elif callable(schedulers):
@@ -239,12 +244,11 @@ def make_rows(raw: list[tuple[int, dict]], defaults: dict, path: str, schedulers
             sched = check_scheduler(str(rec.get("scheduler", defaults["scheduler"])))
         except ValueError as e:
             raise PromptFileError(f"{where}: {e}") from None
-        if steps < 1:
-            raise PromptFileError(f"{where}: steps must be at least 1, got {steps}")
-        if not 0 <= seed < 2**32:
-            raise PromptFileError(f"{where}: seed must be in [0, 2**32), got {seed}")
-        if not 0.0 <= rescale <= 1.0:
-            raise PromptFileError(f"{where}: guidance_rescale must be in [0, 1], got {rescale}")
+        row = Row(i, prompt, neg, seed, steps, guidance, rescale, w, h, sched, "", defaults.get("clip_skip"), ln)
+        try:
+            row.request()  # the checks every request gets (steps, seed range, finite guidance, ...)
+        except RequestError as e:
+            raise PromptFileError(f"{where}: {e}") from None
         name = rec.get("name")
         if name is None:
             name = f"{i:06d}-{_slug(prompt)}-{seed}"
@@ -256,8 +260,7 @@ def make_rows(raw: list[tuple[int, dict]], defaults: dict, path: str, schedulers
         if key in names:
             raise PromptFileError(f"{where}: output name {name!r} is already used on line {names[key]}")
         names[key] = ln
-        rows.append(Row(i, prompt, neg, seed, steps, guidance, rescale, w, h, sched, name,
-                        defaults.get("clip_skip"), ln))
+        rows.append(dataclasses.replace(row, name=name))
     return rows
 
 
@@ -659,15 +662,6 @@ def recover(out: str, rows: list[Row], manifest: str, model: str, other_manifest
 
 
 # ----------------------------------------------------------------------------- the job
-def _batch_sizes(ndev: int, per_device: int) -> list[int]:
-    """Batch sizes a group may use: ndev * (1, 2, 4, ... < per_device, per_device)."""
-    k, out = 1, []
-    while k < per_device:
-        out.append(ndev * k)
-        k *= 2
-    return out + [ndev * per_device]
-
-
 def run(pipe, rows: list[Row], out: str, *, per_device: int = 1, progress: bool = True,
         write_threads: int = 4, job: dict | None = None, replace: bool = False) -> dict:
     """Generate every row whose image is not already in ``out``; returns a summary dict.
@@ -684,7 +678,7 @@ def run(pipe, rows: list[Row], out: str, *, per_device: int = 1, progress: bool 
     with _writing(out):
         os.makedirs(out, exist_ok=True)
     pid, nproc = jax.process_index(), jax.process_count()
-    model = _model_name(pipe)
+    model = model_name(pipe.source)
     job = job if job is not None else job_of_rows(model, rows)
     with FolderLock(out, _lock_name(pid, nproc)):
         old = check_reserved_files(out)
@@ -714,13 +708,8 @@ def _generate(pipe, rows, out, model, per_device, progress, write_threads, t_sta
     todo = [r for r in rows if r.name not in done]
 
     ndev = pipe.mesh.devices.size
-    sizes = _batch_sizes(ndev, per_device)
-    groups: dict = {}
-    for r in todo:
-        groups.setdefault(r.group, []).append(r)
-    batches = [g[i:i + sizes[-1]] for g in groups.values() for i in range(0, len(g), sizes[-1])]
-    shapes = {(b[0].group, next(s for s in sizes if s >= len(b))) for b in batches}
-
+    batch_size = ndev * per_device  # images per device call, over all devices
+    batches, shapes = 0, set()
     bar = tqdm(total=len(todo), unit="img", disable=not progress or pid != 0 or not todo, file=sys.stderr,
                mininterval=0.5, smoothing=0.1,  # images/s (never s/image) and the time left:
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]")
@@ -729,7 +718,7 @@ def _generate(pipe, rows, out, model, per_device, progress, write_threads, t_sta
     t0 = time.perf_counter()
     mf = ManifestWriter(manifest)
     writes: collections.deque = collections.deque()  # futures of PNG writes, oldest first
-    max_pending = max(2 * sizes[-1], write_threads)  # bounds the host memory held by images to write
+    max_pending = max(2 * batch_size, write_threads)  # bounds the host memory held by images to write
 
     def write(row: Row, img: np.ndarray, seconds: float, batch_index: int, batch_size: int) -> dict:
         path = os.path.join(out, row.name)
@@ -746,46 +735,32 @@ def _generate(pipe, rows, out, model, per_device, progress, write_threads, t_sta
             mf.append(entry)  # in the kernel at once: enough for a killed process; the PNG itself is fsynced
             written += 1
 
-    def dispatch(brows: list[Row]):
-        size = next(s for s in sizes if s >= len(brows))
-        padded = brows + [brows[-1]] * (size - len(brows))  # same shape as a full batch: no new compile
-        r0 = brows[0]
-        arr, _ = pipe.generate_async(
-            [r.prompt for r in padded], [r.negative_prompt for r in padded], seed=[r.seed for r in padded],
-            num_inference_steps=r0.steps, guidance_scale=[r.guidance for r in padded],
-            guidance_rescale=[r.guidance_rescale for r in padded], height=r0.height, width=r0.width,
-            scheduler=r0.scheduler, clip_skip=r0.clip_skip)
-        return arr, size
-
     last_ready = t0
 
-    def collect(item, pool) -> None:
-        """Wait for a dispatched batch, copy this host's rows back and queue their writes."""
+    def collect(k: int, call: Chunk, pool) -> None:
+        """Wait for a dispatched call, copy this host's rows back and queue their writes."""
         nonlocal last_ready, first_batch_seconds
-        k, brows, arr, size, t_dispatch = item
-        idx, data = sharding.local_rows(arr)  # blocks until this batch is computed
+        brows = [todo[i] for i, _ in call.items]
+        idx, data = sharding.local_rows(call.out)  # blocks until this call is computed
         t_ready = time.perf_counter()
-        busy = t_ready - max(t_dispatch, last_ready)  # device time of this batch (it queued behind the last)
+        busy = t_ready - max(call.dispatched_at, last_ready)  # device time of this call (it queued behind the last)
         last_ready = t_ready
         if first_batch_seconds is None:
             first_batch_seconds = t_ready - t0  # includes compilation
         for j, i in enumerate(idx):
             if i < len(brows):
-                writes.append(pool.submit(write, brows[i], data[j], busy / len(brows), k, size))
+                writes.append(pool.submit(write, brows[i], data[j], busy / len(brows), k, call.size))
         bar.update(len(brows))
+        shapes.add((call.plan, call.size))
 
     pool = cf.ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="sd-jax-write")
     try:
-        inflight: collections.deque = collections.deque()
-        for k, brows in enumerate(batches):
-            arr, size = dispatch(brows)
-            inflight.append((k, brows, arr, size, time.perf_counter()))
-            # Keep one batch queued behind the running one; collect the older one meanwhile.
-            while len(inflight) > 1:
-                collect(inflight.popleft(), pool)
+        # The dispatcher queues call k+1 on the devices before handing back call k.
+        for k, call in enumerate(Dispatcher(pipe, batch_size=batch_size, output="uint8").run(
+                [r.request() for r in todo])):
+            collect(k, call, pool)
             record(max_pending)
-        while inflight:
-            collect(inflight.popleft(), pool)
+            batches += 1
         record(0)
     finally:
         pool.shutdown(wait=True)  # a write in progress finishes (atomically) even on an error
@@ -814,57 +789,4 @@ def _generate(pipe, rows, out, model, per_device, progress, write_threads, t_sta
             "seconds": elapsed, "total_seconds": time.perf_counter() - t_start,
             "first_batch_seconds": first_batch_seconds,
             "images_per_second": len(todo) / elapsed if todo and elapsed > 0 else 0.0,
-            "batches": len(batches), "compiled_shapes": len(shapes), "devices": ndev, "batch_size": sizes[-1]}
-
-
-def _model_name(pipe) -> str:
-    from sd_jax.commands import model_name
-    return model_name(pipe)
-
-
-def run_from_args(args) -> int:
-    import jax
-
-    from sd_jax.commands import (UsageError, check_generation_args, check_size, load, model_name, model_path,
-                                 settings)
-    from sd_jax.memory import check_generation
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    check_generation_args(args)
-    raw = read_prompt_file(args.prompts)
-    make_rows(raw, settings(args), args.prompts)  # a bad row fails before the (slow) model load
-    job = job_of_args(args, model_name(types.SimpleNamespace(source=model_path(args))), raw)
-    check_out(args.out, job, args.replace)  # and so does a folder that cannot be used
-    pipe = load(args)
-    if pipe.models.unet.config.in_channels == 9:
-        raise UsageError(f"{args.model or 'the model'} is an inpainting model (9 input channels); "
-                         f"batch does text-to-image only")
-    rows = make_rows(raw, settings(args, pipe), args.prompts)
-    pipe.memory_check = not args.no_memory_check
-    ndev = pipe.mesh.devices.size
-    per_device = -(-(args.batch_size or ndev) // ndev)
-    seen = set()
-    for r in rows:  # every sampler and size is checked before the first image
-        if (r.scheduler, r.steps) not in seen:
-            seen.add((r.scheduler, r.steps))
-            try:
-                pipe.sampler(r.scheduler, r.steps)
-            except ValueError as e:
-                raise PromptFileError(f"{args.prompts} line {r.line}: {e}") from None
-        try:
-            check_size(pipe, r.width, r.height, "size")
-            if (r.width, r.height) not in seen:  # fits in memory, checked before the first image
-                seen.add((r.width, r.height))
-                check_generation(pipe, ndev * per_device, r.height, r.width)
-        except ValueError as e:
-            raise PromptFileError(f"{args.prompts} line {r.line}: {e}") from None
-    s = run(pipe, rows, args.out, per_device=per_device, progress=not args.no_progress, job=job,
-            replace=args.replace)
-    if jax.process_index() == 0:
-        rate = f"{s['images_per_second']:.2f} images/s" if s["generated"] else "nothing to do"
-        first = (f" (first batch, with compilation: {s['first_batch_seconds']:.1f}s)"
-                 if s["first_batch_seconds"] is not None else "")
-        print(f"{s['generated']} generated, {s['skipped']} already done, {s['rows']} rows in {args.out}; "
-              f"{s['seconds']:.1f}s{first}, {rate} on {ndev} device(s), batches of {s['batch_size']}",
-              file=sys.stderr)
-    return 0
+            "batches": batches, "compiled_shapes": len(shapes), "devices": ndev, "batch_size": batch_size}

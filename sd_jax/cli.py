@@ -7,38 +7,12 @@ its traceback.  See :func:`sd_jax.commands.describe_error`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from sd_jax.commands import DTYPES, default_model  # noqa: F401  (default_model: the CLI's public helper)
+from sd_jax.request import parse_size
+
 PROG = "sd-jax"
-
-
-def default_model() -> str:
-    """``$SD_JAX_MODEL``, else the small model shipped in ``checkpoints/``."""
-    env = os.environ.get("SD_JAX_MODEL")
-    if env:
-        return env
-    here = os.path.dirname(os.path.abspath(__file__))
-    for root in (os.path.join(here, "..", "checkpoints"), os.path.join(here, "checkpoints")):
-        path = os.path.normpath(os.path.join(root, "sd-jax-shapes"))
-        if os.path.isdir(path):
-            return path
-    return os.path.normpath(os.path.join(here, "..", "checkpoints", "sd-jax-shapes"))
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"512"`` or ``"768x512"`` (width x height) -> (width, height); a ValueError otherwise."""
-    try:
-        parts = [int(p) for p in str(text).strip().lower().split("x")]
-    except ValueError:
-        raise ValueError(f"size {text!r} is not WxH (e.g. 512x512)") from None
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) <= 0 or parts[0] % 8 or parts[1] % 8:
-        raise ValueError(f"size {text!r} must be WxH with both sides positive multiples of 8 (e.g. 512x512)")
-    from sd_jax.memory import check_side
-    check_side(parts[0], parts[1])
-    return parts[0], parts[1]
 
 
 def _size_arg(text: str) -> tuple[int, int]:
@@ -46,10 +20,6 @@ def _size_arg(text: str) -> tuple[int, int]:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-          "fp16": "float16", "float16": "float16"}
 
 
 class Parser(argparse.ArgumentParser):

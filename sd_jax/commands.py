@@ -11,6 +11,22 @@ import time
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+
+
+def default_model() -> str:
+    """``$SD_JAX_MODEL``, else the small model shipped in ``checkpoints/``."""
+    env = os.environ.get("SD_JAX_MODEL")
+    if env:
+        return env
+    for root in (os.path.join(PACKAGE_DIR, "..", "checkpoints"), os.path.join(PACKAGE_DIR, "checkpoints")):
+        path = os.path.normpath(os.path.join(root, "sd-jax-shapes"))
+        if os.path.isdir(path):
+            return path
+    return os.path.normpath(os.path.join(PACKAGE_DIR, "..", "checkpoints", "sd-jax-shapes"))
+
+
 class UsageError(ValueError):
     """A mistake in the command line or in its inputs; the message says what to do."""
 
@@ -85,21 +101,13 @@ def route_warnings() -> None:
 def _dtype(name):
     import jax.numpy as jnp
 
-    from sd_jax.cli import DTYPES
     return getattr(jnp, DTYPES[name])
 
 
 def check_scheduler(name: str) -> str:
-    """The canonical sampler name (``"Euler-A"`` -> ``"euler_a"``); a UsageError for an unknown one."""
-    from sd_jax.diffusion import samplers
-    key = str(name).strip().lower().replace("-", "_")
-    base = key.removesuffix("_karras")
-    cls = samplers.SCHEDULERS.get(base)
-    if cls is None or (key != base and not cls.supports_karras):
-        karras = sorted(k for k, c in samplers.SCHEDULERS.items() if c.supports_karras)
-        raise UsageError(f"unknown scheduler {name!r}; choose one of {', '.join(sorted(samplers.SCHEDULERS))} "
-                         f"(or add _karras to {', '.join(karras)})")
-    return key
+    """The canonical sampler name; one line naming the choices for an unknown one."""
+    from sd_jax.request import canonical_scheduler
+    return canonical_scheduler(name)
 
 
 def _maybe_initialize_distributed() -> None:
@@ -129,7 +137,6 @@ def load_model(path: str, *, dtype: str = "fp32", attention: str = "auto", mesh=
 
 
 def model_path(args) -> str:
-    from sd_jax.cli import default_model
     path = args.model or default_model()
     if os.path.exists(path):
         return path
@@ -152,8 +159,8 @@ def load(args, mesh=None):
 
 def model_name(pipe) -> str:
     """The model's name for metadata: its folder or file name, without ``.safetensors``."""
-    name = os.path.basename(os.path.normpath(pipe.source or "")) if pipe.source else ""
-    return name.removesuffix(".safetensors")
+    from sd_jax.images import model_name as name_of
+    return name_of(pipe.source)
 
 
 def check_generation_args(args) -> None:
@@ -340,8 +347,47 @@ def generate(args) -> int:
 
 
 def batch(args) -> int:
+    """``sd-jax batch``: every row checked (and the output folder) before the model loads."""
+    import jax
+
     from sd_jax import batch as batch_lib
-    return batch_lib.run_from_args(args)
+    from sd_jax.batch import PromptFileError
+    from sd_jax.memory import check_generation
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    check_generation_args(args)
+    raw = batch_lib.read_prompt_file(args.prompts)
+    batch_lib.make_rows(raw, settings(args), args.prompts)  # a bad row fails before the (slow) model load
+    from sd_jax.images import model_name as name_of
+    job = batch_lib.job_of_args(args, name_of(model_path(args)), raw)
+    batch_lib.check_out(args.out, job, args.replace)  # and so does a folder that cannot be used
+    pipe = load(args)
+    if pipe.models.unet.config.in_channels == 9:
+        raise UsageError(f"{args.model or 'the model'} is an inpainting model (9 input channels); "
+                         f"batch does text-to-image only")
+    rows = batch_lib.make_rows(raw, settings(args, pipe), args.prompts)
+    pipe.memory_check = not args.no_memory_check
+    ndev = pipe.mesh.devices.size
+    per_device = -(-(args.batch_size or ndev) // ndev)
+    seen = set()
+    for r in rows:  # every row is resolved against the model (sampler, size, memory) before the first image
+        try:
+            pipe.resolve(r.request())
+            if (r.width, r.height) not in seen:
+                seen.add((r.width, r.height))
+                check_generation(pipe, ndev * per_device, r.height, r.width)
+        except ValueError as e:
+            raise PromptFileError(f"{args.prompts} line {r.line}: {e}") from None
+    s = batch_lib.run(pipe, rows, args.out, per_device=per_device, progress=not args.no_progress, job=job,
+                      replace=args.replace)
+    if jax.process_index() == 0:
+        rate = f"{s['images_per_second']:.2f} images/s" if s["generated"] else "nothing to do"
+        first = (f" (first batch, with compilation: {s['first_batch_seconds']:.1f}s)"
+                 if s["first_batch_seconds"] is not None else "")
+        print(f"{s['generated']} generated, {s['skipped']} already done, {s['rows']} rows in {args.out}; "
+              f"{s['seconds']:.1f}s{first}, {rate} on {ndev} device(s), batches of {s['batch_size']}",
+              file=sys.stderr)
+    return 0
 
 
 def convert(args) -> int:
@@ -375,7 +421,6 @@ def info(args) -> int:
     import jax
 
     import sd_jax
-    from sd_jax.cli import default_model
     from sd_jax.pipeline import enable_compilation_cache
     cache = enable_compilation_cache()
     devs = jax.devices()

@@ -94,3 +94,8 @@ def read_metadata(path: str) -> dict:
     with Image.open(path) as im:
         text = im.text.get("sd-jax")
     return json.loads(text) if text else {}
+
+
+def model_name(source: str | None) -> str:
+    """A model's name for metadata: its folder or file name, without ``.safetensors``."""
+    return os.path.basename(os.path.normpath(source)).removesuffix(".safetensors") if source else ""

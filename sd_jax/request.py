@@ -22,9 +22,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import time
 from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
+
+from sd_jax.memory import check_side
 
 MAX_SEED = 2**32
 
@@ -44,6 +47,7 @@ def parse_size(text) -> tuple[int, int]:
         parts = parts * 2
     if len(parts) != 2 or min(parts) <= 0 or parts[0] % 8 or parts[1] % 8:
         raise RequestError(f"size {text!r} must be WxH with both sides positive multiples of 8 (e.g. 512x512)")
+    check_side(parts[0], parts[1])
     return parts[0], parts[1]
 
 
@@ -112,11 +116,11 @@ class GenerationRequest:
         set_("negative_prompt", neg)
         seed = _integer(self.seed, "seed")
         if not 0 <= seed < MAX_SEED:
-            raise RequestError(f"seed must be an integer in [0, 2**32), got {seed}")
+            raise RequestError(f"seed must be in [0, 2**32), got {seed}")
         set_("seed", seed)
         steps = _integer(self.steps, "steps (num_inference_steps)")
         if steps < 1:
-            raise RequestError(f"steps (num_inference_steps) must be at least 1, got {steps}")
+            raise RequestError(f"steps must be at least 1 (num_inference_steps), got {steps}")
         set_("steps", steps)
         set_("guidance", _number(self.guidance, "guidance (guidance_scale)"))
         rescale = _number(self.guidance_rescale, "guidance_rescale")
@@ -130,6 +134,8 @@ class GenerationRequest:
                 if v <= 0 or v % 8:
                     raise RequestError(f"height and width must be positive multiples of 8, got {side}={v}")
                 set_(side, v)
+        if self.width is not None and self.height is not None:
+            check_side(self.width, self.height)
         if self.scheduler is not None:
             set_("scheduler", canonical_scheduler(self.scheduler))
         if self.clip_skip is not None:
@@ -171,9 +177,14 @@ def bucket_sizes(devices: int, batch_size: int) -> list[int]:
 @dataclasses.dataclass
 class Chunk:
     """One device call: ``items`` are (index in the submitted list, request); ``out`` holds
-    ``len(items)`` results followed by padding rows (a batch-sharded global jax.Array)."""
+    ``len(items)`` results followed by padding rows up to ``size`` (a batch-sharded global
+    jax.Array); ``plan`` is the static plan it ran; ``dispatched_at``: ``time.perf_counter()``
+    when it was handed to the devices."""
     items: list
     out: Any
+    plan: Any = None
+    size: int = 0
+    dispatched_at: float = 0.0
 
     def host(self) -> np.ndarray:
         """The results of this chunk on this host (all rows, gathered across hosts)."""
@@ -223,7 +234,8 @@ class Dispatcher:
         pending: collections.deque = collections.deque()
         for plan, group in planned:
             for items, size in self._chunks(plan, group):
-                pending.append(Chunk(items, self.pipe.dispatch(plan, [r for _, r in items], size)))
+                out = self.pipe.dispatch(plan, [r for _, r in items], size)
+                pending.append(Chunk(items, out, plan, size, time.perf_counter()))
                 while len(pending) > 1:
                     yield pending.popleft()
         while pending:

@@ -135,24 +135,31 @@ def test_unreadable_prompt_files(tmp_path):
 
 # ----------------------------------------------------------------------------- batch.run with a fake pipeline
 class FakePipe:
-    """generate_async's contract with no model: image = the seed's value in every pixel."""
+    """The pipeline's dispatch contract (resolve / dispatch / compiled_sizes) with no model:
+    image = the seed's value in every pixel."""
 
     def __init__(self, mesh=None, fail_on_call=None):
         self.mesh = mesh if mesh is not None else sharding.make_mesh()
         self.source = "/models/fake"
         self.calls, self.events, self.fail_on_call = [], [], fail_on_call
 
-    def generate_async(self, prompts, negative_prompt=None, *, seed, num_inference_steps, guidance_scale,
-                       guidance_rescale, height, width, scheduler, clip_skip=None):
+    def resolve(self, request, output="uint8", loop="scan"):
+        return request, ("fake", request.steps, request.width, request.height, request.scheduler, request.clip_skip)
+
+    def compiled_sizes(self, plan):
+        return {c["arr"].shape[0] for c in self.calls if c["plan"] == plan}
+
+    def dispatch(self, plan, requests, size=None):
         if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory (fake)")
-        imgs = np.stack([np.full((height, width, 3), s % 251, np.uint8) for s in seed])
-        size = sharding.padded_size(len(imgs), self.mesh)
+        _, steps, width, height = plan[:4]
+        imgs = np.stack([np.full((height, width, 3), r.seed % 251, np.uint8) for r in requests])
+        size = sharding.padded_size(max(size or 0, len(imgs)), self.mesh)
         arr = sharding.shard_batch(sharding.pad_batch(imgs, size), self.mesh)
-        self.calls.append(dict(n=len(prompts), steps=num_inference_steps, size=(width, height), arr=arr,
-                               seeds=list(seed)))
+        self.calls.append(dict(n=size, steps=steps, size=(width, height), arr=arr, plan=plan,
+                               seeds=[r.seed for r in requests]))
         self.events.append(("dispatch", len(self.calls) - 1))
-        return arr, len(prompts)
+        return arr
 
 
 def make(n, **kw):
