@@ -20,15 +20,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax import sharding
+from sd_jax import families, sharding
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
+from sd_jax.families import Models  # noqa: F401  (re-exported: the pipeline's networks)
 from sd_jax.tokenizer import tokenize
+from sd_jax.weights import loader
 
 MODES = ("txt2img", "img2img", "inpaint")
 
@@ -41,18 +43,6 @@ def enable_compilation_cache(path: str | None = None) -> str:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
-
-
-@dataclasses.dataclass(frozen=True)
-class Models:
-    """The three networks (Flax modules, hashable) of a pipeline."""
-    text_encoder: Any
-    unet: Any
-    vae: Any
-
-    @property
-    def vae_scale(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
 def _encode_text(models: Models, params, ids, clip_skip):
@@ -200,20 +190,22 @@ class StableDiffusionPipeline:
     @classmethod
     def from_pretrained(cls, path: str, *, dtype=jnp.float32, param_dtype=None, attention: str = "xla",
                         mesh=None, variant: str | None = None, allow_pickle: bool = False):
-        """Load a diffusers folder (``model_index.json``) or an sd-jax checkpoint folder."""
-        from sd_jax.weights import checkpoint
-        return checkpoint.load_pipeline(cls, path, dtype=dtype, param_dtype=param_dtype, attention=attention,
-                                        mesh=mesh, variant=variant, allow_pickle=allow_pickle)
+        """Load a diffusers folder (``model_index.json``), a single-file ``.safetensors`` or an
+        sd-jax checkpoint folder (:func:`sd_jax.weights.loader.load`)."""
+        mesh = mesh if mesh is not None else sharding.make_mesh()
+        m = loader.load(path, dtype=dtype, param_dtype=param_dtype, attention=attention, variant=variant,
+                        allow_pickle=allow_pickle, mesh=mesh)
+        return cls(m.models, m.params, m.tokenizer, m.scheduler_config, m.scheduler_name, mesh=mesh, source=m.source)
 
     def save_pretrained(self, path: str, format: str = "orbax") -> None:
         """Save as an sd-jax orbax checkpoint (``format="orbax"``) or a diffusers folder."""
-        from sd_jax.weights import checkpoint
-        if format == "orbax":
-            checkpoint.save_orbax(self, path)
-        elif format == "diffusers":
-            checkpoint.save_diffusers(self, path)
-        else:
+        if format not in ("orbax", "diffusers"):
             raise ValueError(f"unknown format {format!r}; use 'orbax' or 'diffusers'")
+        configs = {"text_encoder": self.models.text_encoder.config}
+        family = families.detect(configs)
+        model = loader.LoadedModel(family, self.models, self.params, {family.tokenizers[0].name: self.tokenizer},
+                                   dataclasses.asdict(self.scheduler_config), self.scheduler_name, self.source)
+        loader.save(model, path, format)
 
     @property
     def latent_channels(self) -> int:
