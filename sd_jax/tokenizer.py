@@ -27,7 +27,7 @@ import numpy as np
 
 from sd_jax.weights.safetensors_io import CheckpointError
 
-__all__ = ["load_tokenizer", "tokenize", "PromptTruncatedWarning", "bytes_to_unicode", "clip_tokenizer_folder",
+__all__ = ["load_tokenizer", "save_tokenizer", "tokenize", "PromptTruncatedWarning", "bytes_to_unicode", "clip_tokenizer_folder",
            "clip_tokenizer", "BPE_FILE"]
 
 
@@ -48,6 +48,24 @@ def load_tokenizer(folder: str | os.PathLike):
             f"{folder!r} is not a CLIP tokenizer folder: it needs vocab.json + merges.txt "
             f"or tokenizer.json")
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "tokenizer.json")
+
+
+def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
+    """Write ``tokenizer`` into ``folder``.  One loaded from a ``vocab.json`` + ``merges.txt``
+    folder is copied as it is (that form loads in transformers 4 and 5; transformers 5's
+    ``save_pretrained`` writes only ``tokenizer.json``)."""
+    folder = os.fspath(folder)
+    src = getattr(tokenizer, "name_or_path", None) or ""
+    if os.path.isfile(os.path.join(src, "vocab.json")) and os.path.isfile(os.path.join(src, "merges.txt")):
+        os.makedirs(folder, exist_ok=True)
+        for name in _FILES:
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copyfile(os.path.join(src, name), os.path.join(folder, name))
+    else:
+        tokenizer.save_pretrained(folder)
 
 
 def tokenize(tokenizer, prompts: str | list[str], max_length: int = 77) -> np.ndarray:

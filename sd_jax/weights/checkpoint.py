@@ -17,6 +17,7 @@ import jax
 
 from sd_jax import families
 from sd_jax.diffusion.samplers import SchedulerConfig, default_scheduler_name
+from sd_jax.tokenizer import save_tokenizer
 from sd_jax.weights.safetensors_io import CheckpointError
 
 __all__ = ["FORMAT", "detect_format", "read", "write", "pipeline_from_state_dicts"]
@@ -84,7 +85,7 @@ def write(path: str, meta: dict, params, tokenizers: Mapping[str, object]) -> No
         shutil.rmtree(path)
     os.makedirs(path)
     for name, tok in tokenizers.items():
-        tok.save_pretrained(os.path.join(path, name))
+        save_tokenizer(tok, os.path.join(path, name))
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(path, "params"), params)
     ckptr.wait_until_finished()

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from sd_jax import families, sharding
 from sd_jax.diffusion.samplers import SchedulerConfig, default_scheduler_name, diffusers_class_name
 from sd_jax.models import attention as attn
-from sd_jax.tokenizer import load_tokenizer
+from sd_jax.tokenizer import load_tokenizer, save_tokenizer
 from sd_jax.weights import checkpoint, single_file
 from sd_jax.weights.diffusers import read_config
 from sd_jax.weights.safetensors_io import CheckpointError
@@ -171,7 +171,7 @@ def _save_diffusers(loaded: LoadedModel, path: str) -> None:
     for c in loaded.family.components:
         c.save(os.path.join(path, c.name), getattr(loaded.models, c.name).config, params[c.name])
     for name, tok in loaded.tokenizers.items():
-        tok.save_pretrained(os.path.join(path, name))
+        save_tokenizer(tok, os.path.join(path, name))
     scheduler_class = diffusers_class_name(loaded.scheduler_name)
     sched = {"_class_name": scheduler_class, **{k: v for k, v in loaded.scheduler.items() if k != "_class_name"}}
     os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
