@@ -172,3 +172,21 @@ def test_finetuning_starts_from_a_single_file(tmp_path, monkeypatch):
     assert task.trainable == ("unet",) and set(task.params) == {"text_encoder", "unet"}
     _same_params({k: m.params[k] for k in ("text_encoder", "unet")}, task.params)
     _same_params(m.params["vae"], task.frozen["vae"])
+
+
+def test_read_configs_every_format(tmp_path, monkeypatch):
+    from sd_jax.train.cli import _model_size
+    from sd_jax.weights.single_file import to_single_file
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    m = _tiny()
+    loader.save(m, str(tmp_path / "d"), "diffusers")
+    loader.save(m, str(tmp_path / "c"), "sd-jax")
+    sds = {k: params_to_state_dict(v) for k, v in m.params.items()}
+    save_file(to_single_file({k: c.to_dict() for k, c in m.configs.items()}, sds), str(tmp_path / "m.safetensors"))
+    for path in ("d", "c", "m.safetensors"):
+        cfgs = loader.read_configs(str(tmp_path / path))
+        assert set(cfgs) == {"text_encoder", "unet", "vae"}
+        assert unet.UNetConfig.from_dict(cfgs["unet"]).block_out_channels == m.configs["unet"].block_out_channels
+    # the fine-tuning recipe's default size: UNet sample size x VAE downscale (16 x 2)
+    assert _model_size(str(tmp_path / "d")) == _model_size(str(tmp_path / "c")) == 32
+    assert _model_size(str(tmp_path / "m.safetensors")) == 64 * 2   # a single file: SD's 64-latent default

@@ -29,7 +29,7 @@ from sd_jax.weights import checkpoint, single_file
 from sd_jax.weights.diffusers import read_config
 from sd_jax.weights.safetensors_io import CheckpointError
 
-__all__ = ["LoadedModel", "load", "save", "FORMATS"]
+__all__ = ["LoadedModel", "load", "save", "read_configs", "FORMATS"]
 
 FORMATS = ("diffusers", "sd-jax")
 
@@ -103,12 +103,20 @@ def load(path: str, *, dtype=jnp.float32, param_dtype=None, attention: str = "xl
     return _load_diffusers(path, variant=variant, allow_pickle=allow_pickle, **kw)
 
 
-def _load_diffusers(path, *, dtype, param_dtype, attention, variant, allow_pickle) -> LoadedModel:
+def _diffusers_family(path: str) -> families.Family:
     index = read_config(path, "model_index.json")
     configs = {}
     if os.path.isfile(os.path.join(path, "text_encoder", "config.json")):
         configs["text_encoder"] = read_config(os.path.join(path, "text_encoder"))
-    family = families.detect(configs, index, where=path)
+    return families.detect(configs, index, where=path)
+
+
+def _sd_jax_family(meta: dict) -> families.Family:
+    return families.get(meta["family"]) if "family" in meta else families.detect(meta)
+
+
+def _load_diffusers(path, *, dtype, param_dtype, attention, variant, allow_pickle) -> LoadedModel:
+    family = _diffusers_family(path)
     for c in family.folders():
         if not os.path.isdir(os.path.join(path, c)):
             raise CheckpointError(f"{path} is missing its {c}/ folder; the diffusers model is incomplete")
@@ -137,11 +145,23 @@ def _load_sd_jax(path, *, dtype, param_dtype, attention, mesh) -> LoadedModel:
     rep = sharding.replicated(mesh if mesh is not None else sharding.make_mesh())
     meta, params = checkpoint.read(path, param_dtype=param_dtype, sharding=rep)
     path = os.path.abspath(path)
-    family = families.get(meta["family"]) if "family" in meta else families.detect(meta)
+    family = _sd_jax_family(meta)
     models = families.build_models(family, meta, dtype=dtype, param_dtype=param_dtype, attention=attention)
     tokenizers = {t.name: load_tokenizer(os.path.join(path, t.name)) for t in family.tokenizers}
     return LoadedModel(family, models, params, tokenizers, dict(meta["scheduler_config"]), meta["scheduler_name"],
                        source=path)
+
+
+def read_configs(path: str) -> dict:
+    """``{component: config dict}`` of a model in any format, without loading its weights into
+    models (a single file's configs are inferred from its keys and shapes)."""
+    fmt = checkpoint.detect_format(path)
+    if fmt == "single-file":
+        return {k: v for k, v in single_file.convert(path).configs.items() if k != "scheduler"}
+    if fmt == "sd-jax":
+        meta = read_config(path, "sd_jax.json")
+        return {c: meta[c] for c in _sd_jax_family(meta).component_names}
+    return {c: read_config(os.path.join(path, c)) for c in _diffusers_family(path).component_names}
 
 
 # =========================================================================== save
