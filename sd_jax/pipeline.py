@@ -26,12 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax import memory, sharding
+from sd_jax import families, memory, sharding
 from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, unet_denoiser
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
 from sd_jax.diffusion.sampling import sample, sampler_order
+from sd_jax.families import Models  # noqa: F401  (re-exported: the pipeline's networks)
 from sd_jax.request import Dispatcher, GenerationRequest, RequestError
 from sd_jax.tokenizer import tokenize
+from sd_jax.weights import loader
 
 OUTPUTS = ("uint8", "float32", "latent")
 
@@ -43,18 +45,6 @@ def enable_compilation_cache(path: str | None = None) -> str:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
-
-
-@dataclasses.dataclass(frozen=True)
-class Models:
-    """The three networks (Flax modules, hashable) of a pipeline."""
-    text_encoder: Any
-    unet: Any
-    vae: Any
-
-    @property
-    def vae_scale(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +75,10 @@ class Plan:
     given_noise: bool = False
 
 
-def encode_prompt(models: Models, params, ids, clip_skip) -> Conditioning:
-    """SD 1.x/2.x: token ids int32 [B, 77] -> Conditioning (the text encoder's ``prompt_embeds``)."""
-    context = models.text_encoder.encode(params["text_encoder"], ids, clip_skip=clip_skip)
-    return Conditioning(context=context.astype(models.unet.dtype))
+def encode_prompt(models: Models, encoding: families.PromptEncoding, params, ids, clip_skip) -> Conditioning:
+    """Token ids int32 [B, 77] -> Conditioning, as the model family combines its encoders."""
+    context, pooled = encoding.encode(models, params, ids, clip_skip)
+    return Conditioning(context=context.astype(models.unet.dtype), pooled=pooled)
 
 
 def vae_encode(models: Models, params, images):
@@ -107,7 +97,7 @@ def vae_decode(models: Models, params, latents, output: str = "float32"):
     return jnp.round(img * 255).astype(jnp.uint8) if output == "uint8" else img
 
 
-def _generate(models: Models, plan: Plan, params, batch):
+def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, params, batch):
     """The whole generation for one static :class:`Plan`.
 
     batch (all leading dim B, batch-sharded):
@@ -122,8 +112,8 @@ def _generate(models: Models, plan: Plan, params, batch):
     noise_at = lambda step: jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), plan.latent_shape))(keys)
     noise0 = batch["latents"].astype(jnp.float32) if "latents" in batch else noise_at(0)
 
-    cond = encode_prompt(models, params, batch["ids"], plan.clip_skip)
-    uncond = encode_prompt(models, params, batch["neg_ids"], plan.clip_skip) if plan.guidance else None
+    cond = encode_prompt(models, encoding, params, batch["ids"], plan.clip_skip)
+    uncond = encode_prompt(models, encoding, params, batch["neg_ids"], plan.clip_skip) if plan.guidance else None
 
     post_step = None
     if plan.mode == "txt2img":
@@ -207,8 +197,9 @@ class StableDiffusionPipeline:
     """Text-to-image (and img2img / inpainting) with a Stable Diffusion checkpoint."""
 
     def __init__(self, models: Models, params, tokenizer, scheduler_config: SchedulerConfig,
-                 scheduler_name: str, mesh=None, source: str | None = None):
+                 scheduler_name: str, mesh=None, source: str | None = None, family: families.Family | None = None):
         self.models = models
+        self.family = family or families.detect({"text_encoder": models.text_encoder.config})
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self.scheduler_name = scheduler_name
@@ -222,20 +213,22 @@ class StableDiffusionPipeline:
     @classmethod
     def from_pretrained(cls, path: str, *, dtype=jnp.float32, param_dtype=None, attention: str = "xla",
                         mesh=None, variant: str | None = None, allow_pickle: bool = False):
-        """Load a diffusers folder (``model_index.json``) or an sd-jax checkpoint folder."""
-        from sd_jax.weights import checkpoint
-        return checkpoint.load_pipeline(cls, path, dtype=dtype, param_dtype=param_dtype, attention=attention,
-                                        mesh=mesh, variant=variant, allow_pickle=allow_pickle)
+        """Load a diffusers folder (``model_index.json``), a single-file ``.safetensors`` or an
+        sd-jax checkpoint folder (:func:`sd_jax.weights.loader.load`)."""
+        mesh = mesh if mesh is not None else sharding.make_mesh()
+        m = loader.load(path, dtype=dtype, param_dtype=param_dtype, attention=attention, variant=variant,
+                        allow_pickle=allow_pickle, mesh=mesh)
+        return cls(m.models, m.params, m.tokenizer, m.scheduler_config, m.scheduler_name, mesh=mesh, source=m.source,
+                   family=m.family)
 
     def save_pretrained(self, path: str, format: str = "orbax") -> None:
         """Save as an sd-jax orbax checkpoint (``format="orbax"``) or a diffusers folder."""
-        from sd_jax.weights import checkpoint
-        if format == "orbax":
-            checkpoint.save_orbax(self, path)
-        elif format == "diffusers":
-            checkpoint.save_diffusers(self, path)
-        else:
+        if format not in ("orbax", "diffusers"):
             raise ValueError(f"unknown format {format!r}; use 'orbax' or 'diffusers'")
+        family = self.family
+        model = loader.LoadedModel(family, self.models, self.params, {family.tokenizers[0].name: self.tokenizer},
+                                   dataclasses.asdict(self.scheduler_config), self.scheduler_name, self.source)
+        loader.save(model, path, format)
 
     @property
     def latent_channels(self) -> int:
@@ -303,7 +296,7 @@ class StableDiffusionPipeline:
         key = (plan, tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items())))
         fn = self._compiled.get(key)
         if fn is None:
-            f = functools.partial(_generate, self.models, plan)
+            f = functools.partial(_generate, self.models, self.family.prompt, plan)
             if plan.loop == "debug":
                 fn = f
             else:
@@ -432,5 +425,5 @@ class StableDiffusionPipeline:
         size = sharding.padded_size(batch_size, self.mesh)
         batch = sharding.shard_batch({k: sharding.pad_batch(v, size) for k, v in self._inputs(plan, [r]).items()},
                                      self.mesh)
-        return jax.jit(functools.partial(_generate, self.models, plan),
+        return jax.jit(functools.partial(_generate, self.models, self.family.prompt, plan),
                        out_shardings=sharding.batch_sharded(self.mesh)).lower(self.params, batch)

@@ -25,7 +25,8 @@ import json
 import os
 import re
 
-from . import shapes
+from sd_jax.data import shapes
+from sd_jax.tokenizer import bytes_to_unicode
 
 __all__ = ["WORDS", "BOS", "EOS", "MODEL_MAX_LENGTH", "build_vocab", "vocab_size", "write_tokenizer"]
 
@@ -47,21 +48,6 @@ magenta violet dark light bright
 small large big tiny little medium huge
 top bottom left right center centre middle corner upper lower edge
 """.split()
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2's reversible byte -> printable unicode character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(2**8):
-        if b not in bs:
-            bs.append(b)
-            cs.append(2**8 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
 
 
 def _dedupe(words) -> tuple[str, ...]:
@@ -100,7 +86,7 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
 @functools.cache
 def build_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     """``(vocab token -> id, merges)`` of the tokenizer."""
-    byte_encoder = _bytes_to_unicode()
+    byte_encoder = bytes_to_unicode()
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
     for word in WORDS:

@@ -121,12 +121,9 @@ def _chunked(q, k, v, mask, scale, chunk):
         return _xla(q, k, v, mask, scale)
     n = lq // chunk
     qs = q.reshape(q.shape[0], n, chunk, *q.shape[2:]).swapaxes(0, 1)
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], lq, k.shape[1]))
-        ms = mask.reshape(mask.shape[0], mask.shape[1], n, chunk, -1).transpose(2, 0, 1, 3, 4)
-        out = jax.lax.map(lambda a: _xla(a[0], k, v, a[1], scale), (qs, ms))
-    else:
-        out = jax.lax.map(lambda qc: _xla(qc, k, v, None, scale), qs)
+    mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], lq, k.shape[1]))
+    ms = mask.reshape(mask.shape[0], mask.shape[1], n, chunk, -1).transpose(2, 0, 1, 3, 4)
+    out = jax.lax.map(lambda a: _xla(a[0], k, v, a[1], scale), (qs, ms))
     return out.swapaxes(0, 1).reshape(q.shape[:2] + v.shape[2:])
 
 

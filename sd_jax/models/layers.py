@@ -17,9 +17,10 @@ from sd_jax.models.attention import cpu_lowerings
 Dtype = Any
 
 
-def group_norm(name, groups, eps, dtype, param_dtype):
+def group_norm(name, groups, eps, param_dtype):
     # flax.linen.GroupNorm owns `scale`/`bias` directly; wrapping it would add a level to
-    # the parameter path, so the float32 upcast is done around a plain nn.GroupNorm instead.
+    # the parameter path, so the float32 upcast is done around a plain nn.GroupNorm instead
+    # (by :func:`norm`, which also casts back to the compute dtype).
     return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=jnp.float32,
                         param_dtype=param_dtype, name=name)
 
@@ -129,12 +130,12 @@ class ResnetBlock2D(nn.Module):
     def __call__(self, x, temb=None):
         """x: [B, H, W, C]; temb: [B, T] or None. Returns [B, H, W, out_channels]."""
         d, pd, ci = self.dtype, self.param_dtype, self.conv_impl
-        h = norm(group_norm("norm1", self.groups, self.eps, d, pd), x, d)
+        h = norm(group_norm("norm1", self.groups, self.eps, pd), x, d)
         h = conv2d(self.out_channels, "conv1", d, pd, impl=ci)(nn.silu(h))
         if temb is not None:
             t = nn.Dense(self.out_channels, dtype=d, param_dtype=pd, name="time_emb_proj")(nn.silu(temb))
             h = h + t[:, None, None, :]
-        h = norm(group_norm("norm2", self.groups, self.eps, d, pd), h, d)
+        h = norm(group_norm("norm2", self.groups, self.eps, pd), h, d)
         h = conv2d(self.out_channels, "conv2", d, pd, impl=ci)(nn.silu(h))
         if x.shape[-1] != self.out_channels:
             x = conv2d(self.out_channels, "conv_shortcut", d, pd, kernel=1, padding=0, impl=ci)(x)

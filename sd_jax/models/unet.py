@@ -344,7 +344,7 @@ class Transformer2DModel(nn.Module):
         proj = (lambda n, name: nn.Dense(n, dtype=d, param_dtype=pd, name=name)) \
             if self.use_linear_projection else \
             (lambda n, name: PointwiseConv(n, dtype=d, param_dtype=pd, name=name))
-        h = norm(group_norm("norm", self.groups, 1e-6, d, pd), x, d)
+        h = norm(group_norm("norm", self.groups, 1e-6, pd), x, d)
         h = proj(inner, "proj_in")(h.reshape(b, hh * ww, c))
         for i in range(self.num_layers):
             h = BasicTransformerBlock(self.heads, self.dim_head, self.attention, d, pd,
@@ -529,7 +529,7 @@ class UNet2DConditionModel(nn.Module):
                 dtype=d, param_dtype=pd, conv_impl=ci, name=f"up_blocks_{i}")(
                     x, block_skips, emb, context, skips[-1].shape[1:3] if skips else None)
 
-        x = norm(group_norm("conv_norm_out", groups, eps, d, pd), x, d)
+        x = norm(group_norm("conv_norm_out", groups, eps, pd), x, d)
         return conv2d(cfg.out_channels, "conv_out", d, pd, impl=ci)(nn.silu(x))
 
     # ----------------------------------------------------------------- helpers

@@ -169,7 +169,7 @@ class VAEAttention(nn.Module):
     def __call__(self, x):
         d, pd = self.dtype, self.param_dtype
         b, h, w, c = x.shape
-        y = norm(group_norm("group_norm", self.groups, EPS, d, pd), x, d).reshape(b, h * w, 1, c)
+        y = norm(group_norm("group_norm", self.groups, EPS, pd), x, d).reshape(b, h * w, 1, c)
 
         def dense(name):
             return nn.Dense(c, dtype=d, param_dtype=pd, name=name)
@@ -256,7 +256,7 @@ class Encoder(nn.Module):
             x = DownEncoderBlock2D(ch, cfg.layers_per_block, g, i < len(chans) - 1, d, pd,
                                    name=f"down_blocks_{i}")(x)
         x = VAEMidBlock(chans[-1], g, cfg.mid_block_add_attention, self.attention, d, pd, name="mid_block")(x)
-        x = nn.silu(norm(group_norm("conv_norm_out", g, EPS, d, pd), x, d))
+        x = nn.silu(norm(group_norm("conv_norm_out", g, EPS, pd), x, d))
         return conv(2 * cfg.latent_channels, "conv_out", d, pd)(x)
 
 
@@ -276,7 +276,7 @@ class Decoder(nn.Module):
         for i, ch in enumerate(chans):
             x = UpDecoderBlock2D(ch, cfg.layers_per_block + 1, g, i < len(chans) - 1, d, pd,
                                  name=f"up_blocks_{i}")(x)
-        x = nn.silu(norm(group_norm("conv_norm_out", g, EPS, d, pd), x, d))
+        x = nn.silu(norm(group_norm("conv_norm_out", g, EPS, pd), x, d))
         return conv(cfg.out_channels, "conv_out", d, pd)(x)
 
 

@@ -21,7 +21,6 @@ two idle cores (estimated from their FLOPs).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -114,7 +113,7 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
                        + ("" if recipe == "diffusion" else " to use instead of the model's"))
         if recipe == "finetune":
             p.add_argument("--model", required=True,
-                           help="the model to fine-tune (diffusers folder or sd-jax checkpoint)")
+                           help="the model to fine-tune (diffusers folder, sd-jax checkpoint or single-file .safetensors)")
         else:
             p.add_argument("--model", default=None,
                            help="continue training this model (e.g. an earlier run's model/) on the shapes data")
@@ -132,20 +131,14 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
 
 def _model_size(path: str) -> int:
     """Image side a model was trained at: UNet sample_size x VAE downscale factor."""
+    from sd_jax.weights.loader import read_configs
     try:
-        if os.path.isfile(os.path.join(path, "sd_jax.json")):
-            with open(os.path.join(path, "sd_jax.json"), encoding="utf-8") as f:
-                meta = json.load(f)
-            unet, vae = meta["unet"], meta["vae"]
-        else:
-            with open(os.path.join(path, "unet", "config.json"), encoding="utf-8") as f:
-                unet = json.load(f)
-            with open(os.path.join(path, "vae", "config.json"), encoding="utf-8") as f:
-                vae = json.load(f)
+        configs = read_configs(path)
+        unet, vae = configs["unet"], configs["vae"]
         sample = unet.get("sample_size") or 64
         sample = sample[0] if isinstance(sample, (list, tuple)) else sample
         return int(sample) * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
-    except (OSError, KeyError, ValueError, TypeError):
+    except (OSError, KeyError, ValueError, TypeError):   # (CheckpointError is a ValueError)
         return 512
 
 

@@ -24,22 +24,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sd_jax import families
 from sd_jax.models import vae as vae_lib
 from sd_jax.train import data as data_lib
-from sd_jax.train.loop import RunConfig, Task, TrainResult, _unwrap, check_run_folder, compile_cheap, run
+from sd_jax.train.checkpointing import check_run_folder
+from sd_jax.train.config import RunConfig
+from sd_jax.train.diffusion import resolve_vae
+from sd_jax.train.loop import TrainResult, run
+from sd_jax.train.step import compile_cheap
+from sd_jax.train.task import Task
 
 __all__ = ["VAETrainConfig", "VAELoss", "small_vae_config", "build_vae_task", "train_vae", "calibrate_scaling_factor"]
 
 RECON = ("l1", "l2")
 
 
-def small_vae_config(**overrides) -> vae_lib.VAEConfig:
-    """The shapes model's VAE: 64x64 -> 16x16x4 (downscale 4), widths 16/32/64, one ResNet
-    per level, attention in the middle (0.68M parameters, 2.7 MB in float32)."""
-    base = dict(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
-                sample_size=64, scaling_factor=1.0)
-    base.update(overrides)
-    return vae_lib.VAEConfig(**base)
+small_vae_config = families.shapes_vae_config   # the preset, registered with the family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,12 +119,11 @@ def _compiled_init(cfg: vae_lib.VAEConfig):
 
 
 def build_vae_task(config: VAETrainConfig) -> Task:
-    from sd_jax.train.loop import resolve_vae
     dt = config.compute_dtype
     init = None
     if config.model is not None:
-        start, p = vae_lib.load(resolve_vae(config.model), dtype=jnp.float32)
-        cfg, params = start.config, _unwrap(p)
+        start, params = vae_lib.load(resolve_vae(config.model), dtype=jnp.float32)
+        cfg = start.config
     else:
         cfg = config.vae_config or small_vae_config(sample_size=config.size)
         params = jax.eval_shape(_init_fn(cfg), jax.random.key(config.seed))

@@ -1,25 +1,29 @@
-"""Whole-pipeline checkpoints: diffusers folders in, sd-jax orbax checkpoints in and out.
+"""sd-jax's own checkpoint format, and which format a model path is.
 
-sd-jax's own format is a folder with ``sd_jax.json`` (every component's config),
-``tokenizer/`` and ``params/``, an orbax checkpoint of
-``{"text_encoder": ..., "unet": ..., "vae": ...}``.  It loads straight onto the
-devices (no PyTorch-layout conversion), which makes it the fast way to start.
+sd-jax's own format is a folder with ``sd_jax.json`` (the family, every component's
+config, the scheduler), one folder per tokenizer (``tokenizer/``) and ``params/``, an
+orbax checkpoint of ``{"text_encoder": ..., "unet": ..., "vae": ...}``.  It loads straight
+onto the devices (no PyTorch-layout conversion), which makes it the fast way to start.
+This module reads and writes the folder; :mod:`sd_jax.weights.loader` turns it into a model.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from typing import Mapping
 
 import jax
-import jax.numpy as jnp
 
-from sd_jax import sharding
-from sd_jax.weights.diffusers import read_config
+from sd_jax import families
+from sd_jax.diffusion.samplers import SchedulerConfig, default_scheduler_name
+from sd_jax.tokenizer import save_tokenizer
 from sd_jax.weights.safetensors_io import CheckpointError
 
+__all__ = ["FORMAT", "detect_format", "read", "write", "pipeline_from_state_dicts"]
+
 FORMAT = "sd-jax"
-COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+VERSION = 1
 
 
 def detect_format(path: str) -> str:
@@ -43,94 +47,10 @@ def detect_format(path: str) -> str:
                           f"point --model at the model's top folder")
 
 
-def _scheduler(folder: str):
-    from sd_jax.diffusion.samplers import SchedulerConfig, default_scheduler_name
-    cfg = read_config(folder, "scheduler_config.json")
-    return cfg, SchedulerConfig.from_dict(cfg), default_scheduler_name(cfg.get("_class_name", "PNDMScheduler"), cfg)
-
-
-def _models(cfgs, dtype, param_dtype, attention):
-    from sd_jax.models import clip, unet, vae
-    from sd_jax.pipeline import Models
-    return Models(
-        text_encoder=clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(cfgs["text_encoder"]), dtype=dtype,
-                                        param_dtype=param_dtype, attention=attention),
-        unet=unet.UNet2DConditionModel(unet.UNetConfig.from_dict(cfgs["unet"]), dtype=dtype,
-                                       param_dtype=param_dtype, attention=attention),
-        # The VAE decodes in float32 unless asked otherwise: SD's VAE overflows in fp16.
-        vae=vae.AutoencoderKL(vae.VAEConfig.from_dict(cfgs["vae"]), dtype=dtype if dtype != jnp.float16 else jnp.float32,
-                              param_dtype=param_dtype, attention=attention),
-    )
-
-
-def load_pipeline(cls, path, *, dtype, param_dtype, attention, mesh, variant, allow_pickle):
-    from sd_jax.models import attention as attn
-    from sd_jax.models import clip, unet, vae
-    from sd_jax.tokenizer import load_tokenizer
-    attn.check_impl(attention)
-    param_dtype = param_dtype or dtype
-    fmt = detect_format(path)
-    mesh = mesh if mesh is not None else sharding.make_mesh()
-    if fmt == "single-file":
-        from sd_jax.weights import single_file
-        return single_file.load_pipeline(cls, path, dtype=dtype, param_dtype=param_dtype, attention=attention, mesh=mesh)
-    if fmt == "sd-jax":
-        return load_orbax(cls, path, dtype=dtype, param_dtype=param_dtype, attention=attention, mesh=mesh)
-    for c in COMPONENTS:
-        if not os.path.isdir(os.path.join(path, c)):
-            raise CheckpointError(f"{path} is missing its {c}/ folder; the diffusers model is incomplete")
-    kw = dict(dtype=dtype, param_dtype=param_dtype, attention=attention, variant=variant, allow_pickle=allow_pickle)
-    te_model, te_params = clip.load(os.path.join(path, "text_encoder"), **kw)
-    unet_model, unet_params = unet.load(os.path.join(path, "unet"), **kw)
-    vae_kw = dict(kw, dtype=dtype if dtype != jnp.float16 else jnp.float32)
-    vae_model, vae_params = vae.load(os.path.join(path, "vae"), **vae_kw)
-    _, sched_cfg, sched_name = _scheduler(os.path.join(path, "scheduler"))
-    from sd_jax.pipeline import Models
-    models = Models(te_model, unet_model, vae_model)
-    params = {"text_encoder": te_params, "unet": unet_params, "vae": vae_params}
-    return cls(models, params, load_tokenizer(os.path.join(path, "tokenizer")), sched_cfg, sched_name,
-               mesh=mesh, source=path)
-
-
-def _configs(pipe) -> dict:
-    m = pipe.models
-    return {"text_encoder": m.text_encoder.config.to_dict(), "unet": m.unet.config.to_dict(),
-            "vae": m.vae.config.to_dict()}
-
-
-def save_orbax(pipe, path: str) -> None:
+def read(path: str, *, param_dtype, sharding) -> tuple[dict, dict]:
+    """``(sd_jax.json, params)`` of an sd-jax checkpoint; the parameters are restored as
+    ``param_dtype`` with ``sharding`` (a ``jax.sharding.Sharding`` for every leaf)."""
     import orbax.checkpoint as ocp
-    final = os.path.abspath(path)
-    if os.path.exists(final) and os.listdir(final) and not os.path.isfile(os.path.join(final, "sd_jax.json")):
-        raise CheckpointError(f"{final} exists and is not an sd-jax checkpoint; save to a new or empty folder")
-    # Write beside the destination, then swap it in: an interrupted save never leaves half a checkpoint.
-    path = final + ".tmp-save"
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.makedirs(path)
-    meta = {"format": FORMAT, "version": 1, **_configs(pipe),
-            "scheduler_config": _scheduler_dict(pipe), "scheduler_name": pipe.scheduler_name}
-    pipe.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(path, "params"), pipe.params)
-    ckptr.wait_until_finished()
-    if jax.process_index() == 0:
-        with open(os.path.join(path, "sd_jax.json"), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(path, final)
-
-
-def _scheduler_dict(pipe) -> dict:
-    import dataclasses
-    return dataclasses.asdict(pipe.scheduler_config)
-
-
-def load_orbax(cls, path: str, *, dtype, param_dtype, attention, mesh):
-    import orbax.checkpoint as ocp
-    from sd_jax.diffusion.samplers import SchedulerConfig
-    from sd_jax.tokenizer import load_tokenizer
     path = os.path.abspath(path)
     with open(os.path.join(path, "sd_jax.json"), encoding="utf-8") as f:
         meta = json.load(f)
@@ -144,57 +64,45 @@ def load_orbax(cls, path: str, *, dtype, param_dtype, attention, mesh):
         structure = ckptr.metadata(params_dir)
         tree = getattr(structure, "item_metadata", structure)
         tree = getattr(tree, "tree", tree)
-        rep = sharding.replicated(mesh)
-        target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), param_dtype, sharding=rep), tree)
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), param_dtype, sharding=sharding), tree)
         params = ckptr.restore(params_dir, target)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise CheckpointError(f"cannot read the sd-jax checkpoint {path}: {str(e).splitlines()[0]}") from None
-    models = _models(meta, dtype, param_dtype, attention)
-    return cls(models, params, load_tokenizer(os.path.join(path, "tokenizer")),
-               SchedulerConfig.from_dict(meta["scheduler_config"]), meta["scheduler_name"], mesh=mesh, source=path)
+    return meta, params
 
 
-def save_diffusers(pipe, path: str) -> None:
-    """Write a diffusers-format folder (safetensors) that diffusers PyTorch loads."""
-    from sd_jax.models import clip, unet, vae
-    os.makedirs(path, exist_ok=True)
-    m, p = pipe.models, jax.device_get(pipe.params)
-    clip.save(os.path.join(path, "text_encoder"), m.text_encoder.config, p["text_encoder"])
-    unet.save(os.path.join(path, "unet"), m.unet.config, p["unet"])
-    vae.save(os.path.join(path, "vae"), m.vae.config, p["vae"])
-    pipe.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
-    sched = {"_class_name": _class_name(pipe.scheduler_name), **_scheduler_dict(pipe)}
-    os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
-    with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
-        json.dump(sched, f, indent=2)
-    index = {
-        "_class_name": "StableDiffusionInpaintPipeline" if m.unet.config.in_channels == 9 else "StableDiffusionPipeline",
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", _class_name(pipe.scheduler_name)],
-        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
-    }
-    with open(os.path.join(path, "model_index.json"), "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2)
-
-
-def _class_name(name: str) -> str:
-    from sd_jax.diffusion import samplers
-    return samplers.diffusers_class_name(name)
+def write(path: str, meta: dict, params, tokenizers: Mapping[str, object]) -> None:
+    """Write an sd-jax checkpoint: ``meta`` (without ``format``/``version``) as ``sd_jax.json``,
+    ``params`` with orbax, each tokenizer into its folder.  Written beside the destination and
+    swapped in, so an interrupted save never leaves half a checkpoint."""
+    import orbax.checkpoint as ocp
+    final = os.path.abspath(path)
+    if os.path.exists(final) and os.listdir(final) and not os.path.isfile(os.path.join(final, "sd_jax.json")):
+        raise CheckpointError(f"{final} exists and is not an sd-jax checkpoint; save to a new or empty folder")
+    path = final + ".tmp-save"
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.makedirs(path)
+    for name, tok in tokenizers.items():
+        save_tokenizer(tok, os.path.join(path, name))
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(path, "params"), params)
+    ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        with open(os.path.join(path, "sd_jax.json"), "w", encoding="utf-8") as f:
+            json.dump({"format": FORMAT, "version": VERSION, **meta}, f, indent=2)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(path, final)
 
 
 def pipeline_from_state_dicts(cls, configs: dict, state_dicts: dict, tokenizer, scheduler_config: dict, *,
                               dtype, param_dtype, attention, mesh, source=None):
-    """Build a pipeline from diffusers-layout configs and state dicts (e.g. a converted single file)."""
-    from sd_jax.diffusion.samplers import SchedulerConfig, default_scheduler_name
-    from sd_jax.models import clip, vae
-    from sd_jax.weights.convert import state_dict_to_params
-    param_dtype = param_dtype or dtype
-    models = _models(configs, dtype, param_dtype, attention)
-    shapes = {"text_encoder": models.text_encoder.param_shapes(), "unet": models.unet.param_shapes(),
-              "vae": vae.param_shapes(models.vae)}
-    renames = {"text_encoder": clip._canonical_key, "unet": None, "vae": vae.canonical_key}
-    params = {k: state_dict_to_params(state_dicts[k], shapes[k], what=k, rename=renames[k], dtype=param_dtype)
-              for k in ("text_encoder", "unet", "vae")}
+    """``cls`` (a pipeline class) built from diffusers-layout configs and state dicts.  Kept for
+    callers of the old API; :func:`sd_jax.weights.loader.load` is the loader."""
+    family = families.detect(configs)
+    models = families.build_models(family, configs, dtype=dtype, param_dtype=param_dtype, attention=attention)
+    params = families.params_from_state_dicts(family, models, state_dicts, param_dtype or dtype)
     name = default_scheduler_name(scheduler_config.get("_class_name", "PNDMScheduler"), scheduler_config)
     return cls(models, params, tokenizer, SchedulerConfig.from_dict(scheduler_config), name, mesh=mesh, source=source)

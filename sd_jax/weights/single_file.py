@@ -9,10 +9,11 @@ original latent-diffusion names::
     cond_stage_model.model.*                SD 2.x text encoder (OpenCLIP ViT-H/14)
 
 :func:`convert` turns one into diffusers-layout state dicts and configs (numpy only, so
-arrays stay memory-mapped and nothing is copied that need not be), :func:`to_single_file`
-goes back, and :func:`load_pipeline` builds an sd-jax pipeline from the file.  A single
-file has no tokenizer, so :func:`tokenizer_for` builds the real SD one from the CLIP BPE
-merges shipped in ``sd_jax/assets/``.
+arrays stay memory-mapped and nothing is copied that need not be) and :func:`to_single_file`
+goes back; :func:`sd_jax.weights.loader.load` loads a file as a model.  Which prefix holds
+which network, per family, is in the family registry (:class:`sd_jax.families.SingleFileLayout`);
+the key tables below rename what is under the prefixes.  A single file has no tokenizer,
+so :func:`tokenizer_for` builds the family's real one (:func:`sd_jax.tokenizer.clip_tokenizer`).
 
 What is read from the weights (so scaled-down checkpoints convert too):
 
@@ -38,27 +39,26 @@ Prediction type is not in the weights: diffusers' rule is used (SD 2.x non-inpai
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
 import os
 import re
-import shutil
-import tempfile
-from functools import lru_cache
 from typing import Any, Mapping
 
 import numpy as np
 
+from sd_jax import families
+from sd_jax import tokenizer as tokenizer_lib
+from sd_jax.tokenizer import BPE_FILE, clip_tokenizer_folder  # noqa: F401  (part of this module's API)
+from sd_jax.weights import checkpoint
 from sd_jax.weights.safetensors_io import CheckpointError, load_file
 
 __all__ = ["SingleFile", "convert", "to_single_file", "load_pipeline", "clip_tokenizer_folder",
            "tokenizer_for", "detect_family"]
 
-UNET = "model.diffusion_model."
-VAE = "first_stage_model."
-CLIP = "cond_stage_model.transformer."
-OPENCLIP = "cond_stage_model.model."
-_DIFFUSERS_VERSION = "0.42.1"
+UNET = families.SD1.single_file.prefixes["unet"]
+VAE = families.SD1.single_file.prefixes["vae"]
+CLIP = families.SD1.single_file.prefixes["text_encoder"]
+OPENCLIP = families.SD2.single_file.prefixes["text_encoder"]
+_DIFFUSERS_VERSION = families.DIFFUSERS_VERSION
 
 _NOT_SD = "is not a Stable Diffusion 1.x/2.x single-file checkpoint"
 
@@ -231,13 +231,12 @@ def detect_family(sd: Mapping[str, Any], where: str = "checkpoint") -> str:
             raise CheckpointError(f"{where} {_NOT_SD} (its keys are in the diffusers layout: load the diffusers "
                                   f"model folder instead)")
         raise CheckpointError(f"{where} {_NOT_SD} (no {UNET}* UNet weights)")
-    has_clip = any(k.startswith(CLIP) for k in keys)
-    has_openclip = OPENCLIP + "token_embedding.weight" in sd
-    if not (has_clip or has_openclip):
+    family = families.detect_single_file(keys)
+    if family is None:
         raise CheckpointError(f"{where} {_NOT_SD} (it has a UNet but no cond_stage_model.* text encoder)")
     if VAE + "encoder.conv_in.weight" not in sd:
         raise CheckpointError(f"{where} {_NOT_SD} (it has a UNet but no {VAE}* VAE)")
-    return "sd2" if has_openclip else "sd1"
+    return family.name
 
 
 # =========================================================================== LDM -> diffusers
@@ -268,7 +267,9 @@ def _convert_unet(u: dict, family: str, where: str) -> tuple[dict, dict]:
     ref = attn_prefixes[0]
     cross = int(u[f"{ref}.transformer_blocks.0.attn2.to_k.weight"].shape[1])
     linear = u[f"{ref}.proj_in.weight"].ndim == 2
-    heads = [8] * n_levels if family == "sd1" else [_heads(w) for w in widths]
+    # Heads are not in the weights: the family says (8 per level, or 64-channel heads).
+    rule = families.get(family).single_file.unet_heads
+    heads = [8] * n_levels if rule == "8" else [_heads(w) for w in widths]
     inpaint = int(conv_in.shape[1]) == 9
     config = {
         "_class_name": "UNet2DConditionModel", "_diffusers_version": _DIFFUSERS_VERSION,
@@ -403,14 +404,7 @@ def _convert_openclip(o: dict, where: str) -> tuple[dict, dict, list]:
     return cfg, out, ignored
 
 
-def scheduler_config(prediction_type: str) -> dict:
-    """The SD 1.x/2.x training noise schedule as a ``scheduler_config.json`` dict (the SD 1.5
-    repository's PNDM one; DDIM, as stabilityai/stable-diffusion-2-1 ships, for v-prediction)."""
-    v = prediction_type == "v_prediction"
-    return {"_class_name": "DDIMScheduler" if v else "PNDMScheduler", "_diffusers_version": _DIFFUSERS_VERSION,
-            "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-            "num_train_timesteps": 1000, "prediction_type": prediction_type, "set_alpha_to_one": False,
-            "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None}
+scheduler_config = families.sd_scheduler_config
 
 
 def _global_step(sd: Mapping) -> int | None:
@@ -452,10 +446,9 @@ def convert(path_or_state_dict, *, prediction_type: str | None = None) -> Single
     unet_cfg, unet_sd = _convert_unet(_strip(sd, UNET), family, where)
     vae_sd_in = {k: a for k, a in _strip(sd, VAE).items() if not k.startswith("loss.")}
     vae_cfg, vae_sd = _convert_vae(vae_sd_in, where)
-    if family == "sd2":
-        te_cfg, te_sd, ignored = _convert_openclip(_strip(sd, OPENCLIP), where)
-    else:
-        te_cfg, te_sd, ignored = _convert_clip(_strip(sd, CLIP), where)
+    layout = families.get(family).single_file
+    convert_text = {"clip": _convert_clip, "openclip": _convert_openclip}[layout.text_layout]
+    te_cfg, te_sd, ignored = convert_text(_strip(sd, layout.prefixes["text_encoder"]), where)
     if unet_cfg["cross_attention_dim"] != te_cfg["hidden_size"]:
         raise CheckpointError(f"{where}: the UNet cross-attends to {unet_cfg['cross_attention_dim']}-wide text "
                               f"features but the text encoder is {te_cfg['hidden_size']} wide; {where} {_NOT_SD}")
@@ -564,9 +557,8 @@ def to_single_file(configs: Mapping[str, dict], state_dicts: Mapping[str, Mappin
     """
     te_cfg = dict(configs.get("text_encoder") or {})
     if family is None:
-        family = "sd2" if te_cfg.get("hidden_act") == "gelu" else "sd1"
-    if family not in ("sd1", "sd2"):
-        raise ValueError(f"family must be 'sd1' or 'sd2', not {family!r}")
+        family = families.detect({"text_encoder": te_cfg}).name
+    layout = _layout(family)
     out: dict[str, np.ndarray] = {}
     u = _export(state_dicts["unet"], _unet_table(*_unet_structure(configs["unet"])), "UNet")
     out.update({UNET + k: a for k, a in u.items()})
@@ -581,103 +573,37 @@ def to_single_file(configs: Mapping[str, dict], state_dicts: Mapping[str, Mappin
     table = _vae_table(len(vcfg["block_out_channels"]), vcfg.get("layers_per_block", 1), has_attn)
     out.update({VAE + k: a for k, a in _export(vae_sd, table, "VAE", _vae_fix).items()})
     t = _text_keys(state_dicts["text_encoder"])
-    if family == "sd2":
+    if layout.text_layout == "openclip":
         out.update(_export_openclip(t, te_cfg))
     else:
-        out.update({CLIP + k: a for k, a in t.items() if not k.startswith("text_projection")})
+        prefix = layout.prefixes["text_encoder"]
+        out.update({prefix + k: a for k, a in t.items() if not k.startswith("text_projection")})
     return out
 
 
+def _layout(family: str) -> families.SingleFileLayout:
+    layout = families.get(family).single_file if family in families.FAMILIES else None
+    if layout is None:
+        names = [f.name for f in families.FAMILIES.values() if f.single_file is not None]
+        raise ValueError(f"family must be one of {', '.join(map(repr, names))}, not {family!r}")
+    return layout
+
+
 # =========================================================================== tokenizer
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
-BPE_FILE = os.path.join(ASSETS, "bpe_simple_vocab_16e6.txt.gz")
-_N_MERGES = 49152 - 256 - 2
-_PADS = {"sd1": "<|endoftext|>", "sd2": "!"}
-
-
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """OpenAI CLIP's reversible byte -> printable unicode character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-@lru_cache(maxsize=1)
-def _vocab_and_merges() -> tuple[tuple, tuple]:
-    if not os.path.isfile(BPE_FILE):
-        raise CheckpointError(f"{BPE_FILE} is missing; reinstall sd-jax (the CLIP tokenizer is built from it)")
-    with gzip.open(BPE_FILE) as f:
-        lines = f.read().decode("utf-8").split("\n")
-    merges = tuple(tuple(m.split()) for m in lines[1:_N_MERGES + 1])
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    return tuple(vocab), merges
-
-
-def clip_tokenizer_folder(folder: str | os.PathLike, pad_token: str = "<|endoftext|>") -> str:
-    """Write the Stable Diffusion CLIP tokenizer files (as openai/clip-vit-large-patch14's
-    ``vocab.json`` / ``merges.txt``, 49408 tokens) into ``folder``; SD 2.x pads with ``"!"``."""
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    vocab, merges = _vocab_and_merges()
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": pad_token,
-               "unk_token": "<|endoftext|>"}
-    with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
-        json.dump(special, f, indent=2)
-    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({**special, "add_prefix_space": False, "do_lower_case": True, "errors": "replace",
-                   "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}, f, indent=2)
-    return folder
-
-
-def _cache_root() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "sd_jax", "tokenizers")
-
-
-_TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
-
-
 def tokenizer_for(family: str):
-    """The SD tokenizer (transformers ``CLIPTokenizer``) for ``"sd1"`` or ``"sd2"``, built from the
-    bundled BPE merges and cached under ``~/.cache/sd_jax/tokenizers/`` (``$XDG_CACHE_HOME``)."""
-    if family not in _PADS:
-        raise ValueError(f"family must be 'sd1' or 'sd2', not {family!r}")
-    from transformers import CLIPTokenizer
-    folder = os.path.join(_cache_root(), {"sd1": "clip-vit-large-patch14", "sd2": "sd2-openclip"}[family])
-    if not all(os.path.isfile(os.path.join(folder, n)) for n in _TOKENIZER_FILES):
-        os.makedirs(os.path.dirname(folder), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(folder))
-        try:
-            clip_tokenizer_folder(tmp, pad_token=_PADS[family])
-            if os.path.isdir(folder):
-                shutil.rmtree(folder, ignore_errors=True)
-            try:
-                os.replace(tmp, folder)
-            except OSError:       # another process won the race: use its copy
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    """The SD tokenizer (transformers ``CLIPTokenizer``) of a family with single files (``"sd1"``,
+    ``"sd2"``), built from the bundled BPE merges and cached (:func:`sd_jax.tokenizer.clip_tokenizer`)."""
+    _layout(family)
+    spec = families.get(family).tokenizers[0]
+    return tokenizer_lib.clip_tokenizer(spec.pad_token, spec.cache_name)
 
 
-# =========================================================================== pipeline
+# =========================================================================== pipeline (old API)
 def load_pipeline(cls, path, *, dtype, param_dtype, attention, mesh, prediction_type=None):
-    """Build an sd-jax pipeline from a single-file checkpoint (called by ``checkpoint.load_pipeline``)."""
-    from sd_jax.weights.checkpoint import pipeline_from_state_dicts
+    """``cls`` (a pipeline class) built from a single-file checkpoint.  Kept for callers of the
+    old API; :func:`sd_jax.weights.loader.load` is the loader."""
     sf = convert(path, prediction_type=prediction_type)
     configs = {k: sf.configs[k] for k in ("text_encoder", "unet", "vae")}
-    return pipeline_from_state_dicts(cls, configs, sf.state_dicts, tokenizer_for(sf.family),
-                                     sf.configs["scheduler"], dtype=dtype, param_dtype=param_dtype,
-                                     attention=attention, mesh=mesh, source=path)
+    return checkpoint.pipeline_from_state_dicts(cls, configs, sf.state_dicts, tokenizer_for(sf.family),
+                                                sf.configs["scheduler"], dtype=dtype, param_dtype=param_dtype,
+                                                attention=attention, mesh=mesh, source=path)

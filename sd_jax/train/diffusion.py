@@ -1,0 +1,155 @@
+"""The text-encoder + UNet recipe: models and parameters (from scratch or from a model),
+loss, data and export of a diffusion training run."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+from sd_jax import families
+from sd_jax.data.tokenizer import vocab_size, write_tokenizer
+from sd_jax.models import clip as clip_lib
+from sd_jax.models import unet as unet_lib
+from sd_jax.models import vae as vae_lib
+from sd_jax.tokenizer import load_tokenizer, tokenize
+from sd_jax.train import data as data_lib
+from sd_jax.train.config import TrainConfig
+from sd_jax.train.export import export_diffusers
+from sd_jax.train.losses import DiffusionLoss, NoiseSchedule
+from sd_jax.train.step import compile_cheap
+from sd_jax.train.task import Task
+from sd_jax.weights import loader
+from sd_jax.weights.diffusers import read_config
+
+__all__ = ["resolve_vae", "init_params", "param_shapes", "build_diffusion_task", "resolve_configs"]
+
+def resolve_vae(path: str) -> str:
+    """A VAE run folder (``vae/`` inside), a diffusers model (``vae/`` inside) or a ``vae/`` folder."""
+    for cand in (os.path.join(path, "vae"), os.path.join(path, "model", "vae"), path):
+        if os.path.isfile(os.path.join(cand, "config.json")):
+            return cand
+    raise ValueError(f"no VAE in {path!r}: expected a VAE run folder or a diffusers vae/ folder (with config.json)")
+
+
+def _init_fn(te_cfg, unet_cfg):
+    def init(key):
+        te = clip_lib.CLIPTextModel(te_cfg)
+        un = unet_lib.UNet2DConditionModel(unet_cfg)
+        return {"text_encoder": te.init_params(jax.random.fold_in(key, 1)),
+                "unet": un.init(jax.random.fold_in(key, 2), *un.dummy_inputs())["params"]}
+    return init
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_init(te_cfg, unet_cfg):
+    return compile_cheap(_init_fn(te_cfg, unet_cfg), jax.random.key(0))
+
+
+def init_params(te_cfg, unet_cfg, seed: int) -> dict:
+    """Random ``{"text_encoder": ..., "unet": ...}`` parameters (float32) from the models' own initialisers."""
+    return _compiled_init(te_cfg, unet_cfg)(jax.random.key(seed))
+
+
+def param_shapes(te_cfg, unet_cfg) -> dict:
+    """The ``jax.ShapeDtypeStruct`` tree of :func:`init_params` (nothing computed)."""
+    return jax.eval_shape(_init_fn(te_cfg, unet_cfg), jax.random.key(0))
+
+
+def build_diffusion_task(config: TrainConfig) -> Task:
+    """Models, parameters, loss, data and export of a text-encoder + UNet run."""
+    dt = config.compute_dtype
+    notes = []
+    init = None
+    family = families.TINY
+    tokenizer = None
+    if config.model is not None:
+        model = loader.load(config.model, dtype=jnp.float32)
+        family, tokenizer, sched = model.family, model.tokenizer, model.scheduler
+        p = jax.device_get(model.params)
+        te_cfg, unet_cfg, vae_cfg = (model.configs[k] for k in ("text_encoder", "unet", "vae"))
+        params, vae_params = {"text_encoder": p["text_encoder"], "unet": p["unet"]}, p["vae"]
+        del model, p
+        schedule = NoiseSchedule.from_dict(sched)
+        prediction_type = config.prediction_type or sched.get("prediction_type", "epsilon")
+        trainable = config.train or ("unet",)
+        if config.text_encoder_config is not None or config.unet_config is not None:
+            raise ValueError("model configs cannot be given when fine-tuning a model (--model)")
+    else:
+        schedule = NoiseSchedule()
+        prediction_type = config.prediction_type or "epsilon"
+        trainable = config.train or ("text_encoder", "unet")
+    if config.tokenizer is not None:
+        tokenizer = load_tokenizer(config.tokenizer)
+    if tokenizer is None:   # from scratch: the shapes tokenizer, written into the run folder
+        tok_dir = os.path.join(config.out, "tokenizer")
+        if jax.process_index() == 0:
+            os.makedirs(config.out, exist_ok=True)
+            write_tokenizer(tok_dir)
+        tokenizer = load_tokenizer(tok_dir)
+
+    if config.vae is not None:
+        vae_model, vae_params = vae_lib.load(resolve_vae(config.vae), dtype=jnp.float32)
+        vae_cfg = vae_model.config
+    factor = vae_cfg.downscale_factor
+
+    if config.model is None:
+        te_cfg = config.text_encoder_config or families.shapes_text_encoder_config(len(tokenizer))
+        unet_cfg = config.unet_config or families.shapes_unet_config(config.size // factor, vae_cfg.latent_channels,
+                                                                    te_cfg.hidden_size)
+        if te_cfg.vocab_size < len(tokenizer):
+            raise ValueError(f"the text encoder's vocabulary ({te_cfg.vocab_size}) is smaller than the "
+                             f"tokenizer's ({len(tokenizer)})")
+        params = param_shapes(te_cfg, unet_cfg)
+        init = functools.partial(init_params, te_cfg, unet_cfg, config.seed)
+    if unet_cfg.in_channels != vae_cfg.latent_channels or unet_cfg.out_channels != vae_cfg.latent_channels:
+        raise ValueError(f"the UNet takes {unet_cfg.in_channels} channels but the VAE makes "
+                         f"{vae_cfg.latent_channels}-channel latents")
+    cross = unet_cfg.cross_dims[0]
+    if cross != te_cfg.hidden_size:
+        raise ValueError(f"the UNet's cross_attention_dim {cross} differs from the text encoder's width "
+                         f"{te_cfg.hidden_size}")
+    need = factor * 2 ** (len(unet_cfg.block_out_channels) - 1)
+    if config.size % need:
+        raise ValueError(f"size {config.size} must be a multiple of {need} for this VAE and UNet")
+
+    te = clip_lib.CLIPTextModel(te_cfg, dtype=dt, param_dtype=jnp.float32)
+    un = unet_lib.UNet2DConditionModel(unet_cfg, dtype=dt, param_dtype=jnp.float32)
+    va = vae_lib.AutoencoderKL(vae_cfg, dtype=dt, param_dtype=jnp.float32)
+    max_len = te_cfg.max_position_embeddings
+    empty = tuple(int(i) for i in tokenize(tokenizer, [""], max_len)[0])
+    loss = DiffusionLoss(te, un, va, schedule=schedule, prediction_type=prediction_type,
+                         snr_gamma=config.snr_gamma, caption_dropout=config.caption_dropout, empty_ids=empty,
+                         remat=config.remat)
+    if config.data is not None:
+        source = data_lib.ImageCaptionFolder(config.data, config.size)
+        notes.append(f"data: {len(source)} images from {config.data}")
+    else:
+        source = data_lib.SyntheticShapes(config.seed, config.size, "train", config.max_shapes)
+
+    def export(folder, p):
+        export_diffusers(folder, models=families.Models(te, un, va), params={**p, "vae": vae_params},
+                         tokenizer=tokenizer, schedule=schedule, prediction_type=prediction_type, family=family)
+
+    return Task(name="diffusion", params=params, trainable=tuple(trainable), frozen={"vae": vae_params},
+                loss=loss, source=source, batch_keys=("pixels", "input_ids"), export=export,
+                tokenize=lambda captions: tokenize(tokenizer, captions, max_len), init=init, notes=tuple(notes))
+
+
+def resolve_configs(config: TrainConfig) -> TrainConfig:
+    """``config`` with the default (preset) model configs of a from-scratch run filled in,
+    so that ``run.json`` records the architecture and a resumed run cannot silently get
+    another one."""
+    if config.model is not None or (config.text_encoder_config and config.unet_config):
+        return config
+    vocab = len(load_tokenizer(config.tokenizer)) if config.tokenizer is not None else vocab_size()
+    try:
+        vae_cfg = vae_lib.VAEConfig.from_dict(read_config(resolve_vae(config.vae)))
+    except ValueError as e:
+        raise ValueError(f"cannot use the VAE in {config.vae!r}: {str(e).splitlines()[0]}") from None
+    te = config.text_encoder_config or families.shapes_text_encoder_config(vocab)
+    un = config.unet_config or families.shapes_unet_config(config.size // vae_cfg.downscale_factor,
+                                                           vae_cfg.latent_channels, te.hidden_size)
+    return dataclasses.replace(config, text_encoder_config=te, unet_config=un)

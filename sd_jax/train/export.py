@@ -1,0 +1,46 @@
+"""Exporting a trained text encoder + UNet (+ VAE) as a diffusers model folder."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import numpy as np
+
+from sd_jax import families
+from sd_jax.diffusion.samplers import default_scheduler_name
+from sd_jax.train.losses import NoiseSchedule
+from sd_jax.weights import loader
+
+__all__ = ["scheduler_config", "export_diffusers"]
+
+def scheduler_config(schedule: NoiseSchedule, prediction_type: str) -> dict:
+    """The ``scheduler/scheduler_config.json`` of an exported model (DPM-Solver++ 2M)."""
+    return {
+        "_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": families.DIFFUSERS_VERSION,
+        "num_train_timesteps": schedule.num_train_timesteps, "beta_start": schedule.beta_start,
+        "beta_end": schedule.beta_end, "beta_schedule": schedule.beta_schedule, "trained_betas": None,
+        "prediction_type": prediction_type, "solver_order": 2, "algorithm_type": "dpmsolver++",
+        "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
+        "use_karras_sigmas": False, "final_sigmas_type": "zero", "thresholding": False,
+        "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "variance_type": None,
+        # "trailing" starts sampling at t = T - 1 (pure noise), which a small model needs.
+        "timestep_spacing": "trailing", "steps_offset": 1,
+        "rescale_betas_zero_snr": schedule.rescale_betas_zero_snr,
+    }
+
+
+def export_diffusers(folder: str, *, models: families.Models, params: dict, tokenizer, schedule: NoiseSchedule,
+                     prediction_type: str, family: families.Family = families.TINY) -> None:
+    """Write the trained model as a diffusers folder (replacing ``folder``), float32 weights.
+
+    ``params``: ``{"text_encoder": ..., "unet": ..., "vae": ...}``; ``models``: the modules
+    (only their configs are used); ``tokenizer``: a transformers tokenizer.
+    """
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    sched = scheduler_config(schedule, prediction_type)
+    model = loader.LoadedModel(family, models, params, {family.tokenizers[0].name: tokenizer}, sched,
+                               default_scheduler_name(sched["_class_name"], sched), source=None)
+    loader.save(model, folder, "diffusers")

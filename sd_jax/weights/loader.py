@@ -1,0 +1,201 @@
+"""One loader for every model format: :func:`load` -> :class:`LoadedModel` -> :func:`save`.
+
+Formats (:func:`sd_jax.weights.checkpoint.detect_format`):
+
+* a diffusers folder (``model_index.json`` + one folder per component, tokenizer and
+  scheduler);
+* a single-file ``.safetensors`` (CompVis / A1111 layout, :mod:`sd_jax.weights.single_file`);
+* an sd-jax checkpoint (``sd_jax.json`` + orbax ``params/``, :mod:`sd_jax.weights.checkpoint`).
+
+What a model is made of comes from its family (:mod:`sd_jax.families`).  A
+:class:`LoadedModel` is plain data; the pipeline, the command line and training build on
+it, and :func:`save` writes it back as a diffusers folder or an sd-jax checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sd_jax import families, sharding
+from sd_jax.diffusion.samplers import SchedulerConfig, default_scheduler_name, diffusers_class_name
+from sd_jax.models import attention as attn
+from sd_jax.tokenizer import load_tokenizer, save_tokenizer
+from sd_jax.weights import checkpoint, single_file
+from sd_jax.weights.diffusers import read_config
+from sd_jax.weights.safetensors_io import CheckpointError
+
+__all__ = ["LoadedModel", "load", "save", "read_configs", "FORMATS"]
+
+FORMATS = ("diffusers", "sd-jax")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model as plain data.
+
+    ``family``: its :class:`sd_jax.families.Family`; ``models``: the Flax modules
+    (:class:`sd_jax.families.Models`); ``params``: ``{component: params}``; ``tokenizers``:
+    ``{folder name: transformers tokenizer}``; ``scheduler``: the ``scheduler_config.json``
+    dict (keys the checkpoint leaves out stay out); ``scheduler_name``: the sampler it
+    names (:func:`sd_jax.diffusion.samplers.default_scheduler_name`); ``source``: the path.
+    """
+    family: families.Family
+    models: families.Models
+    params: dict
+    tokenizers: dict
+    scheduler: dict
+    scheduler_name: str
+    source: str | None = None
+
+    @property
+    def tokenizer(self):
+        """The (first) tokenizer."""
+        return self.tokenizers[self.family.tokenizers[0].name]
+
+    @property
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig.from_dict(self.scheduler)
+
+    @property
+    def inpainting(self) -> bool:
+        """An inpainting model: its UNet takes latents + mask + masked-image latents (9 channels)."""
+        return self.models.unet.config.in_channels == 9
+
+    @property
+    def configs(self) -> dict:
+        """``{component: config dataclass}``."""
+        return {c.name: getattr(self.models, c.name).config for c in self.family.components}
+
+
+def _scheduler_name(cfg: dict) -> str:
+    return default_scheduler_name(cfg.get("_class_name", "PNDMScheduler"), cfg)
+
+
+# =========================================================================== load
+def load(path: str, *, dtype=jnp.float32, param_dtype=None, attention: str = "xla", variant: str | None = None,
+         allow_pickle: bool = False, mesh=None) -> LoadedModel:
+    """Load a diffusers folder, a single-file ``.safetensors`` or an sd-jax checkpoint.
+
+    Args:
+      dtype: computation dtype (the VAE stays float32 when this is float16: it overflows).
+      param_dtype: dtype of the parameters; None = ``dtype``.
+      attention: attention implementation name (:mod:`sd_jax.models.attention`).
+      variant: diffusers weights variant (``"fp16"``: ``*.fp16.safetensors``).
+      allow_pickle: read ``.bin`` weights of a diffusers folder (``torch.load(weights_only=True)``).
+      mesh: an sd-jax checkpoint is restored straight onto this mesh, replicated
+        (default: :func:`sd_jax.sharding.make_mesh`); other formats load onto the default device.
+    Raises:
+      CheckpointError (one line) for a path that is not a model sd-jax can load.
+    """
+    attn.check_impl(attention)
+    param_dtype = param_dtype or dtype
+    kw = dict(dtype=dtype, param_dtype=param_dtype, attention=attention)
+    fmt = checkpoint.detect_format(path)
+    if fmt == "single-file":
+        return _load_single_file(path, **kw)
+    if fmt == "sd-jax":
+        return _load_sd_jax(path, mesh=mesh, **kw)
+    return _load_diffusers(path, variant=variant, allow_pickle=allow_pickle, **kw)
+
+
+def _diffusers_family(path: str) -> families.Family:
+    index = read_config(path, "model_index.json")
+    configs = {}
+    if os.path.isfile(os.path.join(path, "text_encoder", "config.json")):
+        configs["text_encoder"] = read_config(os.path.join(path, "text_encoder"))
+    return families.detect(configs, index, where=path)
+
+
+def _sd_jax_family(meta: dict) -> families.Family:
+    return families.get(meta["family"]) if "family" in meta else families.detect(meta)
+
+
+def _load_diffusers(path, *, dtype, param_dtype, attention, variant, allow_pickle) -> LoadedModel:
+    family = _diffusers_family(path)
+    for c in family.folders():
+        if not os.path.isdir(os.path.join(path, c)):
+            raise CheckpointError(f"{path} is missing its {c}/ folder; the diffusers model is incomplete")
+    models, params = {}, {}
+    for c in family.components:
+        models[c.name], params[c.name] = c.load(os.path.join(path, c.name), dtype=c.compute_dtype(dtype),
+                                                param_dtype=param_dtype, attention=attention, variant=variant,
+                                                allow_pickle=allow_pickle)
+    sched = read_config(os.path.join(path, "scheduler"), "scheduler_config.json")
+    tokenizers = {t.name: load_tokenizer(os.path.join(path, t.name)) for t in family.tokenizers}
+    return LoadedModel(family, families.Models(**models), params, tokenizers, sched, _scheduler_name(sched),
+                       source=path)
+
+
+def _load_single_file(path, *, dtype, param_dtype, attention, prediction_type=None) -> LoadedModel:
+    sf = single_file.convert(path, prediction_type=prediction_type)
+    family = families.get(sf.family)
+    models = families.build_models(family, sf.configs, dtype=dtype, param_dtype=param_dtype, attention=attention)
+    params = families.params_from_state_dicts(family, models, sf.state_dicts, param_dtype)
+    sched = sf.configs["scheduler"]
+    tokenizers = {family.tokenizers[0].name: single_file.tokenizer_for(family.name)}
+    return LoadedModel(family, models, params, tokenizers, sched, _scheduler_name(sched), source=path)
+
+
+def _load_sd_jax(path, *, dtype, param_dtype, attention, mesh) -> LoadedModel:
+    rep = sharding.replicated(mesh if mesh is not None else sharding.make_mesh())
+    meta, params = checkpoint.read(path, param_dtype=param_dtype, sharding=rep)
+    path = os.path.abspath(path)
+    family = _sd_jax_family(meta)
+    models = families.build_models(family, meta, dtype=dtype, param_dtype=param_dtype, attention=attention)
+    tokenizers = {t.name: load_tokenizer(os.path.join(path, t.name)) for t in family.tokenizers}
+    return LoadedModel(family, models, params, tokenizers, dict(meta["scheduler_config"]), meta["scheduler_name"],
+                       source=path)
+
+
+def read_configs(path: str) -> dict:
+    """``{component: config dict}`` of a model in any format, without loading its weights into
+    models (a single file's configs are inferred from its keys and shapes)."""
+    fmt = checkpoint.detect_format(path)
+    if fmt == "single-file":
+        return {k: v for k, v in single_file.convert(path).configs.items() if k != "scheduler"}
+    if fmt == "sd-jax":
+        meta = read_config(path, "sd_jax.json")
+        return {c: meta[c] for c in _sd_jax_family(meta).component_names}
+    return {c: read_config(os.path.join(path, c)) for c in _diffusers_family(path).component_names}
+
+
+# =========================================================================== save
+def save(loaded: LoadedModel, path: str, format: str = "diffusers") -> None:
+    """Write ``loaded`` as a diffusers folder (``format="diffusers"``, safetensors, loadable by
+    diffusers PyTorch) or an sd-jax checkpoint (``"sd-jax"``, also spelled ``"orbax"``)."""
+    if format == "orbax":
+        format = "sd-jax"
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; use 'diffusers' or 'sd-jax' ('orbax')")
+    if format == "sd-jax":
+        _save_sd_jax(loaded, path)
+    else:
+        _save_diffusers(loaded, path)
+
+
+def _save_sd_jax(loaded: LoadedModel, path: str) -> None:
+    meta: dict[str, Any] = {"family": loaded.family.name,
+                            **{name: cfg.to_dict() for name, cfg in loaded.configs.items()},
+                            "scheduler_config": loaded.scheduler, "scheduler_name": loaded.scheduler_name}
+    checkpoint.write(path, meta, loaded.params, loaded.tokenizers)
+
+
+def _save_diffusers(loaded: LoadedModel, path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    params = jax.device_get(loaded.params)
+    for c in loaded.family.components:
+        c.save(os.path.join(path, c.name), getattr(loaded.models, c.name).config, params[c.name])
+    for name, tok in loaded.tokenizers.items():
+        save_tokenizer(tok, os.path.join(path, name))
+    scheduler_class = diffusers_class_name(loaded.scheduler_name)
+    sched = {"_class_name": scheduler_class, **{k: v for k, v in loaded.scheduler.items() if k != "_class_name"}}
+    os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
+    with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
+        json.dump(sched, f, indent=2)
+    with open(os.path.join(path, "model_index.json"), "w", encoding="utf-8") as f:
+        json.dump(loaded.family.model_index(scheduler_class, loaded.inpainting), f, indent=2)
