@@ -13,17 +13,6 @@ import sd_jax
 
 ROOT = os.path.dirname(os.path.abspath(sd_jax.__file__))
 
-# Known circle being removed by the request module (issue 11, item 4): batch.py takes
-# parse_size from the CLI and check_scheduler/load/settings from commands.py.  Remove
-# these edges from the allow-list when the request module lands.
-ALLOWED = {
-    ("sd_jax.batch", "sd_jax.cli"),
-    ("sd_jax.batch", "sd_jax.commands"),
-    ("sd_jax.commands", "sd_jax.batch"),
-    ("sd_jax.commands", "sd_jax.cli"),
-}
-
-
 def _modules() -> dict[str, str]:
     """``{module name: file}`` for every module under sd_jax/ (packages as their ``__init__``)."""
     out = {}
@@ -108,7 +97,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_graph_sees_function_level_and_relative_imports():
     graph = _graph()
-    assert "sd_jax.cli" in graph["sd_jax.commands"]           # imported inside functions
+    assert "sd_jax.batch" in graph["sd_jax.commands"]           # imported inside functions
     assert "sd_jax.diffusion.schedules" in graph["sd_jax.diffusion.samplers"]   # `from . import`
     assert "sd_jax.weights.loader" in graph["sd_jax.pipeline"]
 
@@ -119,20 +108,11 @@ def test_find_cycle_reports_the_cycle():
 
 
 def test_import_graph_has_no_cycles():
-    graph = _graph()
-    pruned = {m: {t for t in ts if (m, t) not in ALLOWED} for m, ts in graph.items()}
-    cycle = _find_cycle(pruned)
+    cycle = _find_cycle(_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
-
-
-def test_allowed_edges_still_exist():
-    # An allow-list entry that no longer exists is stale: drop it.
-    graph = _graph()
-    stale = sorted(f"{a} -> {b}" for a, b in ALLOWED if b not in graph.get(a, ()))
-    assert not stale, f"remove from ALLOWED: {stale}"
 
 
 def test_only_the_cli_imports_the_cli():
     graph = _graph()
-    importers = sorted(m for m, ts in graph.items() if "sd_jax.cli" in ts and (m, "sd_jax.cli") not in ALLOWED)
+    importers = sorted(m for m, ts in graph.items() if "sd_jax.cli" in ts)
     assert importers == [], f"these modules import sd_jax.cli: {importers}"
