@@ -7,7 +7,8 @@
         --configs 20x1 50x1 20x8 20x32 20x64 --peak-tflops 989 --cache-startup   # on a GPU (H100)
 
 Both sides use the SD 1.5 architecture (random weights: the speed is the same as with
-trained ones), DPM-Solver++ 2M, guidance 7.5 (batch doubled for classifier-free guidance);
+trained ones), DPM-Solver++ 2M, guidance 7.5 (batch doubled for classifier-free guidance;
+``--guidance 1`` runs without it on both sides);
 on a GPU both run there, in the same dtype (diffusers with PyTorch's SDPA attention, sd-jax
 with cuDNN's fused attention).  Prints per configuration: sd-jax compile time, steady-state
 seconds per call (median), diffusers seconds per call, their ratio, images per second, the
@@ -62,8 +63,9 @@ def build_models(dtype_name: str, tmp: str):
 _FLOPS: dict = {}
 
 
-def model_flops(pipe, batch, steps, size):
-    """FLOPs of one generation: text encoder (2B prompts) + steps x UNet (2B) + VAE decode (B).
+def model_flops(pipe, batch, steps, size, guidance=7.5):
+    """FLOPs of one generation: text encoder (2B prompts) + steps x UNet (2B) + VAE decode (B);
+    without guidance (``guidance <= 1``) the text encoder and the UNet see B rows, not 2B.
 
     XLA's cost analysis of each network's plain formulation (XLA attention, no CPU-specific
     lowerings), lowered for the CPU on any machine: the compiled scan counts its body once,
@@ -95,15 +97,18 @@ def model_flops(pipe, batch, steps, size):
                 cost(lambda pp, x, tt, c: unet_m.apply({"params": pp}, x, tt, c), shape(p["unet"]), lat, t, ctx),
                 cost(lambda pp, x: vae_m.apply({"params": pp}, x, method="decode"), shape(p["vae"]), z))
     te, un, va = _FLOPS[size]
-    return batch * (te + steps * un + va)
+    rows = 1 if guidance <= 1 else 2  # the costs above are for 2 rows of text encoder and UNet
+    return batch * (rows / 2 * (te + steps * un) + va)
 
 
-def time_jax(pipe, batch, steps, size, iters):
+def time_jax(pipe, batch, steps, size, iters, guidance=7.5):
     t = time.perf_counter()
-    lowered = pipe.lower(batch_size=batch, height=size, width=size, num_inference_steps=steps, scheduler="dpmpp_2m")
+    lowered = pipe.lower(batch_size=batch, height=size, width=size, num_inference_steps=steps, scheduler="dpmpp_2m",
+                         guidance_scale=guidance, output="float32")
     lowered.compile()
     compile_s = time.perf_counter() - t
-    kw = dict(num_inference_steps=steps, height=size, width=size, scheduler="dpmpp_2m", output_type="np")
+    kw = dict(num_inference_steps=steps, height=size, width=size, scheduler="dpmpp_2m", output_type="np",
+              guidance_scale=guidance)
     pipe([PROMPT] * batch, **kw)  # warm: the pipeline's own jit cache compiles (or hits the persistent cache)
     ts = []
     for i in range(iters):
@@ -113,15 +118,16 @@ def time_jax(pipe, batch, steps, size, iters):
     return compile_s, statistics.median(ts)
 
 
-def time_torch(pipe, batch, steps, size, iters):
+def time_torch(pipe, batch, steps, size, iters, guidance=7.5):
     import torch
     ts = []
     with torch.inference_mode():
-        pipe([PROMPT] * batch, num_inference_steps=steps, height=size, width=size, output_type="np")  # warm-up
+        kw = dict(num_inference_steps=steps, height=size, width=size, output_type="np", guidance_scale=guidance)
+        pipe([PROMPT] * batch, **kw)  # warm-up
         for i in range(iters):
             g = torch.Generator(pipe.device).manual_seed(i)
             t = time.perf_counter()
-            pipe([PROMPT] * batch, num_inference_steps=steps, height=size, width=size, generator=g, output_type="np")
+            pipe([PROMPT] * batch, generator=g, **kw)
             ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
@@ -162,6 +168,8 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--guidance", type=float, default=7.5,
+                    help="guidance scale on both sides (<= 1: no classifier-free guidance, one UNet pass a step)")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--cache-startup", action="store_true")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak, for model FLOP utilisation")
@@ -190,7 +198,8 @@ def main(argv=None):
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, attention=args.attention)
     print(f"# backend {jax.default_backend()}, {jax.device_count()} device(s) ({jax.devices()[0].device_kind}), "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads, {args.size}x{args.size}, {args.dtype}")
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads, {args.size}x{args.size}, {args.dtype}, "
+          f"guidance {args.guidance}")
     rows = []
     mfu = " MFU" if args.peak_tflops else ""
     hdr = (f"{'steps':>5} {'batch':>5} | {'compile s':>9} {'sd-jax s':>9} {'img/s':>7} | {'torch s':>9} {'img/s':>7} | "
@@ -218,11 +227,12 @@ def main(argv=None):
 
     f = lambda v, fmt: format(v, fmt) if isinstance(v, (int, float)) else (v or "-")
     for steps, b in configs:
-        got = guarded(time_jax, pipe, b, steps, args.size, args.iters)
+        got = guarded(time_jax, pipe, b, steps, args.size, args.iters, args.guidance)
         compile_s, jax_s = got if got != "OOM" else (None, "OOM")
-        torch_s = None if args.skip_torch else guarded(time_torch, tpipe, b, steps, args.size, args.iters)
+        torch_s = None if args.skip_torch else guarded(time_torch, tpipe, b, steps, args.size, args.iters,
+                                                       args.guidance)
         try:
-            flops = model_flops(pipe, b, steps, args.size)
+            flops = model_flops(pipe, b, steps, args.size, args.guidance)
         except Exception as e:  # noqa: BLE001 - a FLOP count is a nicety; the timings stand
             print(f"# no FLOP count: {type(e).__name__}: {e}"[:300])
             flops = None
