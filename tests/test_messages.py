@@ -114,3 +114,31 @@ def test_cli_misshaped_checkpoint_is_one_line(tmp_path):
                 "-o", tmp_path / "x.png")
     line = assert_user_error(p, f"conv_in.weight {want[:2] + (1, 1)} (model wants {tuple(want)})")
     assert "missing" not in line and line.count("conv_in.weight") == 1
+
+
+# ----------------------------------------------------------------------------- batch size and pixels
+def test_batch_size_changes_pixels_by_at_most_one_grey_level():
+    """What README says about batches, measured: the same batch size on the same devices gives
+    the same pixels bit for bit, whatever the image's position and its neighbours; another batch
+    size or device count moves a pixel by at most one grey level, in few pixels (XLA sums some
+    reductions in an order that depends on the batch shape)."""
+    from sd_jax import sharding
+    from sd_jax.pipeline import StableDiffusionPipeline
+    one = StableDiffusionPipeline.from_pretrained(MODEL, mesh=sharding.make_mesh(jax.devices()[:1]))
+    many = StableDiffusionPipeline.from_pretrained(MODEL)       # every (fake) device: batch 4 padded to 8
+    prompts = ["a red circle on a blue background", "a small green square", "a yellow triangle", "a purple circle",
+               "a white square"]
+    kw = dict(num_inference_steps=2, height=64, width=64, scheduler="dpmpp_2m", guidance_scale=2.0, output_type="np")
+
+    def gen(pipe, idx):
+        return pipe([prompts[i] for i in idx], seed=[100 + i for i in idx], **kw).astype(int)
+
+    batch = gen(one, [0, 1, 2, 3])
+    np.testing.assert_array_equal(gen(one, [3, 2, 1, 0])[::-1], batch)         # position in the batch
+    np.testing.assert_array_equal(gen(one, [0, 4, 4, 4])[0], batch[0])        # the other prompts
+    alone = np.concatenate([gen(one, [i]) for i in range(4)])
+    spread = gen(many, [0, 1, 2, 3])
+    assert len(many.mesh.devices.flat) > 1
+    for other in (batch, spread):
+        diff = np.abs(other - alone)
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
