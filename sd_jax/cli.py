@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # transformers (the tokenizers) warns "PyTorch was not found" on import, which sd-jax never
+    # needs; set before anything imports it.  A user's own setting wins.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
     from sd_jax import commands
     commands.route_warnings()

@@ -119,8 +119,13 @@ def _maybe_initialize_distributed() -> None:
 
 def load_model(path: str, *, dtype: str = "fp32", attention: str = "auto", mesh=None):
     """Load a model (any format), turning every way a model can be broken into one-line errors."""
+    from sd_jax.models.attention import check_impl
     from sd_jax.pipeline import StableDiffusionPipeline
     from sd_jax.weights.safetensors_io import CheckpointError
+    try:
+        check_impl(attention)  # not the model's fault: no "cannot load model" before it
+    except ValueError as e:
+        raise UsageError(f"--attention {attention}: {e}") from e
     try:
         return StableDiffusionPipeline.from_pretrained(path, dtype=_dtype(dtype), attention=attention, mesh=mesh)
     except CheckpointError:

@@ -2,8 +2,11 @@
 
 Metadata, so that other tools read it back:
 * ``parameters`` text chunk in the AUTOMATIC1111 format (prompt, ``Negative prompt:``,
-  then ``Steps: .., Sampler: .., CFG scale: .., Seed: .., Size: WxH, Model: ..``);
-* ``sd-jax`` text chunk with the same settings as JSON;
+  then ``Steps: .., Sampler: .., CFG scale: .., Seed: .., Size: WxH, Model: ..``), in A1111's
+  numbering: its ``Clip skip`` counts the last layer used (1 = no skip, omitted then), so
+  sd-jax's ``clip_skip`` k (layers skipped, as in diffusers) is written ``Clip skip: k+1``;
+* ``sd-jax`` text chunk with the same settings as JSON, in sd-jax's numbering, with a
+  ``clip_skip_note`` saying so;
 * an XMP packet marking the image as AI-generated (IPTC digital source type
   ``trainedAlgorithmicMedia``), plus a plain ``AI-generated: true`` text chunk.
 """
@@ -33,6 +36,17 @@ def _quote(value) -> str:
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:"\n') else text
 
 
+CLIP_SKIP_NOTE = ("clip_skip: text-encoder layers skipped, as diffusers counts (0 or null = none); "
+                  "A1111's 'Clip skip' is this + 1")
+
+
+def a1111_clip_skip(clip_skip: int | None) -> int | None:
+    """A1111's ``Clip skip`` (``CLIP_stop_at_last_layers``: hidden state ``[-n]``, 1 = the last
+    layer) for sd-jax's / diffusers' ``clip_skip`` (``[-(k + 1)]``, 0 = the last); None = no
+    skip, which A1111 leaves out of the parameters."""
+    return clip_skip + 1 if clip_skip else None
+
+
 def a1111_parameters(meta: dict) -> str:
     """The ``parameters`` string A1111-style tools read: the prompt, ``Negative prompt: ...``,
     then one line ``Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 1, Size: 512x512, ...``."""
@@ -43,7 +57,7 @@ def a1111_parameters(meta: dict) -> str:
               ("CFG scale", meta.get("guidance")), ("Seed", meta.get("seed")),
               ("Size", f"{meta['width']}x{meta['height']}" if "width" in meta and "height" in meta else None),
               ("Model", meta.get("model") or None), ("Denoising strength", meta.get("strength")),
-              ("Clip skip", meta.get("clip_skip")), ("CFG Rescale", meta.get("guidance_rescale") or None),
+              ("Clip skip", a1111_clip_skip(meta.get("clip_skip"))), ("CFG Rescale", meta.get("guidance_rescale") or None),
               ("Version", "sd-jax")]
     text = meta.get("prompt", "")
     if meta.get("negative_prompt"):
@@ -69,7 +83,8 @@ def save_png(path: str, image, meta: dict | None = None) -> None:
     info = PngImagePlugin.PngInfo()
     if meta is not None:
         info.add_text("parameters", a1111_parameters(meta))
-        info.add_text("sd-jax", json.dumps(meta, sort_keys=True))
+        note = {"clip_skip_note": CLIP_SKIP_NOTE} if meta.get("clip_skip") is not None else {}
+        info.add_text("sd-jax", json.dumps({**meta, **note}, sort_keys=True))
     info.add_text("AI-generated", "true")
     info.add_itxt("XML:com.adobe.xmp", XMP)
     folder = os.path.dirname(os.path.abspath(path))
@@ -89,11 +104,14 @@ def save_png(path: str, image, meta: dict | None = None) -> None:
 
 
 def read_metadata(path: str) -> dict:
-    """The sd-jax metadata of a PNG written by :func:`save_png` (``{}`` if none)."""
+    """The sd-jax metadata of a PNG written by :func:`save_png` (``{}`` if none): the ``meta``
+    it was given (``clip_skip`` in sd-jax's numbering, as written; the note left out)."""
     from PIL import Image
     with Image.open(path) as im:
         text = im.text.get("sd-jax")
-    return json.loads(text) if text else {}
+    meta = json.loads(text) if text else {}
+    meta.pop("clip_skip_note", None)
+    return meta
 
 
 def model_name(source: str | None) -> str:

@@ -12,8 +12,10 @@ token ids and uint8 pixels runs inside one ``jax.jit``:
 * the batch is split over every device of a ``jax.sharding.Mesh`` (parameters
   replicated), padded up to a multiple of the device count;
 * every sample's noise comes from its own seed (``fold_in(key(seed), step)``), so an
-  image depends only on its prompt, seed and settings, not on its batch position,
-  the batch size or the number of devices.
+  image depends on its prompt, seed and settings, not on its batch position or the other
+  prompts in its batch (bit for bit at the same batch size on the same devices; another
+  batch size or device count can move a pixel by a grey level, from the order in which
+  XLA sums some reductions: README, "Several devices and hosts").
 """
 from __future__ import annotations
 

@@ -13,9 +13,10 @@ requests to a :class:`Dispatcher`, which
   is asynchronous), so host work (PNG encoding, writing) overlaps device work;
 * can compile a list of shapes ahead of time (:meth:`Dispatcher.precompile`).
 
-An image depends only on its own request (prompt, seed, settings): not on what it was
-batched with, the batch size or the number of devices (up to XLA's choice of kernels for
-different batch shapes: see README, "Reproducibility").
+An image depends on its own request (prompt, seed, settings), not on what it was batched
+with: bit for bit at the same call size on the same devices; another call size or device
+count can move a pixel by a grey level (XLA sums some reductions in an order that depends on
+the batch shape: README, "Several devices and hosts").
 """
 from __future__ import annotations
 

@@ -55,10 +55,33 @@ def cpu_lowerings() -> bool:
 _CPU_MIN_SCORES = 1 << 18       # below this (B*H*Lq*Lk) the plain path is as fast
 
 
+def cudnn_missing() -> str | None:
+    """Why cuDNN's fused attention cannot run here (None where it can): it needs JAX's CUDA
+    backend with cuDNN loaded."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return f"JAX runs on {backend} here"
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
+    except ImportError:  # a JAX without this private check: let the kernel itself decide
+        return None
+    try:
+        check_cudnn_version()
+    except RuntimeError:
+        return "this GPU backend has no cuDNN (a ROCm or CPU-only build of jaxlib?)"
+    return None
+
+
 def check_impl(name: str) -> str:
+    """``name`` if it is an implementation that can run on this machine, else a ValueError
+    (raised when a model is loaded, before anything is compiled)."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown attention implementation {name!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
+    if name == "cudnn" and (why := cudnn_missing()):
+        raise ValueError(
+            f"attention 'cudnn' runs only on NVIDIA GPUs (JAX's CUDA build with cuDNN) and {why}; "
+            f"use 'auto' (cuDNN where it works, XLA elsewhere), 'xla' or 'chunked'")
     return name
 
 

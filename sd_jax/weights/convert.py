@@ -97,6 +97,19 @@ def _to_torch(arr: np.ndarray, leaf: str) -> np.ndarray:
     return arr
 
 
+def _torch_shape(flax_shape: tuple, leaf: str, stored_ndim: int) -> tuple:
+    """A Flax parameter's shape in the PyTorch layout, as the checkpoint would store it."""
+    s = tuple(flax_shape)
+    if leaf != "kernel":
+        return s
+    if len(s) == 4:                                    # (h, w, i, o) -> (o, i, h, w)
+        s = (s[3], s[2], s[0], s[1])
+        return s[:2] if stored_ndim == 2 and s[2:] == (1, 1) else s   # 1x1 conv stored as a dense
+    if len(s) == 2:
+        return s[::-1] + ((1, 1) if stored_ndim == 4 else ())         # dense stored as a 1x1 conv
+    return s
+
+
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], shapes, *, what: str,
                          rename: Callable[[str], str | None] | None = None, dtype=None) -> dict:
     """Convert a flat PyTorch-named state dict into a Flax parameter tree.
@@ -112,7 +125,7 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], shapes, *, what: 
       CheckpointError: naming every missing, unexpected and mis-shaped key.
     """
     target = flatten(shapes)
-    out, unexpected, mismatched = {}, [], []
+    out, unexpected, mismatched, misshaped = {}, [], [], set()
     for key, arr in state_dict.items():
         key = rename(key) if rename else key
         if key is None:
@@ -127,11 +140,15 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], shapes, *, what: 
         want = target[tpath]
         val = _to_flax(np.asarray(arr), tpath[-1], tuple(want.shape))
         if tuple(val.shape) != tuple(want.shape):
-            mismatched.append(f"{key} {tuple(np.shape(arr))} (model wants {tuple(want.shape)})")
+            # Both shapes as the checkpoint stores them (PyTorch's layout), listed once: not as missing.
+            wanted = _torch_shape(tuple(want.shape), tpath[-1], np.ndim(arr))
+            mismatched.append(f"{key} {tuple(np.shape(arr))} (model wants {wanted})")
+            misshaped.add(tpath)
             continue
         out[tpath] = np.asarray(val, dtype=dtype or want.dtype)
     torch_leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
-    missing = [path_to_torch_key(p[:-1] + (torch_leaf.get(p[-1], p[-1]),)) for p in target if p not in out]
+    missing = [path_to_torch_key(p[:-1] + (torch_leaf.get(p[-1], p[-1]),)) for p in target
+               if p not in out and p not in misshaped]
     if missing or unexpected or mismatched:
         def few(xs):
             return ", ".join(xs[:4]) + (f" ... (+{len(xs) - 4} more)" if len(xs) > 4 else "")
