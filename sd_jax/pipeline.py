@@ -312,7 +312,7 @@ class StableDiffusionPipeline:
         start = 0
         if mode == "img2img" or (mode == "inpaint" and strength < 1.0):
             # diffusers' `scheduler.order`: Heun takes two model evaluations per step.
-            start = img2img_start(num_inference_steps, strength, 2 if sampler.name == "heun" else 1)
+            start = img2img_start(num_inference_steps, strength, sampler.order)
             if start >= len(sampler.timesteps):
                 raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no denoising step; raise one of them")
         latent_shape = (height // f, width // f, self.latent_channels)

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 import numpy as np
 
+from . import parametrization as P
 from . import schedules as S
 
 __all__ = [
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 f32 = np.float32
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = P.PREDICTION_TYPES
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,17 +147,6 @@ def _lincomb(coeffs, buf):
     return out
 
 
-def _vp_x0_eps(model_output, sample, alpha_t, sigma_t, prediction_type):
-    """(x0, eps) from a model output for ``x_t = alpha_t x0 + sigma_t eps`` (Salimans & Ho 2022 for v)."""
-    m, x = model_output, sample
-    if prediction_type == "epsilon":
-        return (x - sigma_t * m) / alpha_t, m
-    if prediction_type == "v_prediction":
-        return alpha_t * x - sigma_t * m, alpha_t * m + sigma_t * x
-    x0 = m  # "sample"
-    return x0, (x - alpha_t * x0) / sigma_t
-
-
 class Sampler:
     """Base class. Subclasses fill ``timesteps``, ``init_noise_sigma`` and the step tables in ``_setup``.
 
@@ -166,6 +156,9 @@ class Sampler:
     """
 
     name: ClassVar[str] = "base"
+    # Model evaluations per inference step (diffusers' ``scheduler.order``): 2 for Heun, whose
+    # ``n`` steps take ``2n - 1`` evaluations; img2img's strength counts steps in these units.
+    order: ClassVar[int] = 1
     supports_karras: ClassVar[bool] = False
     supports_zero_snr: ClassVar[bool] = True  # diffusers class has rescale_betas_zero_snr (else it is ignored)
     zero_snr_clamp: ClassVar[bool] = True  # ... and then sets alphas_cumprod[-1] = 2**-24
@@ -332,7 +325,7 @@ class DDPMSampler(Sampler):
 
     def step(self, state, model_output, sample, i, noise=None):
         m, x = _f(model_output), _f(sample)
-        x0, _ = _vp_x0_eps(m, x, self._t("alpha", i), self._t("sigma", i), self.config.prediction_type)
+        x0, _ = P.x0_eps(m, x, self._t("alpha", i), self._t("sigma", i), self.config.prediction_type)
         x0 = self._clip(x0)
         prev = self._t("c_x0", i) * x0 + self._t("c_x", i) * x + self._t("std", i) * self._noise(noise, x)
         return prev.astype(sample.dtype), state
@@ -372,7 +365,7 @@ class DDIMSampler(Sampler):
 
     def step(self, state, model_output, sample, i, noise=None):
         m, x = _f(model_output), _f(sample)
-        x0, eps = _vp_x0_eps(m, x, self._t("alpha", i), self._t("sigma", i), self.config.prediction_type)
+        x0, eps = P.x0_eps(m, x, self._t("alpha", i), self._t("sigma", i), self.config.prediction_type)
         x0 = self._clip(x0)
         prev = self._t("c_x0", i) * x0 + self._t("c_eps", i) * eps
         if self.needs_noise:
@@ -443,8 +436,7 @@ class PNDMSampler(Sampler):
         w = jnp.asarray(self._W)[jnp.minimum(count, 4)]
         e = _lincomb(w[:4], ets) + w[4] * m
         x_in = jnp.where(second, _f(state["cur"]), x)
-        if self.config.prediction_type == "v_prediction":
-            e = self._t("alpha", i, col) * e + self._t("sigma", i, col) * x_in
+        _, e = P.x0_eps(e, x_in, self._t("alpha", i, col), self._t("sigma", i, col), self.config.prediction_type)
         prev = self._t("c_x", i, col) * x_in - self._t("c_e", i, col) * e
         cur = jnp.where(count == 0, x.astype(state["cur"].dtype), state["cur"])
         return prev.astype(sample.dtype), {"ets": ets, "cur": cur, "count": count + 1}
@@ -490,20 +482,14 @@ class _SigmaSampler(Sampler):
         self._tab.update(
             sigma=s,
             in_div=(s**2 + f32(1)) ** f32(0.5),
-            v_out=-s / (s**2 + f32(1)) ** f32(0.5),
-            v_skip=s**2 + f32(1),
             noise_a=np.ones_like(s),
             noise_s=s,
         )
 
     def _denoised(self, m, x, i):
-        """D(x; sigma_i): the x0 prediction from the (unscaled-input) model output."""
-        pt = self.config.prediction_type
-        if pt == "epsilon":
-            return x - self._t("sigma", i) * m
-        if pt == "v_prediction":
-            return m * self._t("v_out", i) + x / self._t("v_skip", i)
-        return m
+        """D(x; sigma_i): the x0 prediction from the (unscaled-input) model output (``x = x0 + sigma eps``)."""
+        x0, _ = P.x0_eps(m, x, f32(1), self._t("sigma", i), self.config.prediction_type)
+        return x0
 
     def _derivative(self, m, x, i):
         return (x - self._denoised(m, x, i)) / self._t("sigma", i)
@@ -567,6 +553,7 @@ class HeunSampler(_SigmaSampler):
     """
 
     name = "heun"
+    order = 2
     supports_karras = True
     supports_zero_snr = False
 
@@ -624,15 +611,15 @@ class LMSSampler(_SigmaSampler):
     name = "lms"
     supports_karras = True
     supports_zero_snr = False
-    order = 4
+    lms_order: ClassVar[int] = 4  # past derivatives combined (diffusers' ``step(order=4)``)
 
     def _setup(self):
         ts, sigmas = self._sigma_schedule(0.0)
         self._set_sigma_tables(ts, sigmas)
-        self._tab["coef"] = _lms_coefficients(sigmas, self.order)
+        self._tab["coef"] = _lms_coefficients(sigmas, self.lms_order)
 
     def init_state(self, sample_shape, dtype=jnp.float32):
-        return {"d": jnp.zeros((self.order, *sample_shape), dtype)}
+        return {"d": jnp.zeros((self.lms_order, *sample_shape), dtype)}
 
     def step(self, state, model_output, sample, i, noise=None):
         m, x = _f(model_output), _f(sample)
@@ -687,7 +674,7 @@ class _VPMultistepSampler(Sampler):
         return default
 
     def _x0(self, m, x, i):
-        x0, _ = _vp_x0_eps(m, x, self._t("alpha", i), self._t("sigma_t", i), self.config.prediction_type)
+        x0, _ = P.x0_eps(m, x, self._t("alpha", i), self._t("sigma_t", i), self.config.prediction_type)
         return x0
 
 
