@@ -123,8 +123,9 @@ def save_orbax(pipe, path: str) -> None:
 
 
 def _scheduler_dict(pipe) -> dict:
-    import dataclasses
-    return dataclasses.asdict(pipe.scheduler_config)
+    # Only the keys the loaded config had: a missing key must stay missing, so that each sampler
+    # (here and in diffusers' from_config) fills it with its own class default.
+    return pipe.scheduler_config.to_dict()
 
 
 def load_orbax(cls, path: str, *, dtype, param_dtype, attention, mesh):
