@@ -198,3 +198,16 @@ def test_saved_model_keeps_missing_keys_missing(tmp_path):
     assert saved == {k: v for k, v in SD15.items() if k != "_diffusers_version"}  # the same keys, no more
     assert diffusers_from_config("euler", saved, 4).timesteps.tolist() == [999, 666, 333, 0]
     assert SchedulerConfig.from_dict(saved) == pipe.scheduler_config
+
+
+@pytest.mark.parametrize("prediction_type,hub_config", [("epsilon", SD15), ("v_prediction", SD21)])
+def test_single_file_scheduler_config_is_the_hub_one(prediction_type, hub_config):
+    """A single-file checkpoint gets the scheduler config diffusers' from_single_file takes from the hub
+    (SD 1.5's / SD 2.1's): no timestep_spacing either, so every sampler's schedule is the same."""
+    from sd_jax.weights import single_file
+
+    cfg = single_file.scheduler_config(prediction_type)
+    assert "timestep_spacing" not in cfg
+    for name in ("euler", "dpmpp_2m", "unipc", "ddim", "pndm"):
+        ref = diffusers_from_config(name, hub_config, 4).timesteps.numpy()
+        np.testing.assert_array_equal(make_sampler(name, cfg, 4).timesteps, ref)
