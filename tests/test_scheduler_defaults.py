@@ -148,7 +148,9 @@ def test_defaults_table_is_diffusers_signature(name):
     """Every SchedulerConfig field the diffusers class takes has its default in the sampler's table, equal to
     the class's ``__init__`` default (so the table cannot drift from diffusers unnoticed)."""
     cls = SCHEDULERS[name]
-    params = inspect.signature(getattr(diffusers, diffusers_class_name(name)).__init__).parameters
+    ref = getattr(diffusers, diffusers_class_name(name))
+    assert cls.order == ref.order  # model evaluations per step (img2img's strength counts steps in them)
+    params = inspect.signature(ref.__init__).parameters
     fields = set(SchedulerConfig.field_names())
     expected = {k: p.default for k, p in params.items() if k in fields}
     table = cls.diffusers_defaults
