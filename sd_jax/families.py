@@ -216,7 +216,7 @@ def sd_scheduler_config(prediction_type: str = "epsilon") -> dict:
     return {"_class_name": "DDIMScheduler" if v else "PNDMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
             "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
             "num_train_timesteps": 1000, "prediction_type": prediction_type, "set_alpha_to_one": False,
-            "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None}
+            "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
 
 
 def shapes_text_encoder_config(vocab_size: int = 873, **overrides) -> clip.CLIPTextConfig:

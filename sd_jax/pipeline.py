@@ -31,7 +31,7 @@ import numpy as np
 from sd_jax import families, memory, sharding
 from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, unet_denoiser
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
-from sd_jax.diffusion.sampling import sample, sampler_order
+from sd_jax.diffusion.sampling import sample
 from sd_jax.families import Models  # noqa: F401  (re-exported: the pipeline's networks)
 from sd_jax.request import Dispatcher, GenerationRequest, RequestError
 from sd_jax.tokenizer import tokenize
@@ -229,7 +229,7 @@ class StableDiffusionPipeline:
             raise ValueError(f"unknown format {format!r}; use 'orbax' or 'diffusers'")
         family = self.family
         model = loader.LoadedModel(family, self.models, self.params, {family.tokenizers[0].name: self.tokenizer},
-                                   dataclasses.asdict(self.scheduler_config), self.scheduler_name, self.source)
+                                   self.scheduler_config.to_dict(), self.scheduler_name, self.source)
         loader.save(model, path, format)
 
     @property
@@ -266,7 +266,7 @@ class StableDiffusionPipeline:
             raise RequestError("this is an inpainting model: pass image= and mask_image=")
         start = 0
         if r.mode == "img2img" or (r.mode == "inpaint" and r.strength < 1.0):
-            start = img2img_start(r.steps, r.strength, sampler_order(sampler))
+            start = img2img_start(r.steps, r.strength, sampler.order)
             if start >= sampler.num_steps:
                 raise RequestError(f"strength {r.strength} with {r.steps} steps leaves no denoising step; "
                                    f"raise one of them")

@@ -321,7 +321,9 @@ def test_config_from_dict_and_names():
         "some_unknown_key": 3,
     }
     cfg = SchedulerConfig.from_dict(sd15)
-    assert cfg == SchedulerConfig()
+    # SD's values; the keys present are remembered (a missing one takes the chosen sampler's own default)
+    assert cfg.replace(given=None) == SchedulerConfig()
+    assert cfg.given == set(sd15) - {"_class_name", "_diffusers_version", "some_unknown_key"}
     assert default_scheduler_name(sd15["_class_name"]) == "pndm"
     assert default_scheduler_name("DPMSolverMultistepScheduler") == "dpmpp_2m"
     assert default_scheduler_name("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}) == "dpmpp_2m_sde"

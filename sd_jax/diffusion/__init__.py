@@ -1,6 +1,6 @@
-"""Diffusion schedules and samplers (pure JAX, numerically equal to diffusers' schedulers)."""
+"""Diffusion schedules, samplers (pure JAX, numerically equal to diffusers' schedulers) and the eps/v/x0 table."""
 
-from . import schedules
+from . import parametrization, schedules
 from .samplers import (
     SCHEDULERS,
     DDIMSampler,
@@ -20,6 +20,7 @@ from .samplers import (
 )
 
 __all__ = [
+    "parametrization",
     "schedules",
     "SCHEDULERS",
     "DDIMSampler",

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 import numpy as np
 
+from . import parametrization as P
 from . import schedules as S
 
 __all__ = [
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 f32 = np.float32
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = P.PREDICTION_TYPES
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,8 +65,15 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 class SchedulerConfig:
     """Union of the diffusers scheduler config fields the samplers use (names as in ``scheduler_config.json``).
 
-    Defaults are Stable Diffusion 1.x/2.x's. Each sampler reads only the fields its diffusers
-    class has; e.g. ``eta`` (a ``DDIMScheduler.step`` argument in diffusers) only affects ``ddim``.
+    Each sampler reads only the fields its diffusers class has; e.g. ``eta`` (a ``DDIMScheduler.step``
+    argument in diffusers) only affects ``ddim``.
+
+    ``given`` says which fields were set: :meth:`from_dict` records the keys of the checkpoint's
+    ``scheduler_config.json``. A sampler fills every other field with the default of its *own* diffusers
+    class (``Sampler.diffusers_defaults``), as ``EulerDiscreteScheduler.from_config(pipe.scheduler.config)``
+    does: SD 1.5's PNDM config has no ``timestep_spacing``, so ``euler`` uses Euler's ``linspace`` and
+    ``pndm`` PNDM's ``leading``. ``given=None`` (a config built by hand) means every field is set, and the
+    dataclass defaults are Stable Diffusion 1.x/2.x's.
     """
 
     num_train_timesteps: int = 1000
@@ -98,6 +106,8 @@ class SchedulerConfig:
     thresholding: bool = False  # not implemented (must be False)
     interpolation_type: str = "linear"  # euler (only "linear")
     timestep_type: str = "discrete"  # euler (only "discrete")
+    given: frozenset[str] | None = None  # fields the config set; None: all of them
+
 
     def __post_init__(self):  # keep the config hashable (it is part of the samplers' static key)
         for k in ("trained_betas", "disable_corrector"):
@@ -106,9 +116,17 @@ class SchedulerConfig:
                 object.__setattr__(self, k, tuple(np.asarray(v).reshape(-1).tolist()))
 
     @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The scheduler config keys (every field but ``given``)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "given")
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SchedulerConfig":
-        """Build from a ``scheduler_config.json`` dict (or ``scheduler.config``); unknown keys are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        """Build from a ``scheduler_config.json`` dict (or ``scheduler.config``); unknown keys are ignored.
+
+        The keys present are remembered (``given``): a missing key later takes the chosen sampler's default.
+        """
+        names = set(cls.field_names())
         kw = {}
         for k, v in dict(d).items():
             if k not in names:
@@ -118,10 +136,29 @@ class SchedulerConfig:
             if k == "lambda_min_clipped" and v is None:
                 v = -math.inf
             kw[k] = v
-        return cls(**kw)
+        return cls(**kw, given=frozenset(kw))
 
     def replace(self, **changes) -> "SchedulerConfig":
+        """A copy with ``changes``, which count as set (``given``) unless ``given`` itself is changed."""
+        if self.given is not None and "given" not in changes:
+            changes["given"] = self.given | set(changes)
         return dataclasses.replace(self, **changes)
+
+    def resolve(self, defaults: dict[str, Any]) -> "SchedulerConfig":
+        """Every field set: those not ``given`` take ``defaults`` (a sampler's diffusers class defaults)."""
+        if self.given is None:
+            return self
+        fill = {k: defaults[k] for k in defaults if k not in self.given}
+        return dataclasses.replace(self, **fill, given=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The set fields as a ``scheduler_config.json`` dict (JSON types): missing keys stay missing."""
+        out = {}
+        for k in self.field_names():
+            if self.given is None or k in self.given:
+                v = getattr(self, k)
+                out[k] = list(v) if isinstance(v, tuple) else v
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,15 +183,13 @@ def _lincomb(coeffs, buf):
     return out
 
 
-def _vp_x0_eps(model_output, sample, alpha_t, sigma_t, prediction_type):
-    """(x0, eps) from a model output for ``x_t = alpha_t x0 + sigma_t eps`` (Salimans & Ho 2022 for v)."""
-    m, x = model_output, sample
-    if prediction_type == "epsilon":
-        return (x - sigma_t * m) / alpha_t, m
-    if prediction_type == "v_prediction":
-        return alpha_t * x - sigma_t * m, alpha_t * m + sigma_t * x
-    x0 = m  # "sample"
-    return x0, (x - alpha_t * x0) / sigma_t
+# The ``__init__`` defaults of each diffusers 0.42 scheduler class, for the SchedulerConfig fields it has
+# (tests/test_scheduler_defaults.py checks them against diffusers' signatures).
+_BETAS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
+              prediction_type="epsilon", steps_offset=0)
+_CLIP = dict(clip_sample=True, clip_sample_range=1.0, thresholding=False)
+_MULTISTEP = dict(_BETAS, solver_order=2, thresholding=False, lower_order_final=True, use_karras_sigmas=False,
+                  final_sigmas_type="zero", timestep_spacing="linspace", rescale_betas_zero_snr=False)
 
 
 class Sampler:
@@ -166,6 +201,11 @@ class Sampler:
     """
 
     name: ClassVar[str] = "base"
+    # What a scheduler_config.json key the config lacks means for this sampler: its diffusers class's default.
+    diffusers_defaults: ClassVar[dict[str, Any]] = {}
+    # Model evaluations per inference step (diffusers' ``scheduler.order``): 2 for Heun, whose
+    # ``n`` steps take ``2n - 1`` evaluations; img2img's strength counts steps in these units.
+    order: ClassVar[int] = 1
     supports_karras: ClassVar[bool] = False
     supports_zero_snr: ClassVar[bool] = True  # diffusers class has rescale_betas_zero_snr (else it is ignored)
     zero_snr_clamp: ClassVar[bool] = True  # ... and then sets alphas_cumprod[-1] = 2**-24
@@ -177,7 +217,7 @@ class Sampler:
             config = SchedulerConfig()
         elif isinstance(config, dict):
             config = SchedulerConfig.from_dict(config)
-        config = self._normalize_config(config)
+        config = self._normalize_config(config.resolve(self.diffusers_defaults))
         n = num_inference_steps
         if isinstance(n, (bool, np.bool_)) or not float(n).is_integer():
             raise ValueError(f"num_inference_steps must be an integer, got {n!r}")
@@ -303,6 +343,8 @@ class DDPMSampler(Sampler):
     """
 
     name = "ddpm"
+    diffusers_defaults = dict(_BETAS, **_CLIP, variance_type="fixed_small", timestep_spacing="leading",
+                              rescale_betas_zero_snr=False)
     needs_noise = True
     zero_snr_clamp = False
 
@@ -332,7 +374,7 @@ class DDPMSampler(Sampler):
 
     def step(self, state, model_output, sample, i, noise=None):
         m, x = _f(model_output), _f(sample)
-        x0, _ = _vp_x0_eps(m, x, self._t("alpha", i), self._t("sigma", i), self.config.prediction_type)
+        x0, _ = P.x0_eps(m, x, self._t("alpha", i), self._t("sigma", i), self.config.prediction_type)
         x0 = self._clip(x0)
         prev = self._t("c_x0", i) * x0 + self._t("c_x", i) * x + self._t("std", i) * self._noise(noise, x)
         return prev.astype(sample.dtype), state
@@ -346,6 +388,8 @@ class DDIMSampler(Sampler):
     """
 
     name = "ddim"
+    diffusers_defaults = dict(_BETAS, **_CLIP, set_alpha_to_one=True, timestep_spacing="leading",
+                              rescale_betas_zero_snr=False)
     zero_snr_clamp = False
 
     def _setup(self):
@@ -372,7 +416,7 @@ class DDIMSampler(Sampler):
 
     def step(self, state, model_output, sample, i, noise=None):
         m, x = _f(model_output), _f(sample)
-        x0, eps = _vp_x0_eps(m, x, self._t("alpha", i), self._t("sigma", i), self.config.prediction_type)
+        x0, eps = P.x0_eps(m, x, self._t("alpha", i), self._t("sigma", i), self.config.prediction_type)
         x0 = self._clip(x0)
         prev = self._t("c_x0", i) * x0 + self._t("c_eps", i) * eps
         if self.needs_noise:
@@ -389,6 +433,9 @@ class PNDMSampler(Sampler):
     """
 
     name = "pndm"
+    # diffusers' default is skip_prk_steps=False (Runge-Kutta warm-up steps), which is not implemented:
+    # a config without the key gets PLMS, the form every Stable Diffusion config asks for.
+    diffusers_defaults = dict(_BETAS, skip_prk_steps=True, set_alpha_to_one=False, timestep_spacing="leading")
     supports_zero_snr = False
     prediction_types = ("epsilon", "v_prediction")
     # Rows: phase = min(count, 4); columns: weights on eps history [0..3] (most recent first), raw output.
@@ -443,8 +490,7 @@ class PNDMSampler(Sampler):
         w = jnp.asarray(self._W)[jnp.minimum(count, 4)]
         e = _lincomb(w[:4], ets) + w[4] * m
         x_in = jnp.where(second, _f(state["cur"]), x)
-        if self.config.prediction_type == "v_prediction":
-            e = self._t("alpha", i, col) * e + self._t("sigma", i, col) * x_in
+        _, e = P.x0_eps(e, x_in, self._t("alpha", i, col), self._t("sigma", i, col), self.config.prediction_type)
         prev = self._t("c_x", i, col) * x_in - self._t("c_e", i, col) * e
         cur = jnp.where(count == 0, x.astype(state["cur"].dtype), state["cur"])
         return prev.astype(sample.dtype), {"ets": ets, "cur": cur, "count": count + 1}
@@ -490,20 +536,14 @@ class _SigmaSampler(Sampler):
         self._tab.update(
             sigma=s,
             in_div=(s**2 + f32(1)) ** f32(0.5),
-            v_out=-s / (s**2 + f32(1)) ** f32(0.5),
-            v_skip=s**2 + f32(1),
             noise_a=np.ones_like(s),
             noise_s=s,
         )
 
     def _denoised(self, m, x, i):
-        """D(x; sigma_i): the x0 prediction from the (unscaled-input) model output."""
-        pt = self.config.prediction_type
-        if pt == "epsilon":
-            return x - self._t("sigma", i) * m
-        if pt == "v_prediction":
-            return m * self._t("v_out", i) + x / self._t("v_skip", i)
-        return m
+        """D(x; sigma_i): the x0 prediction from the (unscaled-input) model output (``x = x0 + sigma eps``)."""
+        x0, _ = P.x0_eps(m, x, f32(1), self._t("sigma", i), self.config.prediction_type)
+        return x0
 
     def _derivative(self, m, x, i):
         return (x - self._denoised(m, x, i)) / self._t("sigma", i)
@@ -514,6 +554,9 @@ class EulerSampler(_SigmaSampler):
     correction), as ``EulerDiscreteScheduler`` (s_churn=0): ``x_next = x + (sigma_next - sigma) (x - D(x)) / sigma``."""
 
     name = "euler"
+    diffusers_defaults = dict(_BETAS, interpolation_type="linear", use_karras_sigmas=False, sigma_min=None,
+                              sigma_max=None, timestep_spacing="linspace", timestep_type="discrete",
+                              rescale_betas_zero_snr=False, final_sigmas_type="zero")
     supports_karras = True
     karras_config_endpoints = True
 
@@ -540,6 +583,7 @@ class EulerAncestralSampler(_SigmaSampler):
     sigma_next^2``, the DDPM ancestral variance of Ho et al. 2020). diffusers 0.42 has no Karras option for it."""
 
     name = "euler_a"
+    diffusers_defaults = dict(_BETAS, timestep_spacing="linspace", rescale_betas_zero_snr=False)
     needs_noise = True
     prediction_types = ("epsilon", "v_prediction")
 
@@ -567,6 +611,9 @@ class HeunSampler(_SigmaSampler):
     """
 
     name = "heun"
+    diffusers_defaults = dict(_BETAS, beta_start=0.00085, beta_end=0.012, use_karras_sigmas=False, clip_sample=False,
+                              clip_sample_range=1.0, timestep_spacing="linspace")
+    order = 2
     supports_karras = True
     supports_zero_snr = False
 
@@ -622,17 +669,18 @@ class LMSSampler(_SigmaSampler):
     integrals of the Lagrange basis over [sigma_i, sigma_{i+1}] (exact here, scipy ``quad`` in diffusers)."""
 
     name = "lms"
+    diffusers_defaults = dict(_BETAS, use_karras_sigmas=False, timestep_spacing="linspace")
     supports_karras = True
     supports_zero_snr = False
-    order = 4
+    lms_order: ClassVar[int] = 4  # past derivatives combined (diffusers' ``step(order=4)``)
 
     def _setup(self):
         ts, sigmas = self._sigma_schedule(0.0)
         self._set_sigma_tables(ts, sigmas)
-        self._tab["coef"] = _lms_coefficients(sigmas, self.order)
+        self._tab["coef"] = _lms_coefficients(sigmas, self.lms_order)
 
     def init_state(self, sample_shape, dtype=jnp.float32):
-        return {"d": jnp.zeros((self.order, *sample_shape), dtype)}
+        return {"d": jnp.zeros((self.lms_order, *sample_shape), dtype)}
 
     def step(self, state, model_output, sample, i, noise=None):
         m, x = _f(model_output), _f(sample)
@@ -687,7 +735,7 @@ class _VPMultistepSampler(Sampler):
         return default
 
     def _x0(self, m, x, i):
-        x0, _ = _vp_x0_eps(m, x, self._t("alpha", i), self._t("sigma_t", i), self.config.prediction_type)
+        x0, _ = P.x0_eps(m, x, self._t("alpha", i), self._t("sigma_t", i), self.config.prediction_type)
         return x0
 
 
@@ -701,6 +749,8 @@ class DPMSolverMultistepSampler(_VPMultistepSampler):
     """
 
     name = "dpmpp_2m"
+    diffusers_defaults = dict(_MULTISTEP, algorithm_type="dpmsolver++", solver_type="midpoint", euler_at_final=False,
+                              lambda_min_clipped=-math.inf, variance_type=None)
     algorithm_type: ClassVar[str] = "dpmsolver++"
 
     def _normalize_config(self, config):
@@ -801,6 +851,8 @@ class UniPCSampler(_VPMultistepSampler):
     """
 
     name = "unipc"
+    diffusers_defaults = dict(_MULTISTEP, predict_x0=True, solver_type="bh2", disable_corrector=(), sigma_min=None,
+                              sigma_max=None)
     karras_config_endpoints = True
 
     def _normalize_config(self, config):
@@ -971,7 +1023,7 @@ def make_sampler(
         config = SchedulerConfig()
     elif not isinstance(config, SchedulerConfig):
         config = SchedulerConfig.from_dict(config)
-    fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
+    fields = set(SchedulerConfig.field_names())
     bad = sorted(set(overrides) - fields)
     if bad:
         raise ValueError(f"Unknown scheduler config override(s) {bad}; valid fields: {', '.join(sorted(fields))}")

@@ -86,14 +86,9 @@ def step_range(sampler, *, denoising_start: Optional[float] = None,
     if denoising_start is not None:
         cutoff = int(round(T - denoising_start * T))
         n = sum(1 for t in ts if t < cutoff)
-        if sampler_order(sampler) == 2 and n % 2 == 0:
+        if sampler.order == 2 and n % 2 == 0:
             n += 1
         start = len(ts) - n
     if start >= end:
         raise ValueError(f"denoising_start={denoising_start} and denoising_end={denoising_end} leave no step")
     return start, end
-
-
-def sampler_order(sampler) -> int:
-    """Model evaluations per step (diffusers' ``scheduler.order``)."""
-    return int(getattr(sampler, "order", 2 if sampler.name == "heun" else 1))

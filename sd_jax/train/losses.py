@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax.diffusion import schedules
+from sd_jax.diffusion import parametrization, schedules
 from sd_jax.models import vae as vae_lib
 
 __all__ = ["PREDICTION_TYPES", "NoiseSchedule", "add_noise", "velocity", "prediction_target", "snr",
@@ -73,16 +73,14 @@ def add_noise(x0, noise, t, alphas_cumprod):
 
 def velocity(x0, noise, t, alphas_cumprod):
     """``v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0``."""
-    a = _at(alphas_cumprod, t, x0.ndim)
-    return jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * x0
+    return prediction_target(x0, noise, t, alphas_cumprod, "v_prediction")
 
 
 def prediction_target(x0, noise, t, alphas_cumprod, prediction_type: str):
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return velocity(x0, noise, t, alphas_cumprod)
-    raise ValueError(f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
+    """What the UNet regresses on at ``x_t = add_noise(x0, noise, t)`` (:func:`sd_jax.diffusion.parametrization.target`)."""
+    parametrization.check(prediction_type, PREDICTION_TYPES, "prediction type")
+    a = _at(alphas_cumprod, t, x0.ndim)
+    return parametrization.target(x0, noise, jnp.sqrt(a), jnp.sqrt(1.0 - a), prediction_type)
 
 
 def snr(t, alphas_cumprod):
