@@ -112,9 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="devices, backend, default model, compilation cache")
 
-    t = sub.add_parser("train", help="train or fine-tune (see README)")
-    t.add_argument("recipe", nargs="?", default=None)
-    t.add_argument("rest", nargs=argparse.REMAINDER)
+    from sd_jax.train.cli import RECIPES, recipes_help  # no jax import: cheap
+    t = sub.add_parser("train", help="train or fine-tune (see README)", epilog=recipes_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("recipe", nargs="?", default=None, help=f"one of {', '.join(RECIPES)}")
+    t.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 

@@ -7,7 +7,7 @@ A run lives in one folder (``config.out``)::
     checkpoints/N/      orbax checkpoints (step, params, optimizer state, EMA), last ``keep``
     loss.jsonl          one line per step: step, loss, lr, steps_per_s, time (training seconds
                         so far, across restarts), and task metrics (grad_norm, ...)
-    loss.png            the loss curve (when matplotlib is installed)
+    loss.png            the loss curve (needs matplotlib: ``pip install 'sd-jax[train]'``)
     model/              the exported diffusers-format model (at the end)
 
 Determinism and resumption: the batch of step ``k`` depends only on ``(seed, k)``
@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import contextlib
 import json
 import math
 import os
 import queue
+import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -49,11 +52,11 @@ from sd_jax.train import data as data_lib
 from sd_jax.train import optim
 from sd_jax.train.losses import PREDICTION_TYPES, DiffusionLoss, NoiseSchedule
 
-__all__ = ["RunConfig", "TrainConfig", "TrainResult", "TrainingDiverged", "Task", "run", "train",
+__all__ = ["RunConfig", "TrainConfig", "TrainResult", "TrainingDiverged", "TrainingInterrupted", "Task", "run", "train",
            "build_diffusion_task", "resolve_configs", "check_run_folder", "init_params", "param_shapes",
            "compile_cheap",
            "small_text_encoder_config", "small_unet_config", "export_diffusers", "scheduler_config",
-           "read_log", "DTYPES"]
+           "read_log", "tidy_checkpoints", "DTYPES"]
 
 DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}
 
@@ -63,6 +66,10 @@ RESTART_MAY_CHANGE = ("out", "progress", "save_every", "keep", "stop_after", "ex
 
 class TrainingDiverged(ValueError):
     """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped the run; the message says which checkpoint it resumes from."""
 
 
 # --------------------------------------------------------------------------- configuration
@@ -75,8 +82,9 @@ class RunConfig:
     batches (see :mod:`sd_jax.train.optim`).  ``batch_size`` is the global batch (split
     over the devices; it must divide by their number).  ``data``: a folder of images with
     captions (:class:`sd_jax.train.data.ImageCaptionFolder`), or None for the synthetic
-    shapes.  ``stop_after``: return after that many steps (checkpoint saved, no export),
-    as if killed there -- for tests and for training in slices.
+    shapes; ``skip_bad_images``: train without its unreadable images instead of refusing.
+    ``stop_after``: return after that many steps (checkpoint saved, no export), as if
+    killed there -- for tests and for training in slices.
     """
     out: str
     steps: int = 1000
@@ -95,6 +103,7 @@ class RunConfig:
     save_every: int = 500
     keep: int = 3
     data: str | None = None
+    skip_bad_images: bool = False
     size: int = 64
     random_flip: bool = False
     max_shapes: int = 1
@@ -400,6 +409,16 @@ def plot_log(out: str, records: list[dict]) -> str | None:
     return path
 
 
+_MATPLOTLIB_NOTICE = []  # said once per process
+
+
+def _check_matplotlib() -> None:
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None and not _MATPLOTLIB_NOTICE:
+        _MATPLOTLIB_NOTICE.append(True)
+        _say("note: no loss.png without matplotlib (pip install 'sd-jax[train]'); the losses are in loss.jsonl")
+
+
 def _say(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, file=sys.stderr, flush=True)
@@ -411,17 +430,46 @@ def _jsonable(x):
     return json.loads(json.dumps(x, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)))
 
 
+# What a run writes in its folder besides run.json: a folder holding one of these but no
+# run.json of sd-jax's is someone else's, and is not written into.
+RESERVED = ("loss.jsonl", "loss.png", "checkpoints", "model", "vae")
+
+
+def _read_run_json(path: str) -> dict | None:
+    """run.json's contents if sd-jax wrote it (``task`` and ``config``), else None."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(data, dict) and isinstance(data.get("task"), str) and isinstance(data.get("config"), dict)
+    return data if ok else None
+
+
 def check_run_folder(config: RunConfig, name: str, write: bool = False) -> None:
-    """Refuse to resume a run folder started with other settings (``run.json``); with
+    """Refuse to resume a run folder started with other settings (``run.json``), and a folder
+    whose ``run.json`` or reserved files (:data:`RESERVED`) sd-jax did not write; with
     ``write``, record this run's settings there."""
     path = os.path.join(config.out, "run.json")
     mine = {"task": name, "config": _jsonable(dataclasses.asdict(config))}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            theirs = json.load(f)
+    if os.path.lexists(path):
+        theirs = _read_run_json(path)
+        if theirs is None:
+            raise ValueError(f"{path} was not written by sd-jax training; use another --out (or move that file)")
+    else:
+        theirs = None
+        if os.path.isdir(config.out):
+            found = sorted(set(os.listdir(config.out)) & set(RESERVED))
+            if found:
+                raise ValueError(f"{config.out} holds {', '.join(found)} but no run.json of sd-jax's: not a run "
+                                 f"folder, and those would be replaced; use another --out")
+    if theirs is not None:
         if theirs.get("task") != name:
             raise ValueError(f"{config.out} holds a {theirs.get('task')!r} run, not {name!r}; use another --out")
-        old, new = theirs.get("config", {}), mine["config"]
+        # A setting added since the run started counts as its default.
+        defaults = _jsonable({f.name: f.default for f in dataclasses.fields(config)
+                              if f.default is not dataclasses.MISSING})
+        old, new = {**defaults, **theirs["config"]}, mine["config"]
         diff = sorted(k for k in set(old) | set(new) if k not in RESTART_MAY_CHANGE and old.get(k) != new.get(k))
         if diff:
             what = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
@@ -456,9 +504,59 @@ def _manager(config: RunConfig):
                                  handler_registry=handlers)
 
 
-def _save(mngr, step: int, state) -> None:
+_ORBAX_TMP = re.compile(r"\d+\.orbax-checkpoint-tmp.*")
+
+
+def tidy_checkpoints(folder: str, keep: int) -> list[str]:
+    """Remove what an interrupted run can leave in its ``checkpoints/`` folder: orbax's
+    unfinished ``N.orbax-checkpoint-tmp*`` folders (orbax would warn about them at the next
+    save) and finished checkpoints beyond the newest ``keep``.  Returns the removed paths."""
+    if not os.path.isdir(folder):
+        return []
+    names = os.listdir(folder)
+    steps = sorted((int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(folder, n))), reverse=True)
+    doomed = [n for n in names if _ORBAX_TMP.fullmatch(n)] + [str(s) for s in steps[keep:]]
+    for n in doomed:
+        shutil.rmtree(os.path.join(folder, n), ignore_errors=True)
+    return [os.path.join(folder, n) for n in doomed]
+
+
+@contextlib.contextmanager
+def _interrupts_held(raise_after: bool = True):
+    """Hold Ctrl-C and SIGTERM while a checkpoint is written, then raise KeyboardInterrupt
+    (if one came and ``raise_after``): an interrupt never cuts a save in half, nor lands in
+    orbax's threads (which print a traceback each)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    saved = {sig: signal.signal(sig, lambda signum, frame: got.append(signum))
+             for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    if got and raise_after:
+        raise KeyboardInterrupt
+
+
+def _sigterm_interrupts() -> Callable[[], None]:
+    """Make SIGTERM (``kill``, a scheduler's preemption) stop the run as Ctrl-C does, with a
+    checkpoint; returns the function that restores the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    saved = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, saved)
+
+
+def _save(mngr, step: int, state, raise_after: bool = True) -> None:
     import orbax.checkpoint as ocp
-    mngr.save(step, args=ocp.args.PyTreeSave(state), force=True)
+    with _interrupts_held(raise_after):
+        mngr.save(step, args=ocp.args.PyTreeSave(state), force=True)
 
 
 def _restore(mngr, step: int, abstract):
@@ -488,6 +586,8 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
     n_frozen = sum(x.size for x in jax.tree.leaves(task.frozen))
     frozen = sharding.replicate(task.frozen, mesh)
 
+    if jax.process_index() == 0:
+        tidy_checkpoints(os.path.join(config.out, "checkpoints"), config.keep)
     mngr = _manager(config)
     latest = mngr.latest_step()
     if latest is not None:
@@ -514,6 +614,7 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
          f"{'resuming at step ' + str(start) if start else 'from step 0'} of {config.steps}; run folder {config.out}")
     for note in task.notes:
         _say(note)
+    _check_matplotlib()
 
     stop = min(config.steps, config.stop_after or config.steps)
     data = log_file = pbar = t_prev = None
@@ -548,6 +649,7 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
                 pbar.set_postfix({"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}", "steps/s": f"{sps:.2f}"},
                                  refresh=False)
 
+    restore_sigterm = _sigterm_interrupts()
     try:
         if start < stop:
             data = _Prefetch(data_lib.batches(task.source, config.batch_size, config.seed, start_step=start,
@@ -572,7 +674,9 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
                     plot_log(config.out, records)
         flush()
     except KeyboardInterrupt:
-        # Save where we are, if the state is intact and the log has caught up with it.
+        # Save where we are, if the state is intact and the log has caught up with it (a second
+        # Ctrl-C waits for that save).
+        message = None
         try:
             if not any(x.is_deleted() for x in jax.tree.leaves(state)):
                 flush()
@@ -580,12 +684,18 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
                 if s > start and s not in mngr.all_steps() and records and records[-1]["step"] == s:
                     if log_file is not None:
                         log_file.flush()
-                    _save(mngr, s, state)
-                    _say(f"interrupted: saved step {s}; run the same command again to resume")
+                    _save(mngr, s, state, raise_after=False)
+                    message = f"interrupted: saved step {s}; run the same command again to resume"
         except Exception:  # noqa: BLE001 - never mask the interrupt
             pass
-        raise
+        if message is None:
+            last = mngr.latest_step()
+            message = ("interrupted before the first checkpoint; the same command starts again from step 0"
+                       if last is None else f"interrupted: saved step {last}; run the same command again to resume")
+        _say(message)
+        raise TrainingInterrupted(message) from None
     finally:
+        restore_sigterm()
         if data is not None:
             data.close()
         if pbar is not None:
@@ -601,8 +711,7 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
     host_params = host_state["params"]
     ema = optim.ema_params(host_state["ema"], host_params, labels) if "ema" in host_state else None
     if jax.process_index() == 0:
-        if plot_log(config.out, records) is None and records:
-            _say("matplotlib is not installed: no loss.png (the losses are in loss.jsonl)")
+        plot_log(config.out, records)
     export_dir = None
     if finished and config.export and task.export is not None:
         export_dir = os.path.join(config.out, task.export_name)
@@ -797,8 +906,8 @@ def build_diffusion_task(config: TrainConfig) -> Task:
                          snr_gamma=config.snr_gamma, caption_dropout=config.caption_dropout, empty_ids=empty,
                          remat=config.remat)
     if config.data is not None:
-        source = data_lib.ImageCaptionFolder(config.data, config.size)
-        notes.append(f"data: {len(source)} images from {config.data}")
+        source = data_lib.ImageCaptionFolder(config.data, config.size, skip_bad=config.skip_bad_images)
+        notes.append(source.summary())
     else:
         source = data_lib.SyntheticShapes(config.seed, config.size, "train", config.max_shapes)
     export_tok = None if (config.model is None and config.tokenizer is None) else tok_dir
