@@ -127,9 +127,10 @@ def check_destination(dest: str, sources=()) -> None:
         if src and _inside(os.path.realpath(src), real):
             what = "is the source model" if os.path.realpath(src) == real else f"holds the source model {src}"
             raise CheckpointError(f"destination {dest} {what}; choose another destination")
-    protected = {"the filesystem root": os.path.realpath(os.sep), "the working directory": os.path.realpath(os.getcwd()),
-                 "your home folder": os.path.realpath(os.path.expanduser("~"))}
-    for what, folder in protected.items():
+    protected = [("the filesystem root", os.sep), ("the working directory", os.getcwd()),
+                 ("your home folder", os.path.expanduser("~"))] + [("a home folder", h) for h in _homes()]
+    for what, folder in protected:
+        folder = os.path.realpath(folder)
         if _inside(folder, real):
             above = "" if folder == real else "a folder above "
             raise CheckpointError(f"destination {dest} is {above}{what}; give a new folder for the model")
@@ -139,6 +140,15 @@ def check_destination(dest: str, sources=()) -> None:
         kind = "a file" if os.path.isfile(dest) else "a folder that is not a model"
         raise CheckpointError(f"destination {dest} exists and is {kind} (not an sd-jax checkpoint or a diffusers "
                               f"folder); only a model is replaced: give a new or empty folder")
+
+
+def _homes() -> list[str]:
+    """Every user's home folder (where the platform lists them)."""
+    try:
+        import pwd
+        return [p.pw_dir for p in pwd.getpwall() if p.pw_dir and os.path.isdir(p.pw_dir)]
+    except (ImportError, OSError):
+        return []
 
 
 _STAGING = re.compile(r"\.tmp-(\d+)$")  # .NAME.tmp-PID beside NAME
