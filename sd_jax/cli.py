@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", help="diffusers folder, single-file .safetensors or sd-jax checkpoint")
     c.add_argument("dest", help="folder to write (must not exist, unless --overwrite)")
     c.add_argument("--to", choices=["sd-jax", "diffusers"], default="sd-jax")
-    c.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace DEST if it is a model (sd-jax checkpoint or diffusers folder) or an empty folder")
 
     sub.add_parser("info", help="devices, backend, default model, compilation cache")
 
