@@ -31,6 +31,7 @@ setup(
             "ipykernel>=6.29,<8",
             "matplotlib>=3.8,<4",
         ],
+        "train": ["matplotlib>=3.8,<4"],  # loss.png
         "gpu": ["jax[cuda12]>=0.8,<0.11"],
     },
     entry_points={"console_scripts": ["sd-jax=sd_jax.cli:main"]},

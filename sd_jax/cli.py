@@ -90,13 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", help="diffusers folder, single-file .safetensors or sd-jax checkpoint")
     c.add_argument("dest", help="folder to write (must not exist, unless --overwrite)")
     c.add_argument("--to", choices=["sd-jax", "diffusers"], default="sd-jax")
-    c.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace DEST if it is a model (sd-jax checkpoint or diffusers folder) or an empty folder")
 
     sub.add_parser("info", help="devices, backend, default model, compilation cache")
 
-    t = sub.add_parser("train", help="train or fine-tune (see README)")
-    t.add_argument("recipe", nargs="?", default=None)
-    t.add_argument("rest", nargs=argparse.REMAINDER)
+    from sd_jax.train.cli import RECIPES, recipes_help  # no jax import: cheap
+    t = sub.add_parser("train", help="train or fine-tune (see README)", epilog=recipes_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("recipe", nargs="?", default=None, help=f"one of {', '.join(RECIPES)}")
+    t.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 

@@ -1,11 +1,11 @@
 """What each ``sd-jax`` sub-command does (the parser lives in ``cli.py``)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import shutil
+import signal
 import sys
-import tempfile
 import time
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -396,30 +396,43 @@ def batch(args) -> int:
 
 
 def convert(args) -> int:
-    """Load SOURCE (any format) and write DEST, atomically: a temporary sibling folder that is
-    renamed into place once complete, so an interrupted conversion leaves no half model."""
-    dest = os.path.abspath(args.dest)
+    """Load SOURCE (any format) and write DEST, atomically: DEST is written in a hidden sibling
+    folder ``.DEST.tmp-PID`` and renamed into place once complete, so an interrupted conversion
+    leaves no half model; ``--overwrite`` replaces only a DEST that is itself a model.  Every
+    check runs before the (slow) model load."""
+    from sd_jax.weights import checkpoint
     if not os.path.exists(args.source):
         raise UsageError(f"model {args.source!r} not found")
-    if os.path.abspath(args.source) == dest:
-        raise UsageError("SOURCE and DEST are the same path")
-    if os.path.exists(dest) and not args.overwrite:
+    checkpoint.check_destination(args.dest, [args.source])
+    if os.path.lexists(args.dest) and not args.overwrite:
         raise UsageError(f"{args.dest} already exists; pass --overwrite to replace it, or choose another DEST")
-    _check_writable(dest, "DEST")
-    pipe = load_model(args.source, dtype="fp32", attention="xla")
-    parent = os.path.dirname(dest)
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.tmp-", dir=parent)
-    try:
-        staged = os.path.join(work, "model")
-        pipe.save_pretrained(staged, format="orbax" if args.to == "sd-jax" else "diffusers")
-        if os.path.exists(dest):  # --overwrite: move the old one aside, then swap
-            os.rename(dest, os.path.join(work, "old"))
-        os.rename(staged, dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    _check_writable(os.path.abspath(args.dest), "DEST")
+    with _signals_interrupt():
+        pipe = load_model(args.source, dtype="fp32", attention="xla")
+        pipe.save_pretrained(args.dest, format="orbax" if args.to == "sd-jax" else "diffusers")
     print(f"wrote {args.to} model to {args.dest}")
     return 0
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM and SIGHUP raise KeyboardInterrupt (as Ctrl-C does) instead of ending the process
+    at once, so that ``finally`` blocks remove what was half written."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    saved = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is None:
+            continue
+        try:
+            saved[sig] = signal.signal(sig, interrupt)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def info(args) -> int:

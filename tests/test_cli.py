@@ -157,13 +157,16 @@ def test_model_formats_give_the_same_image(single_file, tmp_path):
     PyTorch loads the converted folder, with the original weights."""
     path, sds = single_file
     ckpt, diff = tmp_path / "ckpt", tmp_path / "diffusers"
-    # DEST exists: refused without --overwrite (and left alone), replaced with it.
+    # DEST exists: a folder that is not a model is refused, with --overwrite too (and left alone);
+    # an empty folder or a model is replaced with --overwrite only.
     ckpt.mkdir()
     (ckpt / "keep.txt").write_text("x")
-    assert_user_error(run_cli("convert", path, ckpt), "already exists", "--overwrite")
+    assert_user_error(run_cli("convert", path, ckpt, "--overwrite"), "not a model")
     assert files_under(ckpt) == ["keep.txt"]
+    (ckpt / "keep.txt").unlink()
+    assert_user_error(run_cli("convert", path, ckpt), "already exists", "--overwrite")
     ok(run_cli("convert", path, ckpt, "--overwrite"))
-    assert not (ckpt / "keep.txt").exists() and (ckpt / "sd_jax.json").is_file()
+    assert (ckpt / "sd_jax.json").is_file()
     ok(run_cli("convert", ckpt, diff, "--to", "diffusers"))
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "diffusers"]  # no temporary folders left
 

@@ -24,7 +24,7 @@ import argparse
 import os
 import sys
 
-__all__ = ["RECIPES", "build_parser", "config_from_args", "run"]
+__all__ = ["RECIPES", "RECIPE_HELP", "build_parser", "config_from_args", "recipes_help", "run"]
 
 # Defaults per recipe (vae and diffusion: the small shapes model, see the module docstring).
 RECIPES: dict[str, dict] = {
@@ -35,6 +35,21 @@ RECIPES: dict[str, dict] = {
     "finetune": dict(steps=1000, batch_size=4, lr=1e-5, warmup=50, ema=0.0, save_every=250, keep=2,
                      caption_dropout=0.1, snr_gamma=None, weight_decay=1e-2),
 }
+
+
+# One line per recipe, for ``sd-jax train --help`` and each recipe's own --help.
+RECIPE_HELP: dict[str, str] = {
+    "vae": "train the small VAE on the synthetic shapes (or --data)",
+    "diffusion": "train a text encoder + UNet from scratch (shapes), with a trained VAE frozen",
+    "finetune": "fine-tune a diffusers-format model on a folder of captioned images",
+}
+
+
+def recipes_help() -> str:
+    """The recipes, one a line (the ``sd-jax train --help`` epilog)."""
+    width = max(map(len, RECIPE_HELP))
+    lines = [f"  {name:<{width}}  {what}" for name, what in RECIPE_HELP.items()]
+    return "recipes:\n" + "\n".join(lines) + "\n\nsd-jax train RECIPE --help lists a recipe's options."
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,10 +85,8 @@ def _size(text: str) -> int:
 
 def build_parser(recipe: str) -> argparse.ArgumentParser:
     d = RECIPES[recipe]
-    what = {"vae": "train the small VAE on the synthetic shapes",
-            "diffusion": "train a text encoder + UNet from scratch (shapes), with a trained VAE frozen",
-            "finetune": "fine-tune a diffusers-format model on a folder of captioned images"}[recipe]
-    p = _Parser(prog=f"sd-jax train {recipe}", description=what + "; resumes from --out if it holds a run.")
+    p = _Parser(prog=f"sd-jax train {recipe}",
+                description=RECIPE_HELP[recipe] + "; resumes from --out if it holds a run.")
     p.add_argument("--out", default=os.path.join("runs", recipe),
                    help="run folder: checkpoints, loss.jsonl, loss.png, exported model (default %(default)s)")
     p.add_argument("--steps", type=_positive_int, default=d["steps"], help="batches to train on (default %(default)s)")
@@ -97,6 +110,8 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="folder of images with captions (.txt files or metadata.jsonl)"
                         + ("" if recipe == "finetune" else "; default: the synthetic shapes"))
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="train without the --data images that cannot be read (their number is reported)")
     p.add_argument("--flip", action="store_true", help="random horizontal flips (swapping left/right in captions)")
     p.add_argument("--max-shapes", type=int, choices=[1, 2], default=1, help="shapes per synthetic image")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -151,7 +166,8 @@ def config_from_args(recipe: str | None, argv) -> object:
     common = dict(out=a.out, steps=a.steps, batch_size=a.batch_size, seed=a.seed, lr=a.lr, warmup=a.warmup,
                   schedule=a.schedule, weight_decay=a.weight_decay, clip_norm=a.clip_norm or None,
                   grad_accum=a.grad_accum, ema=a.ema, dtype=a.dtype, remat=a.remat, save_every=a.save_every,
-                  keep=a.keep, data=a.data, random_flip=a.flip, max_shapes=a.max_shapes,
+                  keep=a.keep, data=a.data, skip_bad_images=a.skip_bad_images, random_flip=a.flip,
+                  max_shapes=a.max_shapes,
                   progress=not a.no_progress)
     if recipe == "vae":
         from sd_jax.train.vae import VAETrainConfig
@@ -191,12 +207,16 @@ def config_from_args(recipe: str | None, argv) -> object:
 def run(recipe: str | None, argv) -> int:
     """``sd-jax train RECIPE ARGV...``: train, print where the result went, return 0."""
     config = config_from_args(recipe, argv)
-    if recipe == "vae":
-        from sd_jax.train.vae import train_vae
-        result = train_vae(config)
-    else:
-        from sd_jax.train.loop import train
-        result = train(config)
+    from sd_jax.train.loop import TrainingInterrupted
+    try:
+        if recipe == "vae":
+            from sd_jax.train.vae import train_vae
+            result = train_vae(config)
+        else:
+            from sd_jax.train.loop import train
+            result = train(config)
+    except TrainingInterrupted:  # the run said where it stopped, in one line
+        return 130
     last = result.log[-1]["loss"] if result.log else float("nan")
     where = f"; model: {result.export_dir}" if result.export_dir else ""
     print(f"{recipe}: {result.step} steps, last loss {last:.4f}{where}")

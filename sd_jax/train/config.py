@@ -30,8 +30,9 @@ class RunConfig:
     batches (see :mod:`sd_jax.train.optim`).  ``batch_size`` is the global batch (split
     over the devices; it must divide by their number).  ``data``: a folder of images with
     captions (:class:`sd_jax.train.data.ImageCaptionFolder`), or None for the synthetic
-    shapes.  ``stop_after``: return after that many steps (checkpoint saved, no export),
-    as if killed there -- for tests and for training in slices.
+    shapes; ``skip_bad_images``: train without its unreadable images instead of refusing.
+    ``stop_after``: return after that many steps (checkpoint saved, no export), as if
+    killed there -- for tests and for training in slices.
     """
     out: str
     steps: int = 1000
@@ -50,6 +51,7 @@ class RunConfig:
     save_every: int = 500
     keep: int = 3
     data: str | None = None
+    skip_bad_images: bool = False
     size: int = 64
     random_flip: bool = False
     max_shapes: int = 1

@@ -34,6 +34,7 @@ __all__ = [
     "SyntheticShapes",
     "ImageCaptionFolder",
     "load_image",
+    "image_problem",
     "batches",
     "to_pixels",
     "swap_left_right",
@@ -68,6 +69,33 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
     return to_pixels(np.asarray(im))
 
 
+def image_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with an image file, or None: found without decoding the pixels (the
+    header and size, PNG chunk checksums, the JPEG end marker, WebP's declared length), so a
+    folder of thousands is checked in seconds.  A JPEG without an end marker at its end is
+    decoded to tell a truncated one from one with trailing data."""
+    try:
+        with Image.open(path) as im:
+            fmt, (w, h) = im.format, im.size
+            im.verify()
+        if w < 1 or h < 1:
+            return "has no pixels"
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if fmt == "WEBP":
+                declared = int.from_bytes(f.read(8)[4:8], "little") + 8
+                if size < declared:
+                    return f"is truncated ({size} of {declared} bytes)"
+            elif fmt == "JPEG":
+                f.seek(max(0, size - 4096))
+                if b"\xff\xd9" not in f.read():
+                    with Image.open(path) as im:
+                        im.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, struct.error, ...
+        return f"cannot be read ({' '.join(str(e).split()) or type(e).__name__})"
+    return None
+
+
 class SyntheticShapes:
     """The generated shapes dataset as a source (unlimited: ``len`` is ``None``)."""
 
@@ -92,11 +120,13 @@ class ImageCaptionFolder:
     Captions come from ``metadata.jsonl`` in the folder if present (one JSON
     object per line with ``file_name`` relative to the folder and ``text``;
     every image must be listed), otherwise from a ``.txt`` file next to each
-    image with the same stem.  Images are read lazily; up to ``cache`` decoded
-    images are kept in memory.
+    image with the same stem.  Every image is checked when the folder is opened
+    (:func:`image_problem`): a bad one is a ValueError naming it, or with
+    ``skip_bad`` is left out (``skipped`` lists them).  Images are read lazily;
+    up to ``cache`` decoded images are kept in memory.
     """
 
-    def __init__(self, path: str | os.PathLike, size: int = 64, cache: int = 4096):
+    def __init__(self, path: str | os.PathLike, size: int = 64, cache: int = 4096, skip_bad: bool = False):
         self.path, self.size, self._cache_size = Path(path), int(size), int(cache)
         if not self.path.is_dir():
             raise ValueError(f"image folder not found: {self.path}")
@@ -115,6 +145,20 @@ class ImageCaptionFolder:
                 if not txt.is_file():
                     raise ValueError(f"image {p.relative_to(self.path)} has no caption file {txt.name} (and there is no metadata.jsonl)")
                 self.items.append((p, txt.read_text(encoding="utf-8").strip()))
+        self.skipped: list[tuple[Path, str]] = []
+        for p, _ in self.items:
+            problem = image_problem(p)
+            if problem is not None:
+                if not skip_bad:
+                    raise ValueError(f"image {p} {problem}; replace or remove it, or pass --skip-bad-images "
+                                     f"to train without the bad images")
+                self.skipped.append((p, problem))
+        if self.skipped:
+            bad = {p for p, _ in self.skipped}
+            self.items = [item for item in self.items if item[0] not in bad]
+            if not self.items:
+                raise ValueError(f"none of the images in {self.path} can be read (e.g. {self.skipped[0][0]} "
+                                 f"{self.skipped[0][1]})")
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def _from_metadata(self, metadata: Path, images: list[Path]) -> list[tuple[Path, str]]:
@@ -159,7 +203,10 @@ class ImageCaptionFolder:
         path, caption = self.items[index]
         pixels = self._cache.get(index)
         if pixels is None:
-            pixels = load_image(path, self.size)
+            try:
+                pixels = load_image(path, self.size)
+            except (OSError, ValueError, SyntaxError) as e:  # changed since the folder was checked
+                raise ValueError(f"cannot read image {path}: {' '.join(str(e).split())}") from None
             if self._cache_size > 0:
                 self._cache[index] = pixels
                 if len(self._cache) > self._cache_size:
@@ -167,6 +214,14 @@ class ImageCaptionFolder:
         else:
             self._cache.move_to_end(index)
         return pixels, caption
+
+    def summary(self) -> str:
+        """One line for the training log: how many images, and how many were skipped."""
+        line = f"data: {len(self.items)} images from {self.path}"
+        if self.skipped:
+            p, problem = self.skipped[0]
+            line += f"; skipped {len(self.skipped)} that cannot be read (e.g. {p} {problem})"
+        return line
 
     def __repr__(self) -> str:
         return f"ImageCaptionFolder({str(self.path)!r}, size={self.size}, n={len(self.items)})"

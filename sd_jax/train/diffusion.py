@@ -124,8 +124,8 @@ def build_diffusion_task(config: TrainConfig) -> Task:
                          snr_gamma=config.snr_gamma, caption_dropout=config.caption_dropout, empty_ids=empty,
                          remat=config.remat)
     if config.data is not None:
-        source = data_lib.ImageCaptionFolder(config.data, config.size)
-        notes.append(f"data: {len(source)} images from {config.data}")
+        source = data_lib.ImageCaptionFolder(config.data, config.size, skip_bad=config.skip_bad_images)
+        notes.append(source.summary())
     else:
         source = data_lib.SyntheticShapes(config.seed, config.size, "train", config.max_shapes)
 

@@ -11,7 +11,7 @@ A run lives in one folder (``config.out``)::
     checkpoints/N/      orbax checkpoints (step, params, optimizer state, EMA), last ``keep``
     loss.jsonl          one line per step: step, loss, lr, steps_per_s, time (training seconds
                         so far, across restarts), and task metrics (grad_norm, ...)
-    loss.png            the loss curve (when matplotlib is installed)
+    loss.png            the loss curve (needs matplotlib: ``pip install 'sd-jax[train]'``)
     model/              the exported diffusers-format model (at the end)
 
 Determinism and resumption: the batch of step ``k`` depends only on ``(seed, k)``
@@ -33,10 +33,11 @@ import json
 import math
 import os
 import queue
+import signal
 import sys
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 
@@ -45,7 +46,7 @@ from sd_jax.families import shapes_text_encoder_config as small_text_encoder_con
 from sd_jax.families import shapes_unet_config as small_unet_config
 from sd_jax.train import data as data_lib
 from sd_jax.train import optim
-from sd_jax.train.checkpointing import check_run_folder, manager, restore, save
+from sd_jax.train.checkpointing import check_run_folder, manager, restore, save, tidy_checkpoints
 from sd_jax.train.config import DTYPES, RunConfig, TrainConfig
 from sd_jax.train.diffusion import build_diffusion_task, init_params, param_shapes, resolve_configs
 from sd_jax.train.export import export_diffusers, scheduler_config
@@ -54,7 +55,7 @@ from sd_jax.train.step import COMPILER_OPTIONS, compile_cheap, init_state, init_
 from sd_jax.train.task import Task, TrainResult
 
 # The names below the first line are re-exported: they lived here before the split.
-__all__ = ["run", "train", "TrainingDiverged",
+__all__ = ["run", "train", "TrainingDiverged", "TrainingInterrupted", "tidy_checkpoints",
            "RunConfig", "TrainConfig", "TrainResult", "Task", "build_diffusion_task", "resolve_configs",
            "check_run_folder", "init_params", "param_shapes", "compile_cheap", "small_text_encoder_config",
            "small_unet_config", "export_diffusers", "scheduler_config", "read_log", "DTYPES", "COMPILER_OPTIONS"]
@@ -62,6 +63,32 @@ __all__ = ["run", "train", "TrainingDiverged",
 
 class TrainingDiverged(ValueError):
     """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped the run; the message says which checkpoint it resumes from."""
+
+
+_MATPLOTLIB_NOTICE = []  # said once per process
+
+
+def _check_matplotlib() -> None:
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None and not _MATPLOTLIB_NOTICE:
+        _MATPLOTLIB_NOTICE.append(True)
+        say("note: no loss.png without matplotlib (pip install 'sd-jax[train]'); the losses are in loss.jsonl")
+
+
+def _sigterm_interrupts() -> Callable[[], None]:
+    """Make SIGTERM (``kill``, a scheduler's preemption) stop the run as Ctrl-C does, with a
+    checkpoint; returns the function that restores the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    saved = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, saved)
 
 
 # --------------------------------------------------------------------------- data
@@ -121,6 +148,8 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
     n_frozen = sum(x.size for x in jax.tree.leaves(task.frozen))
     frozen = sharding.replicate(task.frozen, mesh)
 
+    if jax.process_index() == 0:
+        tidy_checkpoints(os.path.join(config.out, "checkpoints"), config.keep)
     mngr = manager(config)
     latest = mngr.latest_step()
     if latest is not None:
@@ -147,6 +176,7 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
          f"{'resuming at step ' + str(start) if start else 'from step 0'} of {config.steps}; run folder {config.out}")
     for note in task.notes:
         say(note)
+    _check_matplotlib()
 
     stop = min(config.steps, config.stop_after or config.steps)
     data = log_file = pbar = t_prev = None
@@ -181,6 +211,7 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
                 pbar.set_postfix({"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}", "steps/s": f"{sps:.2f}"},
                                  refresh=False)
 
+    restore_sigterm = _sigterm_interrupts()
     try:
         if start < stop:
             data = _Prefetch(data_lib.batches(task.source, config.batch_size, config.seed, start_step=start,
@@ -205,7 +236,9 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
                     plot_log(config.out, records)
         flush()
     except KeyboardInterrupt:
-        # Save where we are, if the state is intact and the log has caught up with it.
+        # Save where we are, if the state is intact and the log has caught up with it (a second
+        # Ctrl-C waits for that save).
+        message = None
         try:
             if not any(x.is_deleted() for x in jax.tree.leaves(state)):
                 flush()
@@ -213,12 +246,18 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
                 if s > start and s not in mngr.all_steps() and records and records[-1]["step"] == s:
                     if log_file is not None:
                         log_file.flush()
-                    save(mngr, s, state)
-                    say(f"interrupted: saved step {s}; run the same command again to resume")
+                    save(mngr, s, state, raise_after=False)
+                    message = f"interrupted: saved step {s}; run the same command again to resume"
         except Exception:  # noqa: BLE001 - never mask the interrupt
             pass
-        raise
+        if message is None:
+            last = mngr.latest_step()
+            message = ("interrupted before the first checkpoint; the same command starts again from step 0"
+                       if last is None else f"interrupted: saved step {last}; run the same command again to resume")
+        say(message)
+        raise TrainingInterrupted(message) from None
     finally:
+        restore_sigterm()
         if data is not None:
             data.close()
         if pbar is not None:
@@ -234,8 +273,7 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
     host_params = host_state["params"]
     ema = optim.ema_params(host_state["ema"], host_params, labels) if "ema" in host_state else None
     if jax.process_index() == 0:
-        if plot_log(config.out, records) is None and records:
-            say("matplotlib is not installed: no loss.png (the losses are in loss.jsonl)")
+        plot_log(config.out, records)
     export_dir = None
     if finished and config.export and task.export is not None:
         export_dir = os.path.join(config.out, task.export_name)

@@ -132,9 +132,11 @@ def build_vae_task(config: VAETrainConfig) -> Task:
         raise ValueError(f"size {config.size} must be a multiple of the VAE's downscale factor {cfg.downscale_factor}")
     model = vae_lib.AutoencoderKL(cfg, dtype=dt, param_dtype=jnp.float32)
     if config.data is not None:
-        source = data_lib.ImageCaptionFolder(config.data, config.size)
+        source = data_lib.ImageCaptionFolder(config.data, config.size, skip_bad=config.skip_bad_images)
         held_out = source
+        notes = (source.summary(),)
     else:
+        notes = ()
         source = data_lib.SyntheticShapes(config.seed, config.size, "train", config.max_shapes)
         held_out = data_lib.SyntheticShapes(config.seed + 1, config.size, "all", config.max_shapes)
     loss = VAELoss(model, kl_weight=config.kl_weight, recon=config.recon, edge_weight=config.edge_weight)
@@ -146,7 +148,7 @@ def build_vae_task(config: VAETrainConfig) -> Task:
                      jax.tree.map(lambda x: np.asarray(x, np.float32), p["vae"]))
 
     return Task(name="vae", params={"vae": params}, trainable=("vae",), frozen={}, loss=loss, source=source,
-                batch_keys=("pixels",), export=export, export_name="vae",
+                batch_keys=("pixels",), export=export, export_name="vae", notes=notes,
                 init=None if init is None else (lambda: {"vae": init()}))
 
 

@@ -8,8 +8,10 @@ This module reads and writes the folder; :mod:`sd_jax.weights.loader` turns it i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 from typing import Mapping
 
@@ -72,29 +74,163 @@ def read(path: str, *, param_dtype, sharding) -> tuple[dict, dict]:
     return meta, params
 
 
-def write(path: str, meta: dict, params, tokenizers: Mapping[str, object]) -> None:
+# ----------------------------------------------------------------------------- safe saving
+def model_kind(path: str) -> str | None:
+    """``"sd-jax"``, ``"diffusers"`` or ``"single-file"`` when ``path`` is itself a model, else None."""
+    if os.path.isfile(path):
+        return "single-file" if path.endswith(".safetensors") else None
+    if os.path.isfile(os.path.join(path, "sd_jax.json")):
+        return "sd-jax"
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return "diffusers"
+    return None
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both resolved)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_destination(dest: str, sources=()) -> None:
+    """Refuse (CheckpointError) a destination that saving a model there could destroy other files
+    with: the filesystem root, a home folder, the working directory or any folder above them,
+    a source model or a folder holding one, or an existing path that is not itself a model
+    (an sd-jax checkpoint or a diffusers folder) or an empty folder.  Nothing is touched."""
+    real = os.path.realpath(dest)
+    for src in sources:
+        if src and _inside(os.path.realpath(src), real):
+            what = "is the source model" if os.path.realpath(src) == real else f"holds the source model {src}"
+            raise CheckpointError(f"destination {dest} {what}; choose another destination")
+    protected = [("the filesystem root", os.sep), ("the working directory", os.getcwd()),
+                 ("your home folder", os.path.expanduser("~"))] + [("a home folder", h) for h in _homes()]
+    for what, folder in protected:
+        folder = os.path.realpath(folder)
+        if _inside(folder, real):
+            above = "" if folder == real else "a folder above "
+            raise CheckpointError(f"destination {dest} is {above}{what}; give a new folder for the model")
+    if not os.path.lexists(dest) or (os.path.isdir(dest) and not os.listdir(dest)):
+        return
+    if model_kind(dest) not in ("sd-jax", "diffusers"):
+        kind = "a file" if os.path.isfile(dest) else "a folder that is not a model"
+        raise CheckpointError(f"destination {dest} exists and is {kind} (not an sd-jax checkpoint or a diffusers "
+                              f"folder); only a model is replaced: give a new or empty folder")
+
+
+def _homes() -> list[str]:
+    """Every user's home folder (where the platform lists them)."""
+    try:
+        import pwd
+        return [p.pw_dir for p in pwd.getpwall() if p.pw_dir and os.path.isdir(p.pw_dir)]
+    except (ImportError, OSError):
+        return []
+
+
+_STAGING = re.compile(r"\.tmp-(\d+)$")  # .NAME.tmp-PID beside NAME
+_LEGACY_STAGING = re.compile(r"\.tmp-[a-z0-9_]{8}$")  # tempfile.mkdtemp's, from sd-jax <= 0.1.0
+_STAGING_CONTENTS = {"model", "old"}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def staging_folder(dest: str, pid: int | None = None) -> str:
+    """The hidden folder beside ``dest`` a save writes into: ``.NAME.tmp-PID``, the pid telling a
+    later save whether the process that made it is gone (see :func:`remove_stale_staging`)."""
+    dest = os.path.abspath(dest)
+    return os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.tmp-{pid or os.getpid()}")
+
+
+def remove_stale_staging(dest: str) -> list[str]:
+    """Remove the staging folders of saves to ``dest`` whose process is gone (killed, or the
+    machine restarted); returns their paths.  Only folders sd-jax names and fills this way
+    are touched: ``.NAME.tmp-PID`` holding ``model`` and/or ``old``."""
+    dest = os.path.abspath(dest)
+    parent, prefix = os.path.dirname(dest), f".{os.path.basename(dest)}"
+    removed = []
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.startswith(prefix + ".tmp-"):
+            continue
+        rest, path = entry[len(prefix):], os.path.join(parent, entry)
+        m = _STAGING.fullmatch(rest)
+        if not (m or _LEGACY_STAGING.fullmatch(rest)) or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        if m and _alive(int(m.group(1))):
+            continue
+        if not set(os.listdir(path)) <= _STAGING_CONTENTS:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def writing_model(dest: str, sources=(), pid: int | None = None, primary: bool = True):
+    """Yield a new folder to write a model into; when the block completes, it replaces ``dest``
+    (an earlier model there is removed only then).  Interrupted or failed, ``dest`` is as it
+    was and the staging folder is removed.  See :func:`check_destination` for what ``dest``
+    may be.  ``primary`` False (other hosts of a multi-host save): only yield the folder."""
+    check_destination(dest, sources)
+    final = os.path.abspath(dest)
+    work = staging_folder(final, pid)
+    staged = os.path.join(work, "model")
+    try:  # the staging folder is created inside the try: an interrupt right after still removes it
+        if primary:
+            remove_stale_staging(final)
+            shutil.rmtree(work, ignore_errors=True)  # this process's own, from an earlier failed save
+            os.makedirs(staged)
+        yield staged
+        if primary:
+            old = os.path.join(work, "old")
+            if os.path.lexists(final):
+                os.rename(final, old)
+            try:
+                os.rename(staged, final)
+            except BaseException:
+                if os.path.lexists(old) and not os.path.lexists(final):
+                    os.rename(old, final)
+                raise
+    finally:
+        if primary:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _owner_pid() -> int:
+    """Process 0's pid on every host (they write one checkpoint together)."""
+    if jax.process_count() == 1:
+        return os.getpid()
+    import numpy as np
+    from jax.experimental import multihost_utils
+    return int(multihost_utils.broadcast_one_to_all(np.int32(os.getpid())))
+
+
+def write(path: str, meta: dict, params, tokenizers: Mapping[str, object], sources=()) -> None:
     """Write an sd-jax checkpoint: ``meta`` (without ``format``/``version``) as ``sd_jax.json``,
     ``params`` with orbax, each tokenizer into its folder.  Written beside the destination and
-    swapped in, so an interrupted save never leaves half a checkpoint."""
+    swapped in (:func:`writing_model`: what ``path`` may replace, never a folder of ``sources``),
+    so an interrupted save never leaves half a checkpoint."""
     import orbax.checkpoint as ocp
-    final = os.path.abspath(path)
-    if os.path.exists(final) and os.listdir(final) and not os.path.isfile(os.path.join(final, "sd_jax.json")):
-        raise CheckpointError(f"{final} exists and is not an sd-jax checkpoint; save to a new or empty folder")
-    path = final + ".tmp-save"
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.makedirs(path)
-    for name, tok in tokenizers.items():
-        save_tokenizer(tok, os.path.join(path, name))
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(path, "params"), params)
-    ckptr.wait_until_finished()
-    if jax.process_index() == 0:
-        with open(os.path.join(path, "sd_jax.json"), "w", encoding="utf-8") as f:
-            json.dump({"format": FORMAT, "version": VERSION, **meta}, f, indent=2)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(path, final)
+    primary = jax.process_index() == 0
+    with writing_model(path, sources, pid=_owner_pid(), primary=primary) as staged:
+        if primary:
+            for name, tok in tokenizers.items():
+                save_tokenizer(tok, os.path.join(staged, name))
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(staged, "params"), params)
+        ckptr.wait_until_finished()
+        if primary:
+            with open(os.path.join(staged, "sd_jax.json"), "w", encoding="utf-8") as f:
+                json.dump({"format": FORMAT, "version": VERSION, **meta}, f, indent=2)
 
 
 def pipeline_from_state_dicts(cls, configs: dict, state_dicts: dict, tokenizer, scheduler_config: dict, *,

@@ -182,12 +182,19 @@ def _save_sd_jax(loaded: LoadedModel, path: str) -> None:
     meta: dict[str, Any] = {"family": loaded.family.name,
                             **{name: cfg.to_dict() for name, cfg in loaded.configs.items()},
                             "scheduler_config": loaded.scheduler, "scheduler_name": loaded.scheduler_name}
-    checkpoint.write(path, meta, loaded.params, loaded.tokenizers)
+    checkpoint.write(path, meta, loaded.params, loaded.tokenizers, sources=[loaded.source])
 
 
 def _save_diffusers(loaded: LoadedModel, path: str) -> None:
-    os.makedirs(path, exist_ok=True)
     params = jax.device_get(loaded.params)
+    if jax.process_index() != 0:  # every host holds the same weights; one writes them
+        checkpoint.check_destination(path, [loaded.source])
+        return
+    with checkpoint.writing_model(path, [loaded.source]) as staged:
+        _write_diffusers(loaded, params, staged)
+
+
+def _write_diffusers(loaded: LoadedModel, params, path: str) -> None:
     for c in loaded.family.components:
         c.save(os.path.join(path, c.name), getattr(loaded.models, c.name).config, params[c.name])
     for name, tok in loaded.tokenizers.items():
