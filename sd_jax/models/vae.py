@@ -36,13 +36,12 @@ from sd_jax.weights.convert import params_to_state_dict, state_dict_to_params
 from sd_jax.weights.diffusers import read_config, read_state_dict, write_component
 from sd_jax.weights.safetensors_io import CheckpointError
 
-
 _DOWN = "DownEncoderBlock2D"
 _UP = "UpDecoderBlock2D"
 EPS = 1e-6  # every GroupNorm in the diffusers VAE uses eps=1e-6
-# The blocks' convolutions under conv_impl="auto": XLA's own.  The CPU lowerings of the shared blocks (patch matmuls, polyphase
-# upsampling) were made for the UNet's small grids; in the VAE decoder at 512 px they were
-# not faster (bench_vae.py: 10.9-13.5 s against 12.0-12.4 s per decode, within the noise).
+# The blocks' convolutions under conv_impl="auto": XLA's own.  The CPU lowerings of the
+# shared blocks (patch matmuls, polyphase upsampling) were made for the UNet's small grids;
+# in the VAE decoder at 512 px they were not faster (bench_vae.py: 10.9-13.5 s against 12.0-12.4 s per decode, within the noise).
 CONV_IMPL = "lax"
 
 
