@@ -74,10 +74,10 @@ def model_flops(pipe, batch, steps, size, guidance=7.5):
     """
     import jax
     import jax.numpy as jnp
-    from sd_jax.models.attention import plain_formulation
     if size not in _FLOPS:
         m, p = pipe.models, pipe.params
-        te_m, unet_m, vae_m = (x.clone(attention="xla") for x in (m.text_encoder, m.unet, m.vae))
+        te_m, unet_m, vae_m = (x.clone(policy=x.policy.replace(attention="xla", cpu_lowerings=False))
+                               for x in (m.text_encoder, m.unet, m.vae))
         shape = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)  # noqa: E731
         f = m.vae_scale
         lat = jax.ShapeDtypeStruct((2, size // f, size // f, pipe.latent_channels), m.unet.dtype)
@@ -91,11 +91,10 @@ def model_flops(pipe, batch, steps, size, guidance=7.5):
             ca = ca[0] if isinstance(ca, (list, tuple)) and ca else ca
             return float(ca["flops"])
 
-        with plain_formulation():
-            _FLOPS[size] = (
-                cost(lambda pp, i: te_m.encode(pp, i), shape(p["text_encoder"]), ids),
-                cost(lambda pp, x, tt, c: unet_m.apply({"params": pp}, x, tt, c), shape(p["unet"]), lat, t, ctx),
-                cost(lambda pp, x: vae_m.apply({"params": pp}, x, method="decode"), shape(p["vae"]), z))
+        _FLOPS[size] = (
+            cost(lambda pp, i: te_m.encode(pp, i), shape(p["text_encoder"]), ids),
+            cost(lambda pp, x, tt, c: unet_m.apply({"params": pp}, x, tt, c), shape(p["unet"]), lat, t, ctx),
+            cost(lambda pp, x: vae_m.apply({"params": pp}, x, method="decode"), shape(p["vae"]), z))
     te, un, va = _FLOPS[size]
     rows = 1 if guidance <= 1 else 2  # the costs above are for 2 rows of text encoder and UNet
     return batch * (rows / 2 * (te + steps * un) + va)

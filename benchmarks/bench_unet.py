@@ -60,6 +60,7 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
+    from sd_jax.models.policy import Policy
     from sd_jax.models.unet import UNet2DConditionModel, UNetConfig
     from sd_jax.weights.convert import state_dict_to_params
 
@@ -74,13 +75,8 @@ def main():
     x = rng.standard_normal((args.batch, args.size, args.size, cfg.in_channels)).astype(np.float32)
     ctx = rng.standard_normal((args.batch, args.ctx, cfg.cross_dims[0])).astype(np.float32)
     t = np.full((args.batch,), 981.0, np.float32)
-    conv_impl = "auto"
-    if args.baseline:
-        from sd_jax.models import attention
-        attention._CPU_MIN_SCORES = float("inf")      # never blocked
-        conv_impl = "lax"
-    model = UNet2DConditionModel(cfg, dtype=dtype, param_dtype=dtype, attention=args.attention,
-                                 conv_impl=conv_impl)
+    # The baseline: no CPU-specific lowerings (attention never blocked, XLA's convolutions).
+    model = UNet2DConditionModel(cfg, policy=Policy(dtype, dtype, args.attention, cpu_lowerings=not args.baseline))
 
     tm = None
     t0 = time.perf_counter()
@@ -111,11 +107,9 @@ def main():
     xla_flops = _flops(compiled.cost_analysis())
     # XLA counts a while loop's body once, so the blocked attention is undercounted in the
     # compiled program; the model's FLOPs are taken from the plain (unblocked) formulation.
-    from sd_jax.models.attention import plain_formulation
-    with plain_formulation():
-        plain = UNet2DConditionModel(cfg, dtype=dtype, param_dtype=dtype, attention="xla", conv_impl="lax")
-        flops = _flops(jax.jit(plain.apply).trace({"params": params}, xj, tj, cj)
-                       .lower(lowering_platforms=("cpu",)).cost_analysis())
+    plain = UNet2DConditionModel(cfg, policy=Policy(dtype, dtype, "xla", "lax", cpu_lowerings=False))
+    flops = _flops(jax.jit(plain.apply).trace({"params": params}, xj, tj, cj)
+                   .lower(lowering_platforms=("cpu",)).cost_analysis())
     print(f"sd-jax: trace+lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s; XLA cost_analysis: "
           f"{flops / 1e9:.1f} GFLOP per call (plain formulation; GFLOP/s below use it), "
           f"{xla_flops / 1e9:.1f} GFLOP as compiled (loop bodies counted once)")

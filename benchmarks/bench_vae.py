@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sd_jax.models.policy import Policy
 from sd_jax.models.vae import AutoencoderKL, VAEConfig, param_shapes
 from sd_jax.weights.convert import state_dict_to_params
 
@@ -68,7 +69,7 @@ def main(argv=None):
         tvae = tvae.to(tdtype)
     jdtype = jnp.dtype(args.dtype)
 
-    model = AutoencoderKL(cfg, dtype=jdtype, param_dtype=jdtype, attention=args.attention)
+    model = AutoencoderKL(cfg, policy=Policy(jdtype, jdtype, args.attention))
     sd = {k: v.float().numpy() for k, v in tvae.state_dict().items()}
     params = state_dict_to_params(sd, param_shapes(model), what="vae", dtype=jdtype)
     params = jax.device_put(params)

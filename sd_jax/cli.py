@@ -7,6 +7,7 @@ its traceback.  See :func:`sd_jax.commands.describe_error`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sd_jax.commands import DTYPES, default_model  # noqa: F401  (default_model: the CLI's public helper)

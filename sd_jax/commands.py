@@ -450,7 +450,7 @@ def info(args) -> int:
     model = default_model()
     source = " (from $SD_JAX_MODEL)" if os.environ.get("SD_JAX_MODEL") else ""
     print(f"default model: {model}{source}{'' if os.path.exists(model) else ' (missing)'}")
-    print(f"dtype: fp32 by default; bf16 recommended on this backend"
+    print("dtype: fp32 by default; bf16 recommended on this backend"
           if jax.default_backend() in ("gpu", "tpu") else "dtype: fp32 by default (bf16 is slow on CPU)")
     print(f"compilation cache: {cache}")
     return 0

@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 import jax.numpy as jnp
 
 from sd_jax.models import clip, unet, vae
+from sd_jax.models.policy import Policy
 from sd_jax.weights.convert import state_dict_to_params
 from sd_jax.weights.safetensors_io import CheckpointError
 
@@ -66,8 +67,14 @@ class Component:
     def compute_dtype(self, dtype):
         return jnp.float32 if self.fp16_upcast and jnp.dtype(dtype) == jnp.float16 else dtype
 
-    def make(self, config, *, dtype, param_dtype, attention):
-        return self.module(config, dtype=self.compute_dtype(dtype), param_dtype=param_dtype, attention=attention)
+    def policy_for(self, policy: Policy) -> Policy:
+        """The policy this component computes with: ``policy``, in float32 where it asks for
+        float16 and the component has ``fp16_upcast`` (its parameters keep their dtype)."""
+        dtype = self.compute_dtype(policy.dtype)
+        return policy if dtype == policy.dtype else policy.replace(dtype=dtype)
+
+    def make(self, config, policy: Policy):
+        return self.module(config, policy=self.policy_for(policy))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,15 +354,17 @@ def detect_single_file(keys) -> Family | None:
 
 
 # =========================================================================== building
-def build_models(family: Family, configs: Mapping[str, Any], *, dtype=jnp.float32, param_dtype=None,
-                 attention: str = "xla") -> Models:
-    """The family's Flax modules from its component configs (dicts or config dataclasses)."""
-    param_dtype = param_dtype or dtype
+def build_models(family: Family, configs: Mapping[str, Any], *, policy: Policy | None = None,
+                 dtype=jnp.float32, param_dtype=None, attention: str = "xla") -> Models:
+    """The family's Flax modules from its component configs (dicts or config dataclasses),
+    computing as ``policy`` says (None: ``Policy(dtype, param_dtype, attention)``; see
+    :meth:`Component.policy_for`)."""
+    policy = policy or Policy(dtype, param_dtype, attention)
     mods = {}
     for c in family.components:
         cfg = configs[c.name]
         cfg = cfg if isinstance(cfg, c.config) else c.config.from_dict(cfg)
-        mods[c.name] = c.make(cfg, dtype=dtype, param_dtype=param_dtype, attention=attention)
+        mods[c.name] = c.make(cfg, policy)
     return Models(**mods)
 
 

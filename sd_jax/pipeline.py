@@ -117,7 +117,7 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
     cond = encode_prompt(models, encoding, params, batch["ids"], plan.clip_skip)
     uncond = encode_prompt(models, encoding, params, batch["neg_ids"], plan.clip_skip) if plan.guidance else None
 
-    post_step = None
+    blend = None  # (x, i) -> x after each step: inpainting with an ordinary UNet
     if plan.mode == "txt2img":
         x = noise0 * sampler.init_noise_sigma
     else:
@@ -139,7 +139,7 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
         else:  # an ordinary UNet: keep the known region on the image's own noisy trajectory
             n = sampler.num_steps
 
-            def post_step(x, i):
+            def blend(x, i):
                 nxt = jnp.minimum(i + 1, n - 1)
                 known = jnp.where(i < n - 1, sampler.add_noise(image_latents, noise0, nxt), image_latents)
                 return (1 - mask_lat) * known + mask_lat * x
@@ -148,7 +148,7 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
     model_fn = (classifier_free_guidance(make, cond, uncond, batch["guidance"], batch["rescale"])
                 if plan.guidance else make(cond))
     x, _ = sample(model_fn, sampler, x, start=plan.start, end=plan.end, noise_fn=noise_at,
-                  post_step=post_step, loop="python" if plan.loop == "debug" else plan.loop)
+                  post_step=blend, loop="python" if plan.loop == "debug" else plan.loop)
     if plan.output == "latent":
         return x
     return vae_decode(models, params, x, plan.output)

@@ -267,9 +267,9 @@ def test_argument_errors_are_one_line(tiny, tmp_path):
 
 def test_missing_default_model(tmp_path, monkeypatch, capsys):
     """Without the shipped model (e.g. a wheel install without checkpoints/), a clear error."""
-    from sd_jax import cli
+    from sd_jax import cli, commands
     monkeypatch.delenv("SD_JAX_MODEL", raising=False)
-    monkeypatch.setattr(cli, "default_model", lambda: str(tmp_path / "no-model-here"))
+    monkeypatch.setattr(commands, "default_model", lambda: str(tmp_path / "no-model-here"))
     assert cli.main(["generate", "x", "-o", str(tmp_path / "out" / "a.png")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sd-jax: error:") and err.count("\n") == 1, err

@@ -7,7 +7,6 @@ sd-jax is NHWC, diffusers NCHW: inputs and outputs are transposed.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 
 import jax
@@ -17,6 +16,7 @@ import pytest
 
 from sd_jax.models import attention as attn
 from sd_jax.models import layers
+from sd_jax.models.policy import Policy
 from sd_jax.models.unet import UNet2DConditionModel, UNetConfig, load, save
 from sd_jax.weights.convert import state_dict_to_params
 from sd_jax.weights.safetensors_io import CheckpointError
@@ -189,7 +189,7 @@ def test_bfloat16_close_to_float32():
     x, ctx = _inputs(cfg, 32)
     t = np.array([10.0, 981.0], np.float32)
     ref = _torch_out(tm, x, t, ctx)
-    model = UNet2DConditionModel(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model = UNet2DConditionModel(cfg, policy=Policy(jnp.bfloat16, param_dtype=jnp.bfloat16))
     params = state_dict_to_params({k: v.numpy() for k, v in tm.state_dict().items()},
                                   model.param_shapes(), what="unet")
     assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
@@ -231,21 +231,19 @@ def test_auto_attention_uses_cudnn_only_where_cudnn_runs(monkeypatch):
 
 
 def test_plain_formulation_gives_model_flops_and_same_result():
-    """Under ``plain_formulation`` the CPU's blocked attention is off: XLA's cost analysis sees
-    both matmuls whole (the blocked loop's body counts once), and the result is the same."""
+    """Without CPU lowerings (``cpu_lowerings=False``, a Policy's field) the CPU's blocked
+    attention is off: XLA's cost analysis sees both matmuls whole (the blocked loop's body
+    counts once), and the result is the same."""
     b, lq, lk, h, d = 1, 2048, 2048, 2, 16        # 8M scores: blocked on the CPU
     rng = np.random.default_rng(1)
     q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for n in (lq, lk, lk))
     want = 2 * 2 * b * h * lq * lk * d             # QK^T and PV
     out, flops = {}, {}
     for plain in (False, True):
-        fn = jax.jit(lambda q, k, v: attn.dot_product_attention(q, k, v, impl="xla"))
-        with attn.plain_formulation() if plain else contextlib.nullcontext():
-            assert attn.cpu_lowerings() is (not plain and jax.default_backend() == "cpu")
-            lowered = fn.lower(q, k, v)
-            out[plain] = np.asarray(lowered.compile()(q, k, v))
+        fn = jax.jit(lambda q, k, v: attn.dot_product_attention(q, k, v, impl="xla", cpu_lowerings=not plain))
+        lowered = fn.lower(q, k, v)
+        out[plain] = np.asarray(lowered.compile()(q, k, v))
         flops[plain] = lowered.cost_analysis()["flops"]
-    assert attn.cpu_lowerings() is (jax.default_backend() == "cpu")     # the context is left
     assert want <= flops[True] <= 1.1 * want, (flops[True], want)
     assert flops[False] < 0.5 * want               # what the blocked program reports
     np.testing.assert_allclose(out[False], out[True], atol=1e-5, rtol=1e-5)

@@ -1,8 +1,7 @@
 """Scaled dot-product attention behind one function with named implementations.
 
-Modules call :func:`dot_product_attention` and pass the implementation name
-they were configured with (a field of the model config, chosen when the model is
-loaded).  The names:
+Modules call :func:`dot_product_attention` with the implementation named by their
+:class:`~sd_jax.models.policy.Policy` (chosen when the model is loaded).  The names:
 
 ``"xla"``      XLA-compiled, scores and softmax in float32.  On GPU (and for small or
                masked problems) a plain einsum + softmax; on CPU, large unmasked
@@ -15,8 +14,6 @@ loaded).  The names:
                takes (a multiple of 8, at most 128), else ``"xla"``.
 """
 from __future__ import annotations
-
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -34,24 +31,6 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked")
 # 4096x4096 self-attention 6.0 s -> 0.65 s (0.46 s), 1024x1024 157 -> 76 ms (53 ms),
 # 4096x77 cross-attention 57 -> 40 ms (33 ms), 256x256 24 -> 17 ms (11 ms).
 _CPU_BLOCK_BYTES = 8 << 20      # float32 scores per block
-_PLAIN = [False]
-
-
-@contextlib.contextmanager
-def plain_formulation():
-    """Trace the models without their CPU-specific lowerings (blocked attention, patch-matmul
-    and polyphase convolutions): the formulation every framework computes, whose XLA cost
-    analysis is the model's FLOP count (a blocked loop's body is counted once)."""
-    _PLAIN[0] = True
-    try:
-        yield
-    finally:
-        _PLAIN[0] = False
-
-
-def cpu_lowerings() -> bool:
-    """Whether the CPU-specific lowerings apply to what is traced now."""
-    return not _PLAIN[0] and jax.default_backend() == "cpu"
 _CPU_MIN_SCORES = 1 << 18       # below this (B*H*Lq*Lk) the plain path is as fast
 
 
@@ -162,7 +141,7 @@ def _resolve(impl: str, dtype, head_dim: int, masked: bool) -> str:
 
 
 def dot_product_attention(q, k, v, *, impl: str = "xla", mask=None, causal: bool = False,
-                          chunk: int = 1024):
+                          chunk: int = 1024, cpu_lowerings: bool = True):
     """Multi-head attention.
 
     Args:
@@ -170,6 +149,9 @@ def dot_product_attention(q, k, v, *, impl: str = "xla", mask=None, causal: bool
       impl: one of :data:`IMPLEMENTATIONS`.
       mask: optional boolean, broadcastable to [B, H, Lq, Lk]; True = attend.
       causal: add a causal (lower-triangular) mask.
+      cpu_lowerings: allow the CPU's blocked lowering of ``"xla"`` (when tracing for the
+        CPU); False: the plain formulation, whose XLA cost analysis is the FLOP count
+        (a blocked loop's body is counted once).
     Returns:
       [B, Lq, H, D].
     """
@@ -185,6 +167,7 @@ def dot_product_attention(q, k, v, *, impl: str = "xla", mask=None, causal: bool
         return _chunked(q, k, v, mask, scale, chunk)
     b, lq, h, _ = q.shape
     lk = k.shape[1]
-    if mask is None and cpu_lowerings() and b * h * lq * lk >= _CPU_MIN_SCORES:
+    blocked = cpu_lowerings and jax.default_backend() == "cpu"
+    if mask is None and blocked and b * h * lq * lk >= _CPU_MIN_SCORES:
         return _blocked(q, k, v, scale, _cpu_block(lk))
     return _xla(q, k, v, mask, scale)

@@ -27,21 +27,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax.models.attention import check_impl, dot_product_attention
+from sd_jax.models.attention import dot_product_attention
+from sd_jax.models.policy import Policy
 from sd_jax.weights.convert import params_to_state_dict, state_dict_to_params
 from sd_jax.weights.diffusers import read_config, read_state_dict, write_component
 from sd_jax.weights.safetensors_io import CheckpointError
 
 __all__ = ["CLIPTextConfig", "CLIPTextModel", "load", "save", "ACTIVATIONS"]
 
-Dtype = Any
 
 
 def _quick_gelu(x):
@@ -167,95 +166,86 @@ def _layer_norm(name, eps, param_dtype):
 
 class CLIPAttention(nn.Module):
     config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention: str = "xla"
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x):
-        c = self.config
+        c, p = self.config, self.policy
         b, l, _ = x.shape
         heads = c.num_attention_heads
-        dense = lambda name: nn.Dense(c.hidden_size, dtype=self.dtype,  # noqa: E731
-                                      param_dtype=self.param_dtype, name=name)
+        dense = lambda name: nn.Dense(c.hidden_size, dtype=p.dtype,  # noqa: E731
+                                      param_dtype=p.param_dtype, name=name)
         q = dense("q_proj")(x).reshape(b, l, heads, -1)
         k = dense("k_proj")(x).reshape(b, l, heads, -1)
         v = dense("v_proj")(x).reshape(b, l, heads, -1)
-        o = dot_product_attention(q, k, v, impl=self.attention, causal=True)
+        o = dot_product_attention(q, k, v, impl=p.attention, causal=True, cpu_lowerings=p.cpu_lowerings)
         return dense("out_proj")(o.reshape(b, l, c.hidden_size))
 
 
 class CLIPMLP(nn.Module):
     config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x):
-        c = self.config
-        h = nn.Dense(c.intermediate_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
+        c, p = self.config, self.policy
+        h = nn.Dense(c.intermediate_size, dtype=p.dtype, param_dtype=p.param_dtype, name="fc1")(x)
         h = ACTIVATIONS[c.hidden_act](h)
-        return nn.Dense(c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(h)
+        return nn.Dense(c.hidden_size, dtype=p.dtype, param_dtype=p.param_dtype, name="fc2")(h)
 
 
 class CLIPEncoderLayer(nn.Module):
     """Pre-LN transformer block. ``x`` is the float32 residual stream."""
     config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention: str = "xla"
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x):
-        c, d, pd = self.config, self.dtype, self.param_dtype
-        h = _layer_norm("layer_norm1", c.layer_norm_eps, pd)(x).astype(d)
-        x = x + CLIPAttention(c, d, pd, self.attention, name="self_attn")(h).astype(jnp.float32)
-        h = _layer_norm("layer_norm2", c.layer_norm_eps, pd)(x).astype(d)
-        return x + CLIPMLP(c, d, pd, name="mlp")(h).astype(jnp.float32)
+        c, p = self.config, self.policy
+        h = _layer_norm("layer_norm1", c.layer_norm_eps, p.param_dtype)(x).astype(p.dtype)
+        x = x + CLIPAttention(c, p, name="self_attn")(h).astype(jnp.float32)
+        h = _layer_norm("layer_norm2", c.layer_norm_eps, p.param_dtype)(x).astype(p.dtype)
+        return x + CLIPMLP(c, p, name="mlp")(h).astype(jnp.float32)
 
 
 class CLIPTextEmbeddings(nn.Module):
+    """Token + position embeddings, float32 (only the parameters' dtype follows the policy)."""
     config: CLIPTextConfig
-    param_dtype: Dtype = jnp.float32
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, input_ids):
-        c = self.config
-        tok = nn.Embed(c.vocab_size, c.hidden_size, dtype=jnp.float32, param_dtype=self.param_dtype,
+        c, pd = self.config, self.policy.param_dtype
+        tok = nn.Embed(c.vocab_size, c.hidden_size, dtype=jnp.float32, param_dtype=pd,
                        name="token_embedding")
         pos = nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=jnp.float32,
-                       param_dtype=self.param_dtype, name="position_embedding")
+                       param_dtype=pd, name="position_embedding")
         return tok(input_ids) + pos(jnp.arange(input_ids.shape[-1]))[None]
 
 
 class CLIPEncoder(nn.Module):
     config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention: str = "xla"
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x):
         states = [x]
         for i in range(self.config.num_hidden_layers):
-            x = CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, self.attention,
-                                 name=f"layers_{i}")(x)
+            x = CLIPEncoderLayer(self.config, self.policy, name=f"layers_{i}")(x)
             states.append(x)
         return states
 
 
 class CLIPTextTransformer(nn.Module):
     config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention: str = "xla"
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, input_ids, clip_skip=None):
-        c = self.config
-        x = CLIPTextEmbeddings(c, self.param_dtype, name="embeddings")(input_ids)
-        states = CLIPEncoder(c, self.dtype, self.param_dtype, self.attention, name="encoder")(x)
-        final_norm = _layer_norm("final_layer_norm", c.layer_norm_eps, self.param_dtype)
+        c, p = self.config, self.policy
+        x = CLIPTextEmbeddings(c, p, name="embeddings")(input_ids)
+        states = CLIPEncoder(c, p, name="encoder")(x)
+        final_norm = _layer_norm("final_layer_norm", c.layer_norm_eps, p.param_dtype)
         last = final_norm(states[-1])
         if c.eos_token_id == 2 or c.eos_token_id is None:
             # Legacy configs (all real SD 1.x/2.x checkpoints): the EOS token has the highest id.
@@ -273,14 +263,26 @@ class CLIPTextModel(nn.Module):
 
     Attributes:
       config: the :class:`CLIPTextConfig`.
-      dtype: the computation dtype of the matmuls and of the outputs.
-      param_dtype: the parameters' dtype (for ``init``).
-      attention: an implementation name of :func:`sd_jax.models.attention.dot_product_attention`.
+      policy: how it computes (:class:`sd_jax.models.policy.Policy`): ``dtype`` is the
+        computation dtype of the matmuls and of the outputs, ``param_dtype`` the
+        parameters' (for ``init``), ``attention`` an implementation name of
+        :func:`sd_jax.models.attention.dot_product_attention`.  ``dtype``,
+        ``param_dtype`` and ``attention`` read through to it.
     """
     config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention: str = "xla"
+    policy: Policy = Policy()
+
+    @property
+    def dtype(self):
+        return self.policy.dtype
+
+    @property
+    def param_dtype(self):
+        return self.policy.param_dtype
+
+    @property
+    def attention(self) -> str:
+        return self.policy.attention
 
     @nn.compact
     def __call__(self, input_ids, *, clip_skip: int | None = None) -> dict:
@@ -301,8 +303,7 @@ class CLIPTextModel(nn.Module):
           ``text_embeds`` [B, projection_dim] (projection models only):
           ``text_projection(pooler_output)``.
         """
-        c = self.config
-        check_impl(self.attention)
+        c, p = self.config, self.policy
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
         if input_ids.shape[1] > c.max_position_embeddings:
@@ -312,15 +313,15 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"clip_skip must be in [0, {c.num_hidden_layers}] for a "
                              f"{c.num_hidden_layers}-layer text encoder, got {clip_skip}")
         last, states, pooled, prompt = CLIPTextTransformer(
-            c, self.dtype, self.param_dtype, self.attention, name="text_model")(input_ids, clip_skip)
-        out = dict(last_hidden_state=last.astype(self.dtype),
-                   hidden_states=tuple(s.astype(self.dtype) for s in states),
-                   pooler_output=pooled.astype(self.dtype),
-                   prompt_embeds=prompt.astype(self.dtype))
+            c, p, name="text_model")(input_ids, clip_skip)
+        out = dict(last_hidden_state=last.astype(p.dtype),
+                   hidden_states=tuple(s.astype(p.dtype) for s in states),
+                   pooler_output=pooled.astype(p.dtype),
+                   prompt_embeds=prompt.astype(p.dtype))
         if c.projection_dim:
-            out["text_embeds"] = nn.Dense(c.projection_dim, use_bias=False, dtype=self.dtype,
-                                          param_dtype=self.param_dtype,
-                                          name="text_projection")(pooled.astype(self.dtype))
+            out["text_embeds"] = nn.Dense(c.projection_dim, use_bias=False, dtype=p.dtype,
+                                          param_dtype=p.param_dtype,
+                                          name="text_projection")(pooled.astype(p.dtype))
         return out
 
     @nn.nowrap
@@ -351,7 +352,8 @@ def _canonical_key(key: str) -> str | None:
 
 
 def load(folder: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, attention: str = "xla",
-         variant: str | None = None, allow_pickle: bool = False) -> tuple[CLIPTextModel, dict]:
+         policy: Policy | None = None, variant: str | None = None,
+         allow_pickle: bool = False) -> tuple[CLIPTextModel, dict]:
     """Read a ``text_encoder/`` (or ``text_encoder_2/``) folder: ``config.json`` + weights.
 
     Args:
@@ -359,6 +361,8 @@ def load(folder: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, atte
       dtype: computation dtype.
       param_dtype: dtype the parameters are stored in; None = ``dtype``.
       attention: attention implementation name.
+      policy: the model's :class:`~sd_jax.models.policy.Policy`; None:
+        ``Policy(dtype, param_dtype, attention)``.
       variant, allow_pickle: as :func:`sd_jax.weights.diffusers.read_state_dict`.
     Returns:
       ``(model, params)``; params are on the default device.
@@ -366,7 +370,7 @@ def load(folder: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, atte
       CheckpointError: missing folder/files, or weights that do not match the config.
     """
     folder = os.fspath(folder)
-    check_impl(attention)
+    policy = policy or Policy(dtype, param_dtype, attention)
     if not os.path.isdir(folder):
         raise CheckpointError(f"text encoder folder {folder!r} not found")
     config = CLIPTextConfig.from_dict(read_config(folder))
@@ -374,10 +378,9 @@ def load(folder: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, atte
     proj = state_dict.get("text_projection.weight")
     if proj is not None and config.projection_dim is None:   # architectures did not say so
         config = dataclasses.replace(config, projection_dim=int(proj.shape[0]))
-    param_dtype = dtype if param_dtype is None else param_dtype
-    model = CLIPTextModel(config, dtype=dtype, param_dtype=param_dtype, attention=attention)
+    model = CLIPTextModel(config, policy=policy)
     params = state_dict_to_params(state_dict, model.param_shapes(), what=f"text encoder ({folder})",
-                                  rename=_canonical_key, dtype=param_dtype)
+                                  rename=_canonical_key, dtype=policy.param_dtype)
     return model, jax.device_put(params)
 
 

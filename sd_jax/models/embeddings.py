@@ -6,12 +6,10 @@ their products with the frequencies lose whole periods in bfloat16.
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
-Dtype = Any
+from sd_jax.models.policy import Policy
 
 
 def get_timestep_embedding(timesteps, embedding_dim: int, flip_sin_to_cos: bool = False,
@@ -41,13 +39,11 @@ def get_timestep_embedding(timesteps, embedding_dim: int, flip_sin_to_cos: bool 
 class TimestepEmbedding(nn.Module):
     """diffusers ``TimestepEmbedding``: ``linear_1`` -> SiLU -> ``linear_2``."""
     time_embed_dim: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="linear_1")(x.astype(self.dtype))
+        d, pd = self.policy.dtype, self.policy.param_dtype
+        x = nn.Dense(self.time_embed_dim, dtype=d, param_dtype=pd, name="linear_1")(x.astype(d))
         x = nn.silu(x)
-        return nn.Dense(self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="linear_2")(x)
+        return nn.Dense(self.time_embed_dim, dtype=d, param_dtype=pd, name="linear_2")(x)

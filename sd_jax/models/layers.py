@@ -5,16 +5,12 @@ Parameter names mirror diffusers' ``ResnetBlock2D``, ``Downsample2D`` and
 """
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax.models.attention import cpu_lowerings
-
-Dtype = Any
+from sd_jax.models.policy import Policy
 
 
 def group_norm(name, groups, eps, param_dtype):
@@ -29,10 +25,11 @@ def norm(layer: nn.GroupNorm, x, dtype):
     return layer(x.astype(jnp.float32)).astype(dtype)
 
 
-def conv(features, name, dtype, param_dtype, kernel=3, stride=1, padding=1):
+def conv(features, name, policy: Policy, kernel=3, stride=1, padding=1):
+    """``nn.Conv`` (XLA's convolution whatever the policy's ``conv_impl``)."""
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((padding, padding), (padding, padding)),
-                   dtype=dtype, param_dtype=param_dtype, name=name)
+                   dtype=policy.dtype, param_dtype=policy.param_dtype, name=name)
 
 
 # --------------------------------------------------------------------------------------
@@ -46,7 +43,6 @@ def conv(features, name, dtype, param_dtype, kernel=3, stride=1, padding=1):
 # The parameters are nn.Conv's (`kernel` [kh, kw, in, out], `bias`), so checkpoints and
 # the weight converter are unaffected.
 
-CONV_IMPLS = ("auto", "lax", "im2col")
 IM2COL_MAX_PIXELS = 256        # "auto": im2col on CPU when the output has <= this many pixels
 
 
@@ -67,15 +63,13 @@ def conv_im2col(x, kernel, stride: int = 1, padding: int = 1):
 
 class Conv2D(nn.Module):
     """``nn.Conv`` (square kernel, symmetric padding, NHWC) with the same parameters, whose
-    lowering is chosen by ``impl``: ``"lax"`` (``lax.conv_general_dilated``), ``"im2col"``,
-    or ``"auto"`` (im2col on CPU for small outputs, see ``IM2COL_MAX_PIXELS``)."""
+    lowering is the policy's ``conv_impl``: ``"lax"`` (``lax.conv_general_dilated``),
+    ``"im2col"``, or ``"auto"`` (im2col on CPU for small outputs, see ``IM2COL_MAX_PIXELS``)."""
     features: int
     kernel_size: int = 3
     stride: int = 1
     padding: int = 1
-    impl: str = "auto"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x, upsample: bool = False):
@@ -83,21 +77,20 @@ class Conv2D(nn.Module):
         :func:`upsample2x_conv3x3` (3x3, stride 1, padding 1 only)."""
         k = self.kernel_size
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                            (k, k, x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+                            (k, k, x.shape[-1], self.features), self.policy.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.policy.param_dtype)
+        d = self.policy.dtype
+        x, kernel, bias = x.astype(d), kernel.astype(d), bias.astype(d)
         if upsample:
             if (k, self.stride, self.padding) != (3, 1, 1):
                 raise ValueError("Conv2D(upsample=True) needs a 3x3 kernel, stride 1, padding 1")
             return upsample2x_conv3x3(x, kernel) + bias
-        if self.impl not in CONV_IMPLS:
-            raise ValueError(f"unknown conv impl {self.impl!r}; choose one of {CONV_IMPLS}")
-        impl = self.impl
+        impl = self.policy.conv_impl
         if impl == "auto":
             ho = (x.shape[1] + 2 * self.padding - k) // self.stride + 1
             wo = (x.shape[2] + 2 * self.padding - k) // self.stride + 1
             small = ho * wo <= IM2COL_MAX_PIXELS and k > 1
-            impl = "im2col" if small and cpu_lowerings() else "lax"
+            impl = "im2col" if small and self.policy.cpu_specific() else "lax"
         if impl == "im2col" or k == 1:
             y = conv_im2col(x, kernel, self.stride, self.padding)
         else:
@@ -107,14 +100,14 @@ class Conv2D(nn.Module):
         return y + bias
 
 
-def conv2d(features, name, dtype, param_dtype, kernel=3, stride=1, padding=1, impl="auto"):
-    """Like :func:`conv`, through :class:`Conv2D`."""
-    return Conv2D(features, kernel, stride, padding, impl, dtype, param_dtype, name=name)
+def conv2d(features, name, policy: Policy, kernel=3, stride=1, padding=1):
+    """Like :func:`conv`, through :class:`Conv2D` (lowered as the policy says)."""
+    return Conv2D(features, kernel, stride, padding, policy, name=name)
 
 
 # --------------------------------------------------------------------------------------
 # The UNet's and VAE's blocks.  Their convolutions are :class:`Conv2D` (``nn.Conv``'s
-# parameters), so ``conv_impl`` picks a lowering without touching checkpoints.
+# parameters), so the policy's ``conv_impl`` picks a lowering without touching checkpoints.
 
 class ResnetBlock2D(nn.Module):
     """diffusers ``ResnetBlock2D`` (default "default" time-embedding norm, SiLU)."""
@@ -122,23 +115,22 @@ class ResnetBlock2D(nn.Module):
     groups: int = 32
     eps: float = 1e-5
     output_scale_factor: float = 1.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x, temb=None):
         """x: [B, H, W, C]; temb: [B, T] or None. Returns [B, H, W, out_channels]."""
-        d, pd, ci = self.dtype, self.param_dtype, self.conv_impl
+        p = self.policy
+        d, pd = p.dtype, p.param_dtype
         h = norm(group_norm("norm1", self.groups, self.eps, pd), x, d)
-        h = conv2d(self.out_channels, "conv1", d, pd, impl=ci)(nn.silu(h))
+        h = conv2d(self.out_channels, "conv1", p)(nn.silu(h))
         if temb is not None:
             t = nn.Dense(self.out_channels, dtype=d, param_dtype=pd, name="time_emb_proj")(nn.silu(temb))
             h = h + t[:, None, None, :]
         h = norm(group_norm("norm2", self.groups, self.eps, pd), h, d)
-        h = conv2d(self.out_channels, "conv2", d, pd, impl=ci)(nn.silu(h))
+        h = conv2d(self.out_channels, "conv2", p)(nn.silu(h))
         if x.shape[-1] != self.out_channels:
-            x = conv2d(self.out_channels, "conv_shortcut", d, pd, kernel=1, padding=0, impl=ci)(x)
+            x = conv2d(self.out_channels, "conv_shortcut", p, kernel=1, padding=0)(x)
         return ((x + h) / self.output_scale_factor).astype(d)
 
 
@@ -146,16 +138,13 @@ class Downsample2D(nn.Module):
     """Strided 3x3 conv. ``padding=0`` is the VAE encoder's form: pad right/bottom by one."""
     out_channels: int
     padding: int = 1
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x):
         if self.padding == 0:
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return conv2d(self.out_channels, "conv", self.dtype, self.param_dtype, stride=2,
-                      padding=self.padding, impl=self.conv_impl)(x)
+        return conv2d(self.out_channels, "conv", self.policy, stride=2, padding=self.padding)(x)
 
 
 POLYPHASE_MIN_PIXELS = 256     # "auto": polyphase upsampling on CPU from this input size
@@ -180,27 +169,25 @@ def upsample2x_conv3x3(x, kernel):
 
 
 class Upsample2D(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 conv; with ``conv_impl="auto"`` on
-    CPU and inputs of at least ``POLYPHASE_MIN_PIXELS`` pixels, computed as
-    :func:`upsample2x_conv3x3` (2.25x fewer FLOPs)."""
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv; with the policy's
+    ``conv_impl="auto"`` on CPU and inputs of at least ``POLYPHASE_MIN_PIXELS`` pixels,
+    computed as :func:`upsample2x_conv3x3` (2.25x fewer FLOPs)."""
     out_channels: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x, size=None):
         """``size``: the (H, W) to upsample to when it is not exactly twice the input's (an
         odd-sized skip connection, as diffusers' ``upsample_size``): nearest-neighbour then."""
         b, h, w, c = x.shape
-        conv_layer = conv2d(self.out_channels, "conv", self.dtype, self.param_dtype, impl=self.conv_impl)
+        conv_layer = conv2d(self.out_channels, "conv", self.policy)
         if size is not None and tuple(size) != (2 * h, 2 * w):
             # torch's "nearest": source index floor(dst * in / out)
             rows = (np.arange(size[0]) * h) // size[0]
             cols = (np.arange(size[1]) * w) // size[1]
             return conv_layer(x[:, rows][:, :, cols])
-        if (self.conv_impl == "auto" and h * w >= POLYPHASE_MIN_PIXELS
-                and cpu_lowerings()):
+        if (self.policy.conv_impl == "auto" and h * w >= POLYPHASE_MIN_PIXELS
+                and self.policy.cpu_specific()):
             return conv_layer(x, upsample=True)
         x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
         return conv_layer(x)

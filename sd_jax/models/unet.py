@@ -17,21 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sd_jax.models.attention import check_impl, dot_product_attention
+from sd_jax.models.attention import dot_product_attention
 from sd_jax.models.embeddings import TimestepEmbedding, get_timestep_embedding
-from sd_jax.models.layers import (CONV_IMPLS, Downsample2D, ResnetBlock2D, Upsample2D,
-                                  conv2d, group_norm, norm)
+from sd_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv2d, group_norm, norm
+from sd_jax.models.policy import Policy
 from sd_jax.weights.convert import params_to_state_dict, state_dict_to_params
 from sd_jax.weights.diffusers import read_config, read_state_dict, write_component
 from sd_jax.weights.safetensors_io import CheckpointError
 
-Dtype = Any
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -240,36 +238,35 @@ class UNetConfig:
 class PointwiseConv(nn.Module):
     """A 1x1 convolution (``kernel`` [1, 1, in, out], as PyTorch stores it) done as a matmul."""
     features: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x):
-        k = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features),
-                       self.param_dtype)
-        b = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), k[0, 0].astype(self.dtype))
-        return y + b.astype(self.dtype)
+        d, pd = self.policy.dtype, self.policy.param_dtype
+        k = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features), pd)
+        b = self.param("bias", nn.initializers.zeros, (self.features,), pd)
+        y = jnp.dot(x.astype(d), k[0, 0].astype(d))
+        return y + b.astype(d)
 
 
 class Attention(nn.Module):
     """diffusers ``Attention`` (``to_q``/``to_k``/``to_v`` without bias, ``to_out.0``)."""
     heads: int
     dim_head: int
-    attention: str = "xla"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x, context=None):
-        d, pd = self.dtype, self.param_dtype
+        p = self.policy
         inner = self.heads * self.dim_head
-        dense = lambda n, name, bias=False: nn.Dense(n, use_bias=bias, dtype=d, param_dtype=pd, name=name)
+        dense = lambda n, name, bias=False: nn.Dense(n, use_bias=bias, dtype=p.dtype,  # noqa: E731
+                                                     param_dtype=p.param_dtype, name=name)
         ctx = x if context is None else context
         q, k, v = dense(inner, "to_q")(x), dense(inner, "to_k")(ctx), dense(inner, "to_v")(ctx)
-        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)  # noqa: E731
         # Scores and softmax are float32 in every implementation: this is upcast_attention.
-        o = dot_product_attention(split(q), split(k), split(v), impl=self.attention)
+        o = dot_product_attention(split(q), split(k), split(v), impl=p.attention,
+                                  cpu_lowerings=p.cpu_lowerings)
         o = o.reshape(x.shape[0], x.shape[1], inner)
         return dense(x.shape[-1], "to_out_0", bias=True)(o)
 
@@ -277,51 +274,48 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """diffusers ``FeedForward(activation_fn="geglu")``: ``net.0.proj`` -> GEGLU -> ``net.2``."""
     mult: int = 4
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x):
-        d, pd = self.dtype, self.param_dtype
+        p = self.policy
         dim = x.shape[-1]
         inner = dim * self.mult
-        h = _GEGLUProj(2 * inner, dtype=d, param_dtype=pd, name="net_0")(x)
+        h = _GEGLUProj(2 * inner, policy=p, name="net_0")(x)
         h, gate = h[..., :inner], h[..., inner:]
         h = h * nn.gelu(gate, approximate=False)
-        return nn.Dense(dim, dtype=d, param_dtype=pd, name="net_2")(h)
+        return nn.Dense(dim, dtype=p.dtype, param_dtype=p.param_dtype, name="net_2")(h)
 
 
 class _GEGLUProj(nn.Module):
     """Holds ``net.0.proj`` (diffusers' GEGLU module wraps its Linear as ``proj``)."""
     features: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+        p = self.policy
+        return nn.Dense(self.features, dtype=p.dtype, param_dtype=p.param_dtype, name="proj")(x)
 
 
 class BasicTransformerBlock(nn.Module):
     """Self-attention, cross-attention, GEGLU feed-forward; pre-LayerNorm residuals."""
     heads: int
     dim_head: int
-    attention: str = "xla"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x, context):
-        d, pd = self.dtype, self.param_dtype
+        p = self.policy
 
         def ln(name, h):  # float32 statistics, like the group norms
-            return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=pd, name=name)(
-                h.astype(jnp.float32)).astype(d)
+            return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=p.param_dtype, name=name)(
+                h.astype(jnp.float32)).astype(p.dtype)
 
-        attn = lambda name: Attention(self.heads, self.dim_head, self.attention, d, pd, name=name)
+        attn = lambda name: Attention(self.heads, self.dim_head, policy=p, name=name)  # noqa: E731
         x = x + attn("attn1")(ln("norm1", x))
         x = x + attn("attn2")(ln("norm2", x), context)
-        x = x + FeedForward(dtype=d, param_dtype=pd, name="ff")(ln("norm3", x))
+        x = x + FeedForward(policy=p, name="ff")(ln("norm3", x))
         return x
 
 
@@ -332,22 +326,20 @@ class Transformer2DModel(nn.Module):
     num_layers: int = 1
     groups: int = 32
     use_linear_projection: bool = False
-    attention: str = "xla"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x, context):
-        d, pd = self.dtype, self.param_dtype
+        p = self.policy
         b, hh, ww, c = x.shape
         inner = self.heads * self.dim_head
-        proj = (lambda n, name: nn.Dense(n, dtype=d, param_dtype=pd, name=name)) \
+        proj = (lambda n, name: nn.Dense(n, dtype=p.dtype, param_dtype=p.param_dtype, name=name)) \
             if self.use_linear_projection else \
-            (lambda n, name: PointwiseConv(n, dtype=d, param_dtype=pd, name=name))
-        h = norm(group_norm("norm", self.groups, 1e-6, pd), x, d)
+            (lambda n, name: PointwiseConv(n, policy=p, name=name))
+        h = norm(group_norm("norm", self.groups, 1e-6, p.param_dtype), x, p.dtype)
         h = proj(inner, "proj_in")(h.reshape(b, hh * ww, c))
         for i in range(self.num_layers):
-            h = BasicTransformerBlock(self.heads, self.dim_head, self.attention, d, pd,
+            h = BasicTransformerBlock(self.heads, self.dim_head, policy=p,
                                       name=f"transformer_blocks_{i}")(h, context)
         h = proj(c, "proj_out")(h)
         return h.reshape(b, hh, ww, c) + x
@@ -364,27 +356,24 @@ class DownBlock(nn.Module):
     groups: int = 32
     eps: float = 1e-5
     use_linear_projection: bool = False
-    attention: str = "xla"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x, temb, context):
-        d, pd = self.dtype, self.param_dtype
+        p = self.policy
         states = []
         for i in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, self.groups, self.eps, dtype=d, param_dtype=pd,
-                                  conv_impl=self.conv_impl, name=f"resnets_{i}")(x, temb)
+            x = ResnetBlock2D(self.out_channels, self.groups, self.eps, policy=p,
+                              name=f"resnets_{i}")(x, temb)
             if self.transformer_layers is not None:
                 x = Transformer2DModel(self.heads, self.out_channels // self.heads,
                                        self.transformer_layers[i], self.groups,
-                                       self.use_linear_projection, self.attention, d, pd,
+                                       self.use_linear_projection, policy=p,
                                        name=f"attentions_{i}")(x, context)
             states.append(x)
         if self.add_downsample:
-            x = Downsample2D(self.out_channels, self.downsample_padding, d, pd,
-                                 conv_impl=self.conv_impl, name="downsamplers_0")(x)
+            x = Downsample2D(self.out_channels, self.downsample_padding, policy=p,
+                             name="downsamplers_0")(x)
             states.append(x)
         return x, states
 
@@ -399,27 +388,23 @@ class UpBlock(nn.Module):
     groups: int = 32
     eps: float = 1e-5
     use_linear_projection: bool = False
-    attention: str = "xla"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x, skips, temb, context, upsample_size=None):
-        d, pd = self.dtype, self.param_dtype
+        p = self.policy
         skips = list(skips)
         for i in range(self.num_layers):
             x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
-            x = ResnetBlock2D(self.out_channels, self.groups, self.eps, dtype=d, param_dtype=pd,
-                                  conv_impl=self.conv_impl, name=f"resnets_{i}")(x, temb)
+            x = ResnetBlock2D(self.out_channels, self.groups, self.eps, policy=p,
+                              name=f"resnets_{i}")(x, temb)
             if self.transformer_layers is not None:
                 x = Transformer2DModel(self.heads, self.out_channels // self.heads,
                                        self.transformer_layers[i], self.groups,
-                                       self.use_linear_projection, self.attention, d, pd,
+                                       self.use_linear_projection, policy=p,
                                        name=f"attentions_{i}")(x, context)
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, d, pd, conv_impl=self.conv_impl,
-                               name="upsamplers_0")(x, upsample_size)
+            x = Upsample2D(self.out_channels, policy=p, name="upsamplers_0")(x, upsample_size)
         return x
 
 
@@ -432,20 +417,16 @@ class MidBlock(nn.Module):
     eps: float = 1e-5
     output_scale_factor: float = 1.0
     use_linear_projection: bool = False
-    attention: str = "xla"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x, temb, context):
-        d, pd = self.dtype, self.param_dtype
-        res = lambda i: ResnetBlock2D(self.channels, self.groups, self.eps,
-                                          self.output_scale_factor, dtype=d, param_dtype=pd,
-                                          conv_impl=self.conv_impl, name=f"resnets_{i}")
+        p = self.policy
+        res = lambda i: ResnetBlock2D(self.channels, self.groups, self.eps,  # noqa: E731
+                                      self.output_scale_factor, policy=p, name=f"resnets_{i}")
         x = res(0)(x, temb)
         x = Transformer2DModel(self.heads, self.channels // self.heads, self.transformer_layers,
-                               self.groups, self.use_linear_projection, self.attention, d, pd,
+                               self.groups, self.use_linear_projection, policy=p,
                                name="attentions_0")(x, context)
         return res(1)(x, temb)
 
@@ -453,16 +434,26 @@ class MidBlock(nn.Module):
 class UNet2DConditionModel(nn.Module):
     """The conditional denoiser.
 
-    ``dtype`` is the compute dtype (``jnp.bfloat16`` works: norms, softmax and the
-    timestep embedding stay float32); ``attention`` names a
-    :mod:`sd_jax.models.attention` implementation; ``conv_impl`` the convolutions'
+    ``policy`` (:class:`sd_jax.models.policy.Policy`): how it computes.  A bfloat16
+    ``dtype`` works (norms, softmax and the timestep embedding stay float32); ``attention``
+    names a :mod:`sd_jax.models.attention` implementation; ``conv_impl`` the convolutions'
     lowering (:class:`sd_jax.models.layers.Conv2D`; "auto" is right unless measuring).
+    ``dtype``, ``param_dtype`` and ``attention`` read through to the policy.
     """
     config: UNetConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention: str = "xla"
-    conv_impl: str = "auto"
+    policy: Policy = Policy()
+
+    @property
+    def dtype(self):
+        return self.policy.dtype
+
+    @property
+    def param_dtype(self):
+        return self.policy.param_dtype
+
+    @property
+    def attention(self) -> str:
+        return self.policy.attention
 
     def _added_embedding(self, emb, added_cond_kwargs):
         """Extension point for ``addition_embed_type`` (SDXL: ``"text_time"`` adds
@@ -480,11 +471,8 @@ class UNet2DConditionModel(nn.Module):
         encoder_hidden_states [B, L, cross_attention_dim].  Returns [B, H, W, out_channels]
         in ``dtype``.  Any H and W: where a level's size is odd, upsampling goes back to the
         skip connection's size (diffusers' ``upsample_size``)."""
-        cfg, d, pd = self.config, self.dtype, self.param_dtype
-        check_impl(self.attention)
-        if self.conv_impl not in CONV_IMPLS:
-            raise ValueError(f"unknown conv_impl {self.conv_impl!r}; choose one of {CONV_IMPLS}")
-        ci = self.conv_impl
+        cfg, p = self.config, self.policy
+        d, pd = p.dtype, p.param_dtype
         b = sample.shape[0]
         if sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"sample has {sample.shape[-1]} channels, the UNet takes {cfg.in_channels} "
@@ -497,10 +485,10 @@ class UNet2DConditionModel(nn.Module):
         # time
         t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (b,))
         t_emb = get_timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        emb = TimestepEmbedding(cfg.time_embed_dim, d, pd, name="time_embedding")(t_emb.astype(d))
+        emb = TimestepEmbedding(cfg.time_embed_dim, policy=p, name="time_embedding")(t_emb.astype(d))
         emb = self._added_embedding(emb, added_cond_kwargs)
 
-        x = conv2d(cfg.block_out_channels[0], "conv_in", d, pd, impl=ci)(x)
+        x = conv2d(cfg.block_out_channels[0], "conv_in", p)(x)
         skips = [x]
         groups, eps, heads = cfg.norm_num_groups, cfg.norm_eps, cfg.heads
         for i, kind in enumerate(cfg.down_block_types):
@@ -509,14 +497,14 @@ class UNet2DConditionModel(nn.Module):
                 cfg.down_transformer_layers(i) if kind == "CrossAttnDownBlock2D" else None,
                 heads[i], add_downsample=i < cfg.n_blocks - 1,
                 downsample_padding=cfg.downsample_padding, groups=groups, eps=eps,
-                use_linear_projection=cfg.use_linear_projection, attention=self.attention,
-                dtype=d, param_dtype=pd, conv_impl=ci, name=f"down_blocks_{i}")(x, emb, context)
+                use_linear_projection=cfg.use_linear_projection, policy=p,
+                name=f"down_blocks_{i}")(x, emb, context)
             skips += states
 
         if cfg.mid_block_type is not None:
             x = MidBlock(cfg.block_out_channels[-1], cfg.mid_transformer_layers(), heads[-1], groups,
-                         eps, cfg.mid_block_scale_factor, cfg.use_linear_projection, self.attention,
-                         d, pd, ci, name="mid_block")(x, emb, context)
+                         eps, cfg.mid_block_scale_factor, cfg.use_linear_projection, policy=p,
+                         name="mid_block")(x, emb, context)
 
         rev_ch, rev_heads, rev_layers = (cfg.block_out_channels[::-1], heads[::-1], cfg.layers[::-1])
         for i, kind in enumerate(cfg.up_block_types):
@@ -525,12 +513,12 @@ class UNet2DConditionModel(nn.Module):
             x = UpBlock(
                 rev_ch[i], n, cfg.up_transformer_layers(i) if kind == "CrossAttnUpBlock2D" else None,
                 rev_heads[i], add_upsample=i < cfg.n_blocks - 1, groups=groups, eps=eps,
-                use_linear_projection=cfg.use_linear_projection, attention=self.attention,
-                dtype=d, param_dtype=pd, conv_impl=ci, name=f"up_blocks_{i}")(
+                use_linear_projection=cfg.use_linear_projection, policy=p,
+                name=f"up_blocks_{i}")(
                     x, block_skips, emb, context, skips[-1].shape[1:3] if skips else None)
 
         x = norm(group_norm("conv_norm_out", groups, eps, pd), x, d)
-        return conv2d(cfg.out_channels, "conv_out", d, pd, impl=ci)(nn.silu(x))
+        return conv2d(cfg.out_channels, "conv_out", p)(nn.silu(x))
 
     # ----------------------------------------------------------------- helpers
     def dummy_inputs(self, batch: int = 1, size: int | None = None, seq: int = 1):
@@ -548,19 +536,20 @@ class UNet2DConditionModel(nn.Module):
 
 # --------------------------------------------------------------------------- I/O
 def load(folder: str, *, dtype=jnp.float32, param_dtype=None, attention: str = "xla",
-         variant: str | None = None, allow_pickle: bool = False):
+         policy: Policy | None = None, variant: str | None = None, allow_pickle: bool = False):
     """Read a diffusers ``unet/`` folder -> ``(model, params)``.
 
-    ``param_dtype`` defaults to ``dtype``.  Raises ``CheckpointError`` when the weights do
-    not match config.json, ``NotImplementedError`` for unsupported configs (e.g. SDXL).
+    The model computes as ``policy`` says, or when it is None, as
+    ``Policy(dtype, param_dtype, attention)`` (``param_dtype`` defaults to ``dtype``).
+    Raises ``CheckpointError`` when the weights do not match config.json,
+    ``NotImplementedError`` for unsupported configs (e.g. SDXL).
     """
-    param_dtype = param_dtype or dtype
+    policy = policy or Policy(dtype, param_dtype, attention)
     config = UNetConfig.from_dict(read_config(folder))
-    model = UNet2DConditionModel(config, dtype=dtype, param_dtype=param_dtype,
-                                 attention=check_impl(attention))
+    model = UNet2DConditionModel(config, policy=policy)
     shapes = model.param_shapes()
     sd = read_state_dict(folder, variant=variant, allow_pickle=allow_pickle)
-    params = state_dict_to_params(sd, shapes, what="unet", dtype=param_dtype)
+    params = state_dict_to_params(sd, shapes, what="unet", dtype=policy.param_dtype)
     return model, jax.tree.map(jnp.asarray, params)
 
 

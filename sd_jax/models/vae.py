@@ -29,20 +29,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sd_jax.models.attention import check_impl, dot_product_attention
+from sd_jax.models.attention import dot_product_attention
 from sd_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm, norm
+from sd_jax.models.policy import Policy
 from sd_jax.weights.convert import params_to_state_dict, state_dict_to_params
 from sd_jax.weights.diffusers import read_config, read_state_dict, write_component
 from sd_jax.weights.safetensors_io import CheckpointError
 
-Dtype = Any
-
 _DOWN = "DownEncoderBlock2D"
 _UP = "UpDecoderBlock2D"
 EPS = 1e-6  # every GroupNorm in the diffusers VAE uses eps=1e-6
-# XLA's own convolutions: the CPU lowerings of the shared blocks (patch matmuls, polyphase
-# upsampling) were made for the UNet's small grids; in the VAE decoder at 512 px they were
-# not faster (bench_vae.py: 10.9-13.5 s against 12.0-12.4 s per decode, within the noise).
+# The blocks' convolutions under conv_impl="auto": XLA's own.  The CPU lowerings of the
+# shared blocks (patch matmuls, polyphase upsampling) were made for the UNet's small grids;
+# in the VAE decoder at 512 px they were not faster (bench_vae.py: 10.9-13.5 s against 12.0-12.4 s per decode, within the noise).
 CONV_IMPL = "lax"
 
 
@@ -161,13 +160,12 @@ def _attention_impl(impl: str, head_dim: int) -> str:
 class VAEAttention(nn.Module):
     """diffusers ``Attention`` as the VAE mid block uses it: GroupNorm, one head, residual."""
     groups: int
-    attention: str = "xla"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x):
-        d, pd = self.dtype, self.param_dtype
+        p = self.policy
+        d, pd = p.dtype, p.param_dtype
         b, h, w, c = x.shape
         y = norm(group_norm("group_norm", self.groups, EPS, pd), x, d).reshape(b, h * w, 1, c)
 
@@ -175,7 +173,8 @@ class VAEAttention(nn.Module):
             return nn.Dense(c, dtype=d, param_dtype=pd, name=name)
 
         q, k, v = dense("to_q")(y), dense("to_k")(y), dense("to_v")(y)
-        o = dot_product_attention(q, k, v, impl=_attention_impl(self.attention, c))
+        o = dot_product_attention(q, k, v, impl=_attention_impl(p.attention, c),
+                                  cpu_lowerings=p.cpu_lowerings)
         o = dense("to_out_0")(o.reshape(b, h * w, c))
         return (o.reshape(b, h, w, c) + x).astype(d)
 
@@ -185,17 +184,14 @@ class VAEMidBlock(nn.Module):
     channels: int
     groups: int
     add_attention: bool = True
-    attention: str = "xla"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(groups=self.groups, eps=EPS, dtype=self.dtype, param_dtype=self.param_dtype,
-                  conv_impl=CONV_IMPL)
+        kw = dict(groups=self.groups, eps=EPS, policy=self.policy)
         x = ResnetBlock2D(self.channels, name="resnets_0", **kw)(x)
         if self.add_attention:
-            x = VAEAttention(self.groups, self.attention, self.dtype, self.param_dtype, name="attentions_0")(x)
+            x = VAEAttention(self.groups, policy=self.policy, name="attentions_0")(x)
         return ResnetBlock2D(self.channels, name="resnets_1", **kw)(x)
 
 
@@ -205,18 +201,15 @@ class DownEncoderBlock2D(nn.Module):
     layers: int
     groups: int
     add_downsample: bool
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x):
-        d, pd = self.dtype, self.param_dtype
+        p = self.policy
         for j in range(self.layers):
-            x = ResnetBlock2D(self.channels, groups=self.groups, eps=EPS, dtype=d, param_dtype=pd,
-                              conv_impl=CONV_IMPL, name=f"resnets_{j}")(x)
+            x = ResnetBlock2D(self.channels, groups=self.groups, eps=EPS, policy=p, name=f"resnets_{j}")(x)
         if self.add_downsample:
-            x = Downsample2D(self.channels, padding=0, dtype=d, param_dtype=pd, conv_impl=CONV_IMPL,
-                             name="downsamplers_0")(x)
+            x = Downsample2D(self.channels, padding=0, policy=p, name="downsamplers_0")(x)
         return x
 
 
@@ -226,58 +219,58 @@ class UpDecoderBlock2D(nn.Module):
     layers: int
     groups: int
     add_upsample: bool
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x):
-        d, pd = self.dtype, self.param_dtype
+        p = self.policy
         for j in range(self.layers):
-            x = ResnetBlock2D(self.channels, groups=self.groups, eps=EPS, dtype=d, param_dtype=pd,
-                              conv_impl=CONV_IMPL, name=f"resnets_{j}")(x)
+            x = ResnetBlock2D(self.channels, groups=self.groups, eps=EPS, policy=p, name=f"resnets_{j}")(x)
         if self.add_upsample:
-            x = Upsample2D(self.channels, dtype=d, param_dtype=pd, conv_impl=CONV_IMPL, name="upsamplers_0")(x)
+            x = Upsample2D(self.channels, policy=p, name="upsamplers_0")(x)
         return x
+
+
+def _blocks_policy(policy: Policy) -> Policy:
+    """The policy of the VAE's blocks: ``conv_impl="auto"`` means XLA's own convolutions here
+    (see :data:`CONV_IMPL`); a lowering asked for by name is used as asked."""
+    return policy.replace(conv_impl=CONV_IMPL) if policy.conv_impl == "auto" else policy
 
 
 class Encoder(nn.Module):
     """images [B, H, W, in] -> posterior moments [B, H/f, W/f, 2 * latent] (before quant_conv)."""
     config: VAEConfig
-    attention: str = "xla"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x):
-        cfg, d, pd = self.config, self.dtype, self.param_dtype
+        cfg, p = self.config, _blocks_policy(self.policy)
         chans, g = cfg.block_out_channels, cfg.norm_num_groups
-        x = conv(chans[0], "conv_in", d, pd)(x.astype(d))
+        x = conv(chans[0], "conv_in", p)(x.astype(p.dtype))
         for i, ch in enumerate(chans):
-            x = DownEncoderBlock2D(ch, cfg.layers_per_block, g, i < len(chans) - 1, d, pd,
+            x = DownEncoderBlock2D(ch, cfg.layers_per_block, g, i < len(chans) - 1, policy=p,
                                    name=f"down_blocks_{i}")(x)
-        x = VAEMidBlock(chans[-1], g, cfg.mid_block_add_attention, self.attention, d, pd, name="mid_block")(x)
-        x = nn.silu(norm(group_norm("conv_norm_out", g, EPS, pd), x, d))
-        return conv(2 * cfg.latent_channels, "conv_out", d, pd)(x)
+        x = VAEMidBlock(chans[-1], g, cfg.mid_block_add_attention, policy=p, name="mid_block")(x)
+        x = nn.silu(norm(group_norm("conv_norm_out", g, EPS, p.param_dtype), x, p.dtype))
+        return conv(2 * cfg.latent_channels, "conv_out", p)(x)
 
 
 class Decoder(nn.Module):
     """latents [B, h, w, latent] (after post_quant_conv) -> images [B, h*f, w*f, out]."""
     config: VAEConfig
-    attention: str = "xla"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, z):
-        cfg, d, pd = self.config, self.dtype, self.param_dtype
+        cfg, p = self.config, _blocks_policy(self.policy)
         chans, g = cfg.block_out_channels[::-1], cfg.norm_num_groups
-        x = conv(chans[0], "conv_in", d, pd)(z.astype(d))
-        x = VAEMidBlock(chans[0], g, cfg.mid_block_add_attention, self.attention, d, pd, name="mid_block")(x)
+        x = conv(chans[0], "conv_in", p)(z.astype(p.dtype))
+        x = VAEMidBlock(chans[0], g, cfg.mid_block_add_attention, policy=p, name="mid_block")(x)
         for i, ch in enumerate(chans):
-            x = UpDecoderBlock2D(ch, cfg.layers_per_block + 1, g, i < len(chans) - 1, d, pd,
+            x = UpDecoderBlock2D(ch, cfg.layers_per_block + 1, g, i < len(chans) - 1, policy=p,
                                  name=f"up_blocks_{i}")(x)
-        x = nn.silu(norm(group_norm("conv_norm_out", g, EPS, pd), x, d))
-        return conv(cfg.out_channels, "conv_out", d, pd)(x)
+        x = nn.silu(norm(group_norm("conv_norm_out", g, EPS, p.param_dtype), x, p.dtype))
+        return conv(cfg.out_channels, "conv_out", p)(x)
 
 
 class AutoencoderKL(nn.Module):
@@ -287,23 +280,33 @@ class AutoencoderKL(nn.Module):
         images = model.apply(params, latents, method=AutoencoderKL.decode)
 
     ``encode``/``decode`` neither scale nor shift latents (see :meth:`VAEConfig.scale_latents`).
-    ``attention``: an implementation name of :mod:`sd_jax.models.attention`; "auto"/"cudnn"
-    fall back to "xla" for this model's single wide head (512 channels for SD).
+    ``policy`` (:class:`sd_jax.models.policy.Policy`): how it computes; its attention
+    "auto"/"cudnn" fall back to "xla" for this model's single wide head (512 channels for
+    SD).  ``dtype``, ``param_dtype`` and ``attention`` read through to the policy.
     """
     config: VAEConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention: str = "xla"
+    policy: Policy = Policy()
+
+    @property
+    def dtype(self):
+        return self.policy.dtype
+
+    @property
+    def param_dtype(self):
+        return self.policy.param_dtype
+
+    @property
+    def attention(self) -> str:
+        return self.policy.attention
 
     def setup(self):
-        cfg, d, pd = self.config, self.dtype, self.param_dtype
-        check_impl(self.attention)
-        self.encoder = Encoder(cfg, self.attention, d, pd)
-        self.decoder = Decoder(cfg, self.attention, d, pd)
+        cfg, p = self.config, self.policy
+        self.encoder = Encoder(cfg, p)
+        self.decoder = Decoder(cfg, p)
         if cfg.use_quant_conv:
-            self.quant_conv = nn.Conv(2 * cfg.latent_channels, (1, 1), dtype=d, param_dtype=pd)
+            self.quant_conv = nn.Conv(2 * cfg.latent_channels, (1, 1), dtype=p.dtype, param_dtype=p.param_dtype)
         if cfg.use_post_quant_conv:
-            self.post_quant_conv = nn.Conv(cfg.latent_channels, (1, 1), dtype=d, param_dtype=pd)
+            self.post_quant_conv = nn.Conv(cfg.latent_channels, (1, 1), dtype=p.dtype, param_dtype=p.param_dtype)
 
     def encode(self, images):
         """images [B, H, W, in_channels] in [-1, 1] -> (mean, logvar), each [B, H/f, W/f, latent_channels],
@@ -351,10 +354,12 @@ def param_shapes(model: AutoencoderKL):
 
 
 def load(folder: str, *, dtype=jnp.float32, param_dtype=None, attention: str = "xla",
-         variant: Optional[str] = None, allow_pickle: bool = False):
+         policy: Optional[Policy] = None, variant: Optional[str] = None, allow_pickle: bool = False):
     """A diffusers ``vae/`` folder -> ``(model, params)`` (use as ``model.apply({"params": params}, ...)``).
 
-    ``param_dtype`` defaults to ``dtype``.  Old attention key names are accepted.
+    The model computes as ``policy`` says, or when it is None, as
+    ``Policy(dtype, param_dtype, attention)`` (``param_dtype`` defaults to ``dtype``).
+    Old attention key names are accepted.
     Raises CheckpointError when config.json describes an unsupported VAE or the weights do
     not match it.
     """
@@ -364,14 +369,14 @@ def load(folder: str, *, dtype=jnp.float32, param_dtype=None, attention: str = "
         raise
     except ValueError as e:
         raise CheckpointError(f"{folder}/config.json: {e}") from None
-    param_dtype = param_dtype or dtype
-    if jnp.dtype(dtype) == jnp.float16 and config.force_upcast:
+    policy = policy or Policy(dtype, param_dtype, attention)
+    if policy.dtype == jnp.float16 and config.force_upcast:
         warnings.warn("this VAE's config sets force_upcast: its activations overflow float16; "
                       "use dtype=jnp.bfloat16 or jnp.float32", stacklevel=2)
-    model = AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype, attention=check_impl(attention))
+    model = AutoencoderKL(config, policy=policy)
     sd = read_state_dict(folder, variant=variant, allow_pickle=allow_pickle)
     params = state_dict_to_params(sd, param_shapes(model), what="vae", rename=canonical_key,
-                                  dtype=param_dtype)
+                                  dtype=policy.param_dtype)
     return model, jax.tree.map(jnp.asarray, params)
 
 

@@ -14,6 +14,7 @@ from sd_jax.data.tokenizer import vocab_size, write_tokenizer
 from sd_jax.models import clip as clip_lib
 from sd_jax.models import unet as unet_lib
 from sd_jax.models import vae as vae_lib
+from sd_jax.models.policy import Policy
 from sd_jax.tokenizer import load_tokenizer, tokenize
 from sd_jax.train import data as data_lib
 from sd_jax.train.config import TrainConfig
@@ -115,9 +116,10 @@ def build_diffusion_task(config: TrainConfig) -> Task:
     if config.size % need:
         raise ValueError(f"size {config.size} must be a multiple of {need} for this VAE and UNet")
 
-    te = clip_lib.CLIPTextModel(te_cfg, dtype=dt, param_dtype=jnp.float32)
-    un = unet_lib.UNet2DConditionModel(unet_cfg, dtype=dt, param_dtype=jnp.float32)
-    va = vae_lib.AutoencoderKL(vae_cfg, dtype=dt, param_dtype=jnp.float32)
+    policy = Policy(dt, param_dtype=jnp.float32)     # float32 master weights
+    te = clip_lib.CLIPTextModel(te_cfg, policy=policy)
+    un = unet_lib.UNet2DConditionModel(unet_cfg, policy=policy)
+    va = vae_lib.AutoencoderKL(vae_cfg, policy=policy)
     max_len = te_cfg.max_position_embeddings
     empty = tuple(int(i) for i in tokenize(tokenizer, [""], max_len)[0])
     loss = DiffusionLoss(te, un, va, schedule=schedule, prediction_type=prediction_type,

@@ -26,6 +26,7 @@ import numpy as np
 
 from sd_jax import families
 from sd_jax.models import vae as vae_lib
+from sd_jax.models.policy import Policy
 from sd_jax.train import data as data_lib
 from sd_jax.train.checkpointing import check_run_folder
 from sd_jax.train.config import RunConfig
@@ -130,7 +131,7 @@ def build_vae_task(config: VAETrainConfig) -> Task:
         init = functools.partial(_compiled_init(cfg), jax.random.key(config.seed))
     if config.size % cfg.downscale_factor:
         raise ValueError(f"size {config.size} must be a multiple of the VAE's downscale factor {cfg.downscale_factor}")
-    model = vae_lib.AutoencoderKL(cfg, dtype=dt, param_dtype=jnp.float32)
+    model = vae_lib.AutoencoderKL(cfg, policy=Policy(dt, param_dtype=jnp.float32))     # float32 master weights
     if config.data is not None:
         source = data_lib.ImageCaptionFolder(config.data, config.size, skip_bad=config.skip_bad_images)
         held_out = source

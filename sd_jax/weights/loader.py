@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from sd_jax import families, sharding
 from sd_jax.diffusion.samplers import SchedulerConfig, default_scheduler_name, diffusers_class_name
-from sd_jax.models import attention as attn
+from sd_jax.models.policy import Policy
 from sd_jax.tokenizer import load_tokenizer, save_tokenizer
 from sd_jax.weights import checkpoint, single_file
 from sd_jax.weights.diffusers import read_config
@@ -77,14 +77,16 @@ def _scheduler_name(cfg: dict) -> str:
 
 
 # =========================================================================== load
-def load(path: str, *, dtype=jnp.float32, param_dtype=None, attention: str = "xla", variant: str | None = None,
-         allow_pickle: bool = False, mesh=None) -> LoadedModel:
+def load(path: str, *, dtype=jnp.float32, param_dtype=None, attention: str = "xla", policy: Policy | None = None,
+         variant: str | None = None, allow_pickle: bool = False, mesh=None) -> LoadedModel:
     """Load a diffusers folder, a single-file ``.safetensors`` or an sd-jax checkpoint.
 
     Args:
       dtype: computation dtype (the VAE stays float32 when this is float16: it overflows).
       param_dtype: dtype of the parameters; None = ``dtype``.
       attention: attention implementation name (:mod:`sd_jax.models.attention`).
+      policy: the models' :class:`~sd_jax.models.policy.Policy` (in place of the three above;
+        None: ``Policy(dtype, param_dtype, attention)``).
       variant: diffusers weights variant (``"fp16"``: ``*.fp16.safetensors``).
       allow_pickle: read ``.bin`` weights of a diffusers folder (``torch.load(weights_only=True)``).
       mesh: an sd-jax checkpoint is restored straight onto this mesh, replicated
@@ -92,15 +94,13 @@ def load(path: str, *, dtype=jnp.float32, param_dtype=None, attention: str = "xl
     Raises:
       CheckpointError (one line) for a path that is not a model sd-jax can load.
     """
-    attn.check_impl(attention)
-    param_dtype = param_dtype or dtype
-    kw = dict(dtype=dtype, param_dtype=param_dtype, attention=attention)
+    policy = policy or Policy(dtype, param_dtype, attention)
     fmt = checkpoint.detect_format(path)
     if fmt == "single-file":
-        return _load_single_file(path, **kw)
+        return _load_single_file(path, policy)
     if fmt == "sd-jax":
-        return _load_sd_jax(path, mesh=mesh, **kw)
-    return _load_diffusers(path, variant=variant, allow_pickle=allow_pickle, **kw)
+        return _load_sd_jax(path, policy, mesh=mesh)
+    return _load_diffusers(path, policy, variant=variant, allow_pickle=allow_pickle)
 
 
 def _diffusers_family(path: str) -> families.Family:
@@ -115,38 +115,37 @@ def _sd_jax_family(meta: dict) -> families.Family:
     return families.get(meta["family"]) if "family" in meta else families.detect(meta)
 
 
-def _load_diffusers(path, *, dtype, param_dtype, attention, variant, allow_pickle) -> LoadedModel:
+def _load_diffusers(path, policy: Policy, *, variant, allow_pickle) -> LoadedModel:
     family = _diffusers_family(path)
     for c in family.folders():
         if not os.path.isdir(os.path.join(path, c)):
             raise CheckpointError(f"{path} is missing its {c}/ folder; the diffusers model is incomplete")
     models, params = {}, {}
     for c in family.components:
-        models[c.name], params[c.name] = c.load(os.path.join(path, c.name), dtype=c.compute_dtype(dtype),
-                                                param_dtype=param_dtype, attention=attention, variant=variant,
-                                                allow_pickle=allow_pickle)
+        models[c.name], params[c.name] = c.load(os.path.join(path, c.name), policy=c.policy_for(policy),
+                                                variant=variant, allow_pickle=allow_pickle)
     sched = read_config(os.path.join(path, "scheduler"), "scheduler_config.json")
     tokenizers = {t.name: load_tokenizer(os.path.join(path, t.name)) for t in family.tokenizers}
     return LoadedModel(family, families.Models(**models), params, tokenizers, sched, _scheduler_name(sched),
                        source=path)
 
 
-def _load_single_file(path, *, dtype, param_dtype, attention, prediction_type=None) -> LoadedModel:
+def _load_single_file(path, policy: Policy, prediction_type=None) -> LoadedModel:
     sf = single_file.convert(path, prediction_type=prediction_type)
     family = families.get(sf.family)
-    models = families.build_models(family, sf.configs, dtype=dtype, param_dtype=param_dtype, attention=attention)
-    params = families.params_from_state_dicts(family, models, sf.state_dicts, param_dtype)
+    models = families.build_models(family, sf.configs, policy=policy)
+    params = families.params_from_state_dicts(family, models, sf.state_dicts, policy.param_dtype)
     sched = sf.configs["scheduler"]
     tokenizers = {family.tokenizers[0].name: single_file.tokenizer_for(family.name)}
     return LoadedModel(family, models, params, tokenizers, sched, _scheduler_name(sched), source=path)
 
 
-def _load_sd_jax(path, *, dtype, param_dtype, attention, mesh) -> LoadedModel:
+def _load_sd_jax(path, policy: Policy, *, mesh) -> LoadedModel:
     rep = sharding.replicated(mesh if mesh is not None else sharding.make_mesh())
-    meta, params = checkpoint.read(path, param_dtype=param_dtype, sharding=rep)
+    meta, params = checkpoint.read(path, param_dtype=policy.param_dtype, sharding=rep)
     path = os.path.abspath(path)
     family = _sd_jax_family(meta)
-    models = families.build_models(family, meta, dtype=dtype, param_dtype=param_dtype, attention=attention)
+    models = families.build_models(family, meta, policy=policy)
     tokenizers = {t.name: load_tokenizer(os.path.join(path, t.name)) for t in family.tokenizers}
     return LoadedModel(family, models, params, tokenizers, dict(meta["scheduler_config"]), meta["scheduler_name"],
                        source=path)
