@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sd_jax.models.attention import dot_product_attention
-from sd_jax.models.policy import Policy
+from sd_jax.models.policy import Policy, PolicyReads
 from sd_jax.weights.convert import params_to_state_dict, state_dict_to_params
 from sd_jax.weights.diffusers import read_config, read_state_dict, write_component
 from sd_jax.weights.safetensors_io import CheckpointError
@@ -257,7 +257,7 @@ class CLIPTextTransformer(nn.Module):
         return last, tuple(states), pooled, prompt
 
 
-class CLIPTextModel(nn.Module):
+class CLIPTextModel(PolicyReads, nn.Module):
     """transformers' ``CLIPTextModel`` (``config.projection_dim is None``) or
     ``CLIPTextModelWithProjection``.
 
@@ -271,18 +271,6 @@ class CLIPTextModel(nn.Module):
     """
     config: CLIPTextConfig
     policy: Policy = Policy()
-
-    @property
-    def dtype(self):
-        return self.policy.dtype
-
-    @property
-    def param_dtype(self):
-        return self.policy.param_dtype
-
-    @property
-    def attention(self) -> str:
-        return self.policy.attention
 
     @nn.compact
     def __call__(self, input_ids, *, clip_skip: int | None = None) -> dict:

@@ -82,3 +82,20 @@ class Policy:
 
 
 __all__ = ["Policy", "CONV_IMPLS", "IMPLEMENTATIONS"]
+
+
+class PolicyReads:
+    """``dtype``, ``param_dtype`` and ``attention`` of a model's ``policy``, read through (for
+    code that asks a top-level model what it computes in)."""
+
+    @property
+    def dtype(self):
+        return self.policy.dtype
+
+    @property
+    def param_dtype(self):
+        return self.policy.param_dtype
+
+    @property
+    def attention(self) -> str:
+        return self.policy.attention

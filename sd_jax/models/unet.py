@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from sd_jax.models.attention import dot_product_attention
 from sd_jax.models.embeddings import TimestepEmbedding, get_timestep_embedding
 from sd_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv2d, group_norm, norm
-from sd_jax.models.policy import Policy
+from sd_jax.models.policy import Policy, PolicyReads
 from sd_jax.weights.convert import params_to_state_dict, state_dict_to_params
 from sd_jax.weights.diffusers import read_config, read_state_dict, write_component
 from sd_jax.weights.safetensors_io import CheckpointError
@@ -431,7 +431,7 @@ class MidBlock(nn.Module):
         return res(1)(x, temb)
 
 
-class UNet2DConditionModel(nn.Module):
+class UNet2DConditionModel(PolicyReads, nn.Module):
     """The conditional denoiser.
 
     ``policy`` (:class:`sd_jax.models.policy.Policy`): how it computes.  A bfloat16
@@ -442,18 +442,6 @@ class UNet2DConditionModel(nn.Module):
     """
     config: UNetConfig
     policy: Policy = Policy()
-
-    @property
-    def dtype(self):
-        return self.policy.dtype
-
-    @property
-    def param_dtype(self):
-        return self.policy.param_dtype
-
-    @property
-    def attention(self) -> str:
-        return self.policy.attention
 
     def _added_embedding(self, emb, added_cond_kwargs):
         """Extension point for ``addition_embed_type`` (SDXL: ``"text_time"`` adds

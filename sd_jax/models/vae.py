@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from sd_jax.models.attention import dot_product_attention
 from sd_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm, norm
-from sd_jax.models.policy import Policy
+from sd_jax.models.policy import Policy, PolicyReads
 from sd_jax.weights.convert import params_to_state_dict, state_dict_to_params
 from sd_jax.weights.diffusers import read_config, read_state_dict, write_component
 from sd_jax.weights.safetensors_io import CheckpointError
@@ -273,7 +273,7 @@ class Decoder(nn.Module):
         return conv(cfg.out_channels, "conv_out", p)(x)
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(PolicyReads, nn.Module):
     """diffusers ``AutoencoderKL``.  Use the methods through ``apply``::
 
         mean, logvar = model.apply(params, images, method=AutoencoderKL.encode)
@@ -286,18 +286,6 @@ class AutoencoderKL(nn.Module):
     """
     config: VAEConfig
     policy: Policy = Policy()
-
-    @property
-    def dtype(self):
-        return self.policy.dtype
-
-    @property
-    def param_dtype(self):
-        return self.policy.param_dtype
-
-    @property
-    def attention(self) -> str:
-        return self.policy.attention
 
     def setup(self):
         cfg, p = self.config, self.policy

@@ -1,19 +1,17 @@
 """A run folder's settings (``run.json``) and its orbax checkpoints (``checkpoints/N/``)."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
-import signal
-import threading
 
 import jax
 import numpy as np
 
 from sd_jax.train.config import RESTART_MAY_CHANGE, RunConfig
+from sd_jax.weights.checkpoint import interrupts_held
 
 __all__ = ["RESERVED", "check_run_folder", "manager", "save", "restore", "tidy_checkpoints", "interrupts_held"]
 
@@ -111,26 +109,6 @@ def tidy_checkpoints(folder: str, keep: int) -> list[str]:
     for n in doomed:
         shutil.rmtree(os.path.join(folder, n), ignore_errors=True)
     return [os.path.join(folder, n) for n in doomed]
-
-
-@contextlib.contextmanager
-def interrupts_held(raise_after: bool = True):
-    """Hold Ctrl-C and SIGTERM while a checkpoint is written, then raise KeyboardInterrupt
-    (if one came and ``raise_after``): an interrupt never cuts a save in half, nor lands in
-    orbax's threads (which print a traceback each)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got = []
-    saved = {sig: signal.signal(sig, lambda signum, frame: got.append(signum))
-             for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-    if got and raise_after:
-        raise KeyboardInterrupt
 
 
 def save(mngr, step: int, state, raise_after: bool = True) -> None:

@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 from typing import Mapping
 
 import jax
@@ -214,6 +216,26 @@ def _owner_pid() -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int32(os.getpid())))
 
 
+@contextlib.contextmanager
+def interrupts_held(raise_after: bool = True):
+    """Hold Ctrl-C and SIGTERM while orbax writes, then raise KeyboardInterrupt (if one came
+    and ``raise_after``): an interrupt never cuts a save in half, nor lands in orbax's
+    threads and event loop (which print a traceback or a warning each)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    saved = {sig: signal.signal(sig, lambda signum, frame: got.append(signum))
+             for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    if got and raise_after:
+        raise KeyboardInterrupt
+
+
 def write(path: str, meta: dict, params, tokenizers: Mapping[str, object], sources=()) -> None:
     """Write an sd-jax checkpoint: ``meta`` (without ``format``/``version``) as ``sd_jax.json``,
     ``params`` with orbax, each tokenizer into its folder.  Written beside the destination and
@@ -225,9 +247,10 @@ def write(path: str, meta: dict, params, tokenizers: Mapping[str, object], sourc
         if primary:
             for name, tok in tokenizers.items():
                 save_tokenizer(tok, os.path.join(staged, name))
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(staged, "params"), params)
-        ckptr.wait_until_finished()
+        with interrupts_held():
+            ckptr = ocp.StandardCheckpointer()
+            ckptr.save(os.path.join(staged, "params"), params)
+            ckptr.wait_until_finished()
         if primary:
             with open(os.path.join(staged, "sd_jax.json"), "w", encoding="utf-8") as f:
                 json.dump({"format": FORMAT, "version": VERSION, **meta}, f, indent=2)
