@@ -3,10 +3,10 @@
 Submodules carry diffusers' names (``down_blocks_0/attentions_1/transformer_blocks_0/attn1/to_q``
 ...), so a diffusers ``unet/`` folder converts by the generic table in
 :mod:`sd_jax.weights.convert`.  Supported: SD 1.x, SD 2.x (linear projections,
-per-block head counts, ``upcast_attention``), inpainting (9 input channels) and
-``transformer_layers_per_block`` (int, per block, or per layer).  SDXL's
-``addition_embed_type="text_time"`` has its extension point in
-:meth:`UNet2DConditionModel._added_embedding` and raises ``NotImplementedError`` for now.
+per-block head counts, ``upcast_attention``), inpainting (9 input channels),
+``transformer_layers_per_block`` (int, per block, or per layer) and SDXL's
+``addition_embed_type="text_time"`` (pooled text embedding + micro-conditioning
+``time_ids``, see :meth:`UNet2DConditionModel._added_embedding`).
 
 Head counts follow diffusers exactly: ``num_attention_heads`` falls back to
 ``attention_head_dim`` (a historical misnomer), so ``attention_head_dim=8`` means 8
@@ -101,7 +101,7 @@ class UNetConfig:
     use_linear_projection: bool = False
     upcast_attention: bool = False
     time_embedding_dim: int | None = None
-    # SDXL ("text_time"): stored and written back, not computed yet.
+    # SDXL: "text_time" (add_time_proj + add_embedding); the only addition type supported.
     addition_embed_type: str | None = None
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
@@ -144,6 +144,13 @@ class UNetConfig:
                                       f"(supported: {DOWN_BLOCKS + UP_BLOCKS + MID_BLOCKS[:1]})")
         if self.norm_num_groups is None:
             raise NotImplementedError("UNet config norm_num_groups=None is not supported")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise NotImplementedError(f"UNet config addition_embed_type={self.addition_embed_type!r} "
+                                      "is not supported by sd-jax (only None or 'text_time')")
+        if self.addition_embed_type == "text_time" and not (
+                self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
+            raise ValueError("UNet config addition_embed_type='text_time' needs "
+                             "addition_time_embed_dim and projection_class_embeddings_input_dim")
         tl = self.transformer_layers_per_block
         if (isinstance(tl, tuple) and any(isinstance(t, tuple) for t in tl)
                 and self.reverse_transformer_layers_per_block is None):
@@ -177,6 +184,21 @@ class UNetConfig:
                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                     norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4)
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
+    def tiny_sdxl(cls, **kw) -> "UNetConfig":
+        """SDXL's shape in miniature, for tests: DownBlock2D first (no attention at the
+        highest resolution), per-block transformer depths and head counts, linear
+        projections, ``text_time`` conditioning on a 32-wide pooled embedding and 6 time ids."""
+        base = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=2,
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                    transformer_layers_per_block=(1, 2), norm_num_groups=8, cross_attention_dim=64,
+                    attention_head_dim=(2, 4), use_linear_projection=True,
+                    addition_embed_type="text_time", addition_time_embed_dim=8,
+                    projection_class_embeddings_input_dim=6 * 8 + 32)
         base.update(kw)
         return cls(**base)
 
@@ -444,19 +466,52 @@ class UNet2DConditionModel(PolicyReads, nn.Module):
     policy: Policy = Policy()
 
     def _added_embedding(self, emb, added_cond_kwargs):
-        """Extension point for ``addition_embed_type`` (SDXL: ``"text_time"`` adds
-        ``add_embedding(concat(text_embeds, time_ids embedding))`` to ``emb``)."""
-        kind = self.config.addition_embed_type
-        if kind is None:
+        """``emb`` [B, time_embed_dim] plus the ``addition_embed_type`` embedding.
+
+        SDXL's ``"text_time"`` (diffusers ``get_aug_embed``): each of the ``time_ids``
+        [B, K] (K = 6 for the base: original size, crop top-left, target size; 5 for the
+        refiner) gets a sinusoidal embedding of ``addition_time_embed_dim`` (float32, as
+        ``add_time_proj``), flattened to [B, K * addition_time_embed_dim], concatenated
+        after ``text_embeds`` [B, P] and projected by ``add_embedding`` (linear_1, SiLU,
+        linear_2) to ``time_embed_dim``; the sum is what the resnets see.
+        """
+        cfg = self.config
+        if cfg.addition_embed_type is None:
             return emb
-        raise NotImplementedError(
-            f"UNet addition_embed_type={kind!r} (SDXL micro-conditioning) is not implemented yet "
-            f"in sd-jax; it goes in UNet2DConditionModel._added_embedding")
+        missing = [k for k in ("text_embeds", "time_ids")
+                   if not added_cond_kwargs or added_cond_kwargs.get(k) is None]
+        if missing:
+            raise ValueError(
+                f"this UNet has addition_embed_type='text_time' (SDXL) and needs "
+                f"added_cond_kwargs with 'text_embeds' [B, pooled dim] and 'time_ids' [B, K]; "
+                f"missing: {', '.join(missing)}")
+        text_embeds = jnp.asarray(added_cond_kwargs["text_embeds"])
+        time_ids = jnp.asarray(added_cond_kwargs["time_ids"])
+        b = emb.shape[0]
+        if text_embeds.ndim != 2 or text_embeds.shape[0] != b:
+            raise ValueError(f"added_cond_kwargs['text_embeds'] must be [B={b}, pooled dim], "
+                             f"got shape {text_embeds.shape}")
+        if time_ids.ndim != 2 or time_ids.shape[0] != b:
+            raise ValueError(f"added_cond_kwargs['time_ids'] must be [B={b}, K], got shape {time_ids.shape}")
+        time_embeds = get_timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                             cfg.flip_sin_to_cos, cfg.freq_shift).reshape(b, -1)
+        width = text_embeds.shape[1] + time_embeds.shape[1]
+        if width != cfg.projection_class_embeddings_input_dim:
+            raise ValueError(
+                f"text_embeds ({text_embeds.shape[1]} wide) and {time_ids.shape[1]} time_ids x "
+                f"{cfg.addition_time_embed_dim} make {width} features, the UNet's add_embedding "
+                f"takes projection_class_embeddings_input_dim={cfg.projection_class_embeddings_input_dim}")
+        add = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
+        aug = TimestepEmbedding(cfg.time_embed_dim, policy=self.policy, name="add_embedding")(
+            add.astype(emb.dtype))
+        return emb + aug
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None):
         """sample [B, H, W, in_channels] (NHWC); timesteps [B] or scalar, int or float;
-        encoder_hidden_states [B, L, cross_attention_dim].  Returns [B, H, W, out_channels]
+        encoder_hidden_states [B, L, cross_attention_dim]; added_cond_kwargs: SDXL's
+        ``{"text_embeds": [B, P], "time_ids": [B, K]}`` (required when the config has
+        ``addition_embed_type``, ignored otherwise).  Returns [B, H, W, out_channels]
         in ``dtype``.  Any H and W: where a level's size is odd, upsampling goes back to the
         skip connection's size (diffusers' ``upsample_size``)."""
         cfg, p = self.config, self.policy
@@ -510,12 +565,21 @@ class UNet2DConditionModel(PolicyReads, nn.Module):
 
     # ----------------------------------------------------------------- helpers
     def dummy_inputs(self, batch: int = 1, size: int | None = None, seq: int = 1):
-        """Zero inputs of the right shapes (for ``init``/``eval_shape``)."""
+        """Zero inputs of the right shapes (for ``init``/``eval_shape``): sample,
+        timesteps, encoder_hidden_states, added_cond_kwargs (None unless the UNet takes
+        SDXL's conditioning; then 6 time ids and the pooled width that makes
+        ``projection_class_embeddings_input_dim``, or 1 id where that does not fit)."""
         cfg = self.config
         size = size or 2 ** (cfg.n_blocks - 1)
+        added = None
+        if cfg.addition_embed_type is not None:
+            a, width = cfg.addition_time_embed_dim, cfg.projection_class_embeddings_input_dim
+            k = 6 if width > 6 * a else 1
+            added = {"text_embeds": jnp.zeros((batch, width - k * a), self.dtype),
+                     "time_ids": jnp.zeros((batch, k), jnp.float32)}
         return (jnp.zeros((batch, size, size, cfg.in_channels), self.dtype),
                 jnp.zeros((batch,), jnp.float32),
-                jnp.zeros((batch, seq, cfg.cross_dims[0]), self.dtype))
+                jnp.zeros((batch, seq, cfg.cross_dims[0]), self.dtype), added)
 
     def param_shapes(self):
         """The parameter tree as ``jax.ShapeDtypeStruct`` (no memory, no compute)."""
@@ -530,7 +594,7 @@ def load(folder: str, *, dtype=jnp.float32, param_dtype=None, attention: str = "
     The model computes as ``policy`` says, or when it is None, as
     ``Policy(dtype, param_dtype, attention)`` (``param_dtype`` defaults to ``dtype``).
     Raises ``CheckpointError`` when the weights do not match config.json,
-    ``NotImplementedError`` for unsupported configs (e.g. SDXL).
+    ``NotImplementedError`` for unsupported configs.
     """
     policy = policy or Policy(dtype, param_dtype, attention)
     config = UNetConfig.from_dict(read_config(folder))
