@@ -178,6 +178,21 @@ class UNetConfig:
                    use_linear_projection=True, upcast_attention=True)
 
     @classmethod
+    def sdxl(cls, **kw) -> "UNetConfig":
+        """stabilityai/stable-diffusion-xl-base-1.0 ``unet/config.json`` (2.6 B parameters):
+        no attention at the highest resolution, 1/2/10 transformer layers, 2048-wide
+        context, ``text_time`` conditioning on the 1280-wide pooled embedding + 6 x 256."""
+        base = dict(sample_size=128, block_out_channels=(320, 640, 1280),
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                    transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+                    attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                    addition_embed_type="text_time", addition_time_embed_dim=256,
+                    projection_class_embeddings_input_dim=2816)
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
     def tiny(cls, **kw) -> "UNetConfig":
         """A few-hundred-kB model with every block type, for tests."""
         base = dict(sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1,
