@@ -222,3 +222,30 @@ def test_preprocess_default_is_clip_224_and_refuses_bad_input():
         cv.preprocess(images.astype(np.float32))
     with pytest.raises(ValueError, match=r"\[batch, height, width, 3\]"):
         cv.preprocess(images[0])
+
+
+# the feature_extractor/preprocessor_config.json of runwayml/stable-diffusion-v1-5 (old int form)
+SD15_FEATURE_EXTRACTOR = {
+    "crop_size": 224, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True,
+    "do_resize": True, "feature_extractor_type": "CLIPFeatureExtractor",
+    "image_mean": list(cv.CLIP_MEAN), "image_std": list(cv.CLIP_STD), "resample": 3, "size": 224}
+
+
+def test_preprocessor_config_forms(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(SD15_FEATURE_EXTRACTOR))
+    assert cv.PreprocessConfig.read(tmp_path) == cv.PreprocessConfig()
+    # transformers 5's own form, at a non-default size and mean, read back and applied
+    proc = transformers.CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 26, "width": 26},
+                                           image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.25])
+    proc.save_pretrained(tmp_path / "new")
+    cfg = cv.PreprocessConfig.read(tmp_path / "new")
+    assert cfg == cv.PreprocessConfig(30, 26, (0.5, 0.4, 0.3), (0.2, 0.3, 0.25))
+    images = np.random.RandomState(4).randint(0, 256, (2, 30, 35, 3)).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(cv.preprocess(images, **cfg.kwargs())),
+                                  hf_preprocess(proc, images))
+    with pytest.raises(CheckpointError, match="resample"):
+        cv.PreprocessConfig.from_dict({**SD15_FEATURE_EXTRACTOR, "resample": 2})
+    with pytest.raises(CheckpointError, match="crop_size"):
+        cv.PreprocessConfig.from_dict({**SD15_FEATURE_EXTRACTOR, "crop_size": {"height": 224, "width": 200}})
+    with pytest.raises(CheckpointError, match="not found"):
+        cv.PreprocessConfig.read(tmp_path / "nowhere")

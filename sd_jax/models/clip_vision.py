@@ -36,7 +36,8 @@ from sd_jax.weights.convert import state_dict_to_params
 from sd_jax.weights.diffusers import read_config, read_state_dict
 from sd_jax.weights.safetensors_io import CheckpointError
 
-__all__ = ["CLIPVisionConfig", "CLIPVisionModel", "load", "preprocess", "CLIP_MEAN", "CLIP_STD"]
+__all__ = ["CLIPVisionConfig", "CLIPVisionModel", "load", "preprocess", "PreprocessConfig",
+           "CLIP_MEAN", "CLIP_STD"]
 
 _WITH_PROJECTION = "CLIPVisionModelWithProjection"
 
@@ -355,3 +356,53 @@ def preprocess(images, image_size: int = 224, crop_size: int | None = None,
     x = x[:, top:top + crop, left:left + crop].astype(jnp.int32)
     table = jnp.asarray(_normalise_table(mean, std))
     return table[x, jnp.arange(3)]
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    """The settings of a ``preprocessor_config.json`` (a ``feature_extractor/`` folder) that
+    :func:`preprocess` implements: ``preprocess(images, **cfg.kwargs())``."""
+    image_size: int = 224
+    crop_size: int = 224
+    mean: tuple = CLIP_MEAN
+    std: tuple = CLIP_STD
+
+    def kwargs(self) -> dict:
+        return dict(image_size=self.image_size, crop_size=self.crop_size, mean=self.mean, std=self.std)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        """From CLIPImageProcessor's / CLIPFeatureExtractor's json: ``size`` and
+        ``crop_size`` as ints (the SD checkpoints' old form) or dicts
+        (``{"shortest_edge": N}``, ``{"height": N, "width": N}``).  Settings
+        :func:`preprocess` does not implement raise CheckpointError."""
+        def side(v, keys, name):
+            if isinstance(v, int):
+                return v
+            if isinstance(v, dict):
+                vals = {v.get(k) for k in keys if k in v}
+                if len(vals) == 1 and isinstance(next(iter(vals)), int):
+                    return next(iter(vals))
+            raise CheckpointError(f"preprocessor_config.json: {name} {v!r} is not supported; "
+                                  f"sd-jax preprocesses for CLIP with a square centre crop")
+        size = side(d.get("size", 224), ("shortest_edge",), "size")
+        crop = side(d.get("crop_size", size), ("height", "width"), "crop_size")
+        unsupported = [k for k, want in (("do_resize", True), ("do_center_crop", True),
+                                         ("do_rescale", True), ("do_normalize", True),
+                                         ("resample", 3)) if d.get(k, want) != want]
+        if abs(float(d.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
+            unsupported.append("rescale_factor")
+        if unsupported:
+            raise CheckpointError(f"preprocessor_config.json: {', '.join(unsupported)} differ from "
+                                  f"CLIP's (bicubic resize, centre crop, rescale 1/255, normalise), "
+                                  f"which is all sd-jax implements")
+        mean, std = tuple(d.get("image_mean", CLIP_MEAN)), tuple(d.get("image_std", CLIP_STD))
+        if len(mean) != 3 or len(std) != 3:
+            raise CheckpointError(f"preprocessor_config.json: image_mean and image_std need 3 "
+                                  f"values (RGB), got {list(mean)} and {list(std)}")
+        return cls(image_size=size, crop_size=crop, mean=mean, std=std)
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> "PreprocessConfig":
+        """From ``folder/preprocessor_config.json`` (e.g. a model's ``feature_extractor/``)."""
+        return cls.from_dict(read_config(os.fspath(folder), "preprocessor_config.json"))
