@@ -257,10 +257,14 @@ def test_two_jobs_on_one_folder_and_a_changed_job(tmp_path):
     for p in procs:
         stdout, stderr = p.communicate(timeout=400)
         results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    winner = next(i for i, r in enumerate(results) if r.returncode == 0)
+    winner = next(i for i, r in enumerate(results) if "3 generated" in r.stderr)
     ok(results[winner])
     assert "3 generated, 0 already done, 3 rows" in results[winner].stderr
-    assert_user_error(results[1 - winner], f"is in use by pid {procs[winner].pid} ")
+    other = results[1 - winner]
+    if other.returncode == 0:  # it started after the winner had finished: nothing left to do
+        assert "0 generated, 3 already done" in other.stderr, other.stderr
+    else:  # they overlapped: refused, naming the winner
+        assert_user_error(other, f"is in use by pid {procs[winner].pid} ")
     entries = manifest(out)
     assert len(entries) == 3 and len({e["file"] for e in entries}) == 3
     assert sorted(os.listdir(out)) == sorted([e["file"] for e in entries] + ["manifest.jsonl", "sd-jax-batch.json"])
@@ -273,3 +277,19 @@ def test_two_jobs_on_one_folder_and_a_changed_job(tmp_path):
     assert "3 generated, 0 already done" in p.stderr
     assert {e["steps"] for e in manifest(out)} == {3} and len(manifest(out)) == 3
     assert all((out / f).read_bytes() != b for f, b in before.items() if f.endswith(".png"))
+
+
+def test_a_folder_in_use_is_refused_naming_the_pid(tmp_path):
+    """Deterministic half of the two-jobs test: while a job holds the folder's lock (here this
+    test process, through the same lock a running job takes), ``sd-jax batch`` refuses it in one
+    line naming that pid, and writes nothing."""
+    (tmp_path / "p.txt").write_text(PROMPTS)
+    out = tmp_path / "out"
+    out.mkdir()
+    with batch.FolderLock(str(out)):
+        before = sorted(os.listdir(out))
+        assert_user_error(run_cli("batch", tmp_path / "p.txt", "--out", out, *FLAGS, "--steps", 2),
+                          f"is in use by pid {os.getpid()} ")
+        assert sorted(os.listdir(out)) == before
+    ok(run_cli("batch", tmp_path / "p.txt", "--out", out, *FLAGS, "--steps", 2))  # free again
+    assert len(manifest(out)) == 3
