@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -86,6 +87,9 @@ class CLIPTextConfig:
     eos_token_id: int | None = 2
     pad_token_id: int | None = 1
     projection_dim: int | None = None
+    # The text tower attends causally; CLIPVisionConfig (sd_jax.models.clip_vision) says
+    # False, so the encoder modules below serve both towers.  Not a config.json field.
+    causal: ClassVar[bool] = True
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
@@ -178,7 +182,8 @@ class CLIPAttention(nn.Module):
         q = dense("q_proj")(x).reshape(b, l, heads, -1)
         k = dense("k_proj")(x).reshape(b, l, heads, -1)
         v = dense("v_proj")(x).reshape(b, l, heads, -1)
-        o = dot_product_attention(q, k, v, impl=p.attention, causal=True, cpu_lowerings=p.cpu_lowerings)
+        o = dot_product_attention(q, k, v, impl=p.attention, causal=c.causal,
+                                  cpu_lowerings=p.cpu_lowerings)
         return dense("out_proj")(o.reshape(b, l, c.hidden_size))
 
 
