@@ -165,8 +165,7 @@ class SingleFileLayout:
 
 _SD_INDEX_EXTRAS = {"safety_checker": [None, None], "feature_extractor": [None, None],
                     "image_encoder": [None, None], "requires_safety_checker": False}
-_SDXL_INDEX_EXTRAS = {"feature_extractor": [None, None], "image_encoder": [None, None],
-                      "force_zeros_for_empty_prompt": True}
+_SDXL_INDEX_EXTRAS = {"feature_extractor": [None, None], "image_encoder": [None, None]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,9 +183,10 @@ class Family:
     default_sampler: str
     text_hidden_act: str                      # the text encoder's activation (tells SD 1.x from SD 2.x)
     variants: Mapping[str, Callable[[], dict]] = dataclasses.field(default_factory=dict)
-    # model_index.json's other entries (absent optional components, pipeline options); the
-    # options (non-list values) are the defaults of :meth:`pipeline_options`.
+    # model_index.json's other entries (absent optional components, fixed flags)
     index_extras: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(_SD_INDEX_EXTRAS))
+    # pipeline options a model_index.json may set, with their defaults (:meth:`pipeline_options`)
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def component_names(self) -> tuple[str, ...]:
@@ -213,11 +213,7 @@ class Family:
         """The pipeline options (``model_index.json`` entries that are not components, e.g.
         SDXL's ``force_zeros_for_empty_prompt``): this family's defaults, overridden by
         ``model_index`` where it has them."""
-        opts = {k: v for k, v in self.index_extras.items() if not isinstance(v, (list, tuple))}
-        for k in opts:
-            if model_index and k in model_index:
-                opts[k] = model_index[k]
-        return opts
+        return {k: (model_index or {}).get(k, v) for k, v in self.options.items()}
 
     def model_index(self, scheduler_class: str, inpainting: bool = False, options: Mapping[str, Any] | None = None) -> dict:
         """The ``model_index.json`` of a diffusers folder of this family (``options``: see
@@ -230,7 +226,7 @@ class Family:
             index[t.name] = [t.library, t.class_name]
         index["scheduler"] = ["diffusers", scheduler_class]
         index.update(self.index_extras)
-        index.update({k: v for k, v in (options or {}).items() if k in self.index_extras})
+        index.update(self.pipeline_options(options))
         return index
 
     def configs(self, variant: str | None = None) -> dict:
@@ -374,7 +370,7 @@ SDXL = Family(
                           combine="concat", hidden_state="penultimate", pooled="text_encoder_2"),
     pipeline_class="StableDiffusionXLPipeline", inpaint_pipeline_class="StableDiffusionXLInpaintPipeline",
     single_file=None, default_size=1024, default_sampler="euler", text_hidden_act="quick_gelu",
-    index_extras=_SDXL_INDEX_EXTRAS,
+    index_extras=_SDXL_INDEX_EXTRAS, options={"force_zeros_for_empty_prompt": True},
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, TINY, SDXL)}
