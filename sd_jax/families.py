@@ -8,15 +8,15 @@ size and sampler, and the noise schedule it was trained with.  The loader
 (:mod:`sd_jax.weights.single_file`), the pipeline and training read it from here;
 adding a family (SDXL) is adding an entry (and its model code), not edits across them.
 
-Entries: ``sd1`` (SD 1.x), ``sd2`` (SD 2.x), and ``tiny`` (the SD 1.x architecture at
-test / shapes-model size).  Inpainting is not a family but a flag of a model (its UNet
+Entries: ``sd1`` (SD 1.x), ``sd2`` (SD 2.x), ``tiny`` (the SD 1.x architecture at
+test / shapes-model size) and ``sdxl`` (SDXL base: two text encoders, text-time UNet).  Inpainting is not a family but a flag of a model (its UNet
 takes 9 channels: latents + mask + masked-image latents), with its own pipeline class
 name.
 
 Which family a model is:
 
-* a diffusers folder: :func:`detect` from ``model_index.json`` and the component configs
-  (an OpenCLIP text encoder, ``hidden_act == "gelu"``, is SD 2.x);
+* a diffusers folder: :func:`detect` from ``model_index.json`` (``StableDiffusionXLPipeline``
+  is SDXL) and the component configs (an OpenCLIP text encoder, ``hidden_act == "gelu"``, is SD 2.x);
 * a single file: :func:`detect_single_file` from its keys (:class:`SingleFileLayout`);
 * an sd-jax checkpoint: the ``"family"`` in its ``sd_jax.json`` (older ones: the configs).
 """
