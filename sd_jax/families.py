@@ -8,15 +8,15 @@ size and sampler, and the noise schedule it was trained with.  The loader
 (:mod:`sd_jax.weights.single_file`), the pipeline and training read it from here;
 adding a family (SDXL) is adding an entry (and its model code), not edits across them.
 
-Entries: ``sd1`` (SD 1.x), ``sd2`` (SD 2.x), and ``tiny`` (the SD 1.x architecture at
-test / shapes-model size).  Inpainting is not a family but a flag of a model (its UNet
+Entries: ``sd1`` (SD 1.x), ``sd2`` (SD 2.x), ``tiny`` (the SD 1.x architecture at
+test / shapes-model size) and ``sdxl`` (SDXL base: two text encoders, text-time UNet).  Inpainting is not a family but a flag of a model (its UNet
 takes 9 channels: latents + mask + masked-image latents), with its own pipeline class
 name.
 
 Which family a model is:
 
-* a diffusers folder: :func:`detect` from ``model_index.json`` and the component configs
-  (an OpenCLIP text encoder, ``hidden_act == "gelu"``, is SD 2.x);
+* a diffusers folder: :func:`detect` from ``model_index.json`` (``StableDiffusionXLPipeline``
+  is SDXL) and the component configs (an OpenCLIP text encoder, ``hidden_act == "gelu"``, is SD 2.x);
 * a single file: :func:`detect_single_file` from its keys (:class:`SingleFileLayout`);
 * an sd-jax checkpoint: the ``"family"`` in its ``sd_jax.json`` (older ones: the configs).
 """
@@ -33,8 +33,8 @@ from sd_jax.weights.convert import state_dict_to_params
 from sd_jax.weights.safetensors_io import CheckpointError
 
 __all__ = ["Component", "TokenizerSpec", "PromptEncoding", "SingleFileLayout", "Family", "Models", "FAMILIES",
-           "SD1", "SD2", "TINY", "get", "detect", "detect_single_file", "sd_scheduler_config",
-           "build_models", "params_from_state_dicts", "shapes_text_encoder_config", "shapes_unet_config",
+           "SD1", "SD2", "TINY", "SDXL", "get", "detect", "detect_single_file", "sd_scheduler_config",
+           "sdxl_scheduler_config", "build_models", "params_from_state_dicts", "shapes_text_encoder_config", "shapes_unet_config",
            "shapes_vae_config"]
 
 DIFFUSERS_VERSION = "0.42.1"
@@ -112,11 +112,10 @@ class PromptEncoding:
 
         Runs inside the caller's jit; ``clip_skip`` is static.
         """
+        if self.combine == "concat":
+            return self._encode_concat(models, params, ids, clip_skip)
         if self.combine != "single" or self.pooled is not None:
-            # The hook SDXL fills: each encoder's (penultimate) hidden states, concatenated,
-            # plus the pooled text embeddings of ``self.pooled``.
-            raise NotImplementedError(f"prompt encoding {self.combine!r} (pooled: {self.pooled}) is not "
-                                      f"implemented yet")
+            raise NotImplementedError(f"prompt encoding {self.combine!r} (pooled: {self.pooled}) is not implemented")
         if isinstance(ids, (tuple, list)):
             (ids,) = ids
         skip = clip_skip
@@ -124,6 +123,27 @@ class PromptEncoding:
             skip = (clip_skip or 0) + 1
         name = self.encoders[0]
         return getattr(models, name).encode(params[name], ids, clip_skip=skip), None
+
+    def _encode_concat(self, models, params, ids, clip_skip):
+        """SDXL (diffusers' ``StableDiffusionXLPipeline.encode_prompt``): each encoder's
+        ``hidden_states[-(clip_skip + 2)]`` (``"penultimate"``; ``[-(clip_skip + 1)]`` for
+        ``"last"``), without the final layer norm, concatenated on the feature axis; the
+        pooled embedding is ``self.pooled``'s ``text_embeds`` (its projected pooled output)."""
+        ids = (ids,) if not isinstance(ids, (tuple, list)) else tuple(ids)
+        if len(ids) != len(self.encoders):
+            raise ValueError(f"prompt encoding takes {len(self.encoders)} id arrays (one per tokenizer), got {len(ids)}")
+        back = (clip_skip or 0) + (2 if self.hidden_state == "penultimate" else 1)
+        states, pooled = [], None
+        for name, x in zip(self.encoders, ids):
+            model = getattr(models, name)
+            layers = model.config.num_hidden_layers
+            if back > layers + 1:
+                raise ValueError(f"clip_skip {clip_skip} is too large for the {layers}-layer {name}")
+            out = model.apply({"params": params[name]}, jnp.asarray(x))
+            states.append(out["hidden_states"][-back])
+            if name == self.pooled:
+                pooled = out["text_embeds"]
+        return jnp.concatenate(states, axis=-1), pooled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +163,11 @@ class SingleFileLayout:
     unet_heads: str
 
 
+_SD_INDEX_EXTRAS = {"safety_checker": [None, None], "feature_extractor": [None, None],
+                    "image_encoder": [None, None], "requires_safety_checker": False}
+_SDXL_INDEX_EXTRAS = {"feature_extractor": [None, None], "image_encoder": [None, None]}
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """One model family (see the module docstring)."""
@@ -158,6 +183,10 @@ class Family:
     default_sampler: str
     text_hidden_act: str                      # the text encoder's activation (tells SD 1.x from SD 2.x)
     variants: Mapping[str, Callable[[], dict]] = dataclasses.field(default_factory=dict)
+    # model_index.json's other entries (absent optional components, fixed flags)
+    index_extras: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(_SD_INDEX_EXTRAS))
+    # pipeline options a model_index.json may set, with their defaults (:meth:`pipeline_options`)
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def component_names(self) -> tuple[str, ...]:
@@ -180,8 +209,15 @@ class Family:
             return self.inpaint_pipeline_class
         return self.pipeline_class
 
-    def model_index(self, scheduler_class: str, inpainting: bool = False) -> dict:
-        """The ``model_index.json`` of a diffusers folder of this family."""
+    def pipeline_options(self, model_index: Mapping[str, Any] | None = None) -> dict:
+        """The pipeline options (``model_index.json`` entries that are not components, e.g.
+        SDXL's ``force_zeros_for_empty_prompt``): this family's defaults, overridden by
+        ``model_index`` where it has them."""
+        return {k: (model_index or {}).get(k, v) for k, v in self.options.items()}
+
+    def model_index(self, scheduler_class: str, inpainting: bool = False, options: Mapping[str, Any] | None = None) -> dict:
+        """The ``model_index.json`` of a diffusers folder of this family (``options``: see
+        :meth:`pipeline_options`)."""
         index: dict[str, Any] = {"_class_name": self.pipeline_class_name(inpainting),
                                  "_diffusers_version": DIFFUSERS_VERSION}
         for c in self.components:
@@ -189,8 +225,8 @@ class Family:
         for t in self.tokenizers:
             index[t.name] = [t.library, t.class_name]
         index["scheduler"] = ["diffusers", scheduler_class]
-        index.update({"safety_checker": [None, None], "feature_extractor": [None, None],
-                      "image_encoder": [None, None], "requires_safety_checker": False})
+        index.update(self.index_extras)
+        index.update(self.pipeline_options(options))
         return index
 
     def configs(self, variant: str | None = None) -> dict:
@@ -205,10 +241,12 @@ class Family:
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-    """The networks (Flax modules, hashable) of a pipeline."""
+    """The networks (Flax modules, hashable) of a pipeline (``text_encoder_2``: SDXL's second
+    text encoder, None for the families that have one)."""
     text_encoder: Any
     unet: Any
     vae: Any
+    text_encoder_2: Any = None
 
     @property
     def vae_scale(self) -> int:
@@ -309,7 +347,33 @@ TINY = dataclasses.replace(
                                  "vae": shapes_vae_config()}},
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, TINY)}
+def sdxl_scheduler_config() -> dict:
+    """stabilityai/stable-diffusion-xl-base-1.0's ``scheduler_config.json`` (Euler, leading)."""
+    return {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+            "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+            "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+            "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+            "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
+
+
+_TEXT_ENCODER_2 = dataclasses.replace(_SD_COMPONENTS[0], name="text_encoder_2",
+                                      class_name="CLIPTextModelWithProjection")
+
+# SDXL base: CLIP ViT-L (text_encoder) and OpenCLIP bigG with projection (text_encoder_2),
+# their penultimate hidden states concatenated, the pooled projection of the second as
+# the UNet's added text embedding.  Detected from model_index.json's class name.
+SDXL = Family(
+    name="sdxl", description="Stable Diffusion XL (CLIP ViT-L + OpenCLIP bigG text encoders, 1024 px)",
+    components=(_SD_COMPONENTS[0], _TEXT_ENCODER_2) + _SD_COMPONENTS[1:],
+    tokenizers=(TokenizerSpec(), TokenizerSpec(name="tokenizer_2", pad_token="!", cache_name="sdxl-openclip")),
+    prompt=PromptEncoding(encoders=("text_encoder", "text_encoder_2"), tokenizers=("tokenizer", "tokenizer_2"),
+                          combine="concat", hidden_state="penultimate", pooled="text_encoder_2"),
+    pipeline_class="StableDiffusionXLPipeline", inpaint_pipeline_class="StableDiffusionXLInpaintPipeline",
+    single_file=None, default_size=1024, default_sampler="euler", text_hidden_act="quick_gelu",
+    index_extras=_SDXL_INDEX_EXTRAS, options={"force_zeros_for_empty_prompt": True},
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, TINY, SDXL)}
 
 
 def get(name: str) -> Family:
@@ -320,7 +384,8 @@ def get(name: str) -> Family:
 
 
 # =========================================================================== detection
-_UNSUPPORTED_PIPELINES = {"XL": "SDXL", "Flux": "Flux", "StableDiffusion3": "SD 3", "Kandinsky": "Kandinsky"}
+_UNSUPPORTED_PIPELINES = {"XLImg2Img": "SDXL img2img / refiner", "XLInpaint": "SDXL inpainting",
+                          "XLInstructPix2Pix": "SDXL InstructPix2Pix", "Flux": "Flux", "StableDiffusion3": "SD 3", "Kandinsky": "Kandinsky"}
 
 
 def detect(configs: Mapping[str, Any], model_index: Mapping[str, Any] | None = None,
@@ -333,7 +398,13 @@ def detect(configs: Mapping[str, Any], model_index: Mapping[str, Any] | None = N
     cls = str((model_index or {}).get("_class_name", ""))
     for marker, what in _UNSUPPORTED_PIPELINES.items():
         if marker in cls:
-            raise CheckpointError(f"{where} is a {what} model ({cls}); sd-jax loads Stable Diffusion 1.x/2.x")
+            raise CheckpointError(f"{where} is a {what} model ({cls}); sd-jax loads Stable Diffusion 1.x/2.x "
+                                  f"and SDXL text-to-image")
+    if cls == SDXL.pipeline_class:
+        return SDXL
+    if "XL" in cls:
+        raise CheckpointError(f"{where} is an SDXL pipeline sd-jax does not load yet ({cls}); "
+                              f"it loads StableDiffusionXLPipeline folders")
     te = configs.get("text_encoder")
     act = te.get("hidden_act") if isinstance(te, Mapping) else getattr(te, "hidden_act", None)
     return SD2 if act == SD2.text_hidden_act else SD1

@@ -77,10 +77,31 @@ class Plan:
     given_noise: bool = False
 
 
-def encode_prompt(models: Models, encoding: families.PromptEncoding, params, ids, clip_skip) -> Conditioning:
-    """Token ids int32 [B, 77] -> Conditioning, as the model family combines its encoders."""
+def encode_prompt(models: Models, encoding: families.PromptEncoding, params, ids, clip_skip, time_ids=None,
+                  zero=None) -> Conditioning:
+    """Token ids int32 [B, 77] (a tuple of them, one per tokenizer, for SDXL) -> Conditioning,
+    as the model family combines its encoders.
+
+    time_ids: float32 [B, K] micro-conditioning (SDXL), or None.  zero: optional bool [B]:
+    samples whose context and pooled embedding are zeros (SDXL's
+    ``force_zeros_for_empty_prompt`` for an empty negative prompt; traced, per sample)."""
     context, pooled = encoding.encode(models, params, ids, clip_skip)
-    return Conditioning(context=context.astype(models.unet.dtype), pooled=pooled)
+    if zero is not None:
+        context = jnp.where(zero[:, None, None], jnp.zeros_like(context), context)
+        pooled = None if pooled is None else jnp.where(zero[:, None], jnp.zeros_like(pooled), pooled)
+    dtype = models.unet.dtype
+    return Conditioning(context=context.astype(dtype), pooled=None if pooled is None else pooled.astype(dtype),
+                        time_ids=time_ids)
+
+
+def ids_key(i: int, negative: bool = False) -> str:
+    """The batch key of tokenizer ``i``'s ids: ``ids``, ``ids_2``, ... (``neg_ids``, ``neg_ids_2``, ...)."""
+    return ("neg_" if negative else "") + ("ids" if i == 0 else f"ids_{i + 1}")
+
+
+def _batch_ids(encoding: families.PromptEncoding, batch, negative: bool = False):
+    keys = [ids_key(i, negative) for i in range(len(encoding.tokenizers))]
+    return batch[keys[0]] if len(keys) == 1 else tuple(batch[k] for k in keys)
 
 
 def vae_encode(models: Models, params, images):
@@ -103,7 +124,10 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
     """The whole generation for one static :class:`Plan`.
 
     batch (all leading dim B, batch-sharded):
-      ids, neg_ids: int32 [B, 77] (neg_ids only with guidance);  seeds: uint32 [B];
+      ids, neg_ids: int32 [B, 77] (neg_ids only with guidance);  ids_2, neg_ids_2: the second
+      tokenizer's (SDXL);  time_ids: float32 [B, 6] (SDXL's micro-conditioning, both sides);
+      neg_zero: bool [B] (SDXL, ``force_zeros_for_empty_prompt``: a zero negative conditioning);
+      seeds: uint32 [B];
       guidance, rescale: float32 [B];  latents: optional float32 [B, h, w, C] initial noise
       (replaces the seeded noise);  image: float32 [B, H, W, 3] in [-1, 1] (img2img, inpaint);
       mask: float32 [B, H, W, 1], 1 = repaint.
@@ -114,8 +138,10 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
     noise_at = lambda step: jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), plan.latent_shape))(keys)
     noise0 = batch["latents"].astype(jnp.float32) if "latents" in batch else noise_at(0)
 
-    cond = encode_prompt(models, encoding, params, batch["ids"], plan.clip_skip)
-    uncond = encode_prompt(models, encoding, params, batch["neg_ids"], plan.clip_skip) if plan.guidance else None
+    time_ids = batch.get("time_ids")
+    cond = encode_prompt(models, encoding, params, _batch_ids(encoding, batch), plan.clip_skip, time_ids)
+    uncond = (encode_prompt(models, encoding, params, _batch_ids(encoding, batch, negative=True), plan.clip_skip,
+                            time_ids, batch.get("neg_zero")) if plan.guidance else None)
 
     blend = None  # (x, i) -> x after each step: inpainting with an ordinary UNet
     if plan.mode == "txt2img":
@@ -199,10 +225,16 @@ class StableDiffusionPipeline:
     """Text-to-image (and img2img / inpainting) with a Stable Diffusion checkpoint."""
 
     def __init__(self, models: Models, params, tokenizer, scheduler_config: SchedulerConfig,
-                 scheduler_name: str, mesh=None, source: str | None = None, family: families.Family | None = None):
+                 scheduler_name: str, mesh=None, source: str | None = None, family: families.Family | None = None,
+                 tokenizers: dict | None = None, options: dict | None = None):
+        """``tokenizer``: the (first) tokenizer; ``tokenizers``: ``{folder: tokenizer}`` of every
+        tokenizer of the family (SDXL has two; default: ``tokenizer`` alone); ``options``: the
+        pipeline options (:meth:`sd_jax.families.Family.pipeline_options`)."""
         self.models = models
         self.family = family or families.detect({"text_encoder": models.text_encoder.config})
         self.tokenizer = tokenizer
+        self.tokenizers = dict(tokenizers) if tokenizers else {self.family.tokenizers[0].name: tokenizer}
+        self.options = self.family.pipeline_options(options)
         self.scheduler_config = scheduler_config
         self.scheduler_name = scheduler_name
         self.mesh = mesh if mesh is not None else sharding.make_mesh()
@@ -221,15 +253,15 @@ class StableDiffusionPipeline:
         m = loader.load(path, dtype=dtype, param_dtype=param_dtype, attention=attention, variant=variant,
                         allow_pickle=allow_pickle, mesh=mesh)
         return cls(m.models, m.params, m.tokenizer, m.scheduler_config, m.scheduler_name, mesh=mesh, source=m.source,
-                   family=m.family)
+                   family=m.family, tokenizers=m.tokenizers, options=m.options)
 
     def save_pretrained(self, path: str, format: str = "orbax") -> None:
         """Save as an sd-jax orbax checkpoint (``format="orbax"``) or a diffusers folder."""
         if format not in ("orbax", "diffusers"):
             raise ValueError(f"unknown format {format!r}; use 'orbax' or 'diffusers'")
         family = self.family
-        model = loader.LoadedModel(family, self.models, self.params, {family.tokenizers[0].name: self.tokenizer},
-                                   self.scheduler_config.to_dict(), self.scheduler_name, self.source)
+        model = loader.LoadedModel(family, self.models, self.params, self.tokenizers,
+                                   self.scheduler_config.to_dict(), self.scheduler_name, self.source, self.options)
         loader.save(model, path, format)
 
     @property
@@ -280,12 +312,21 @@ class StableDiffusionPipeline:
 
     def _inputs(self, plan: Plan, requests: Sequence[GenerationRequest]) -> dict:
         """The host arrays of one call (leading axis = the requests)."""
-        batch = {"ids": tokenize(self.tokenizer, [r.prompt for r in requests]),
-                 "seeds": np.asarray([r.seed for r in requests], np.uint32),
+        batch = {"seeds": np.asarray([r.seed for r in requests], np.uint32),
                  "guidance": np.asarray([r.guidance for r in requests], np.float32),
                  "rescale": np.asarray([r.guidance_rescale for r in requests], np.float32)}
-        if plan.guidance:
-            batch["neg_ids"] = tokenize(self.tokenizer, [r.negative_prompt for r in requests])
+        for i, name in enumerate(self.family.prompt.tokenizers):
+            tok = self.tokenizers[name]
+            batch[ids_key(i)] = tokenize(tok, [r.prompt for r in requests])
+            if plan.guidance:
+                batch[ids_key(i, negative=True)] = tokenize(tok, [r.negative_prompt for r in requests])
+        if self.models.unet.config.addition_embed_type == "text_time":
+            # SDXL's micro-conditioning as diffusers' defaults: original size = target size =
+            # the image's, no crop; the negative side gets the same.
+            batch["time_ids"] = np.asarray([[r.height, r.width, 0, 0, r.height, r.width] for r in requests],
+                                           np.float32)
+            if plan.guidance and self.options.get("force_zeros_for_empty_prompt"):
+                batch["neg_zero"] = np.asarray([not r.negative_prompt for r in requests], np.bool_)
         if plan.given_noise:
             batch["latents"] = np.stack([np.asarray(r.latents, np.float32) for r in requests])
         if plan.mode != "txt2img":

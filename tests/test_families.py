@@ -47,15 +47,23 @@ def _same_params(a, b):
 # --------------------------------------------------------------------------- the registry
 def test_registry_entries():
     assert set(families.FAMILIES) >= {"sd1", "sd2", "tiny"}
-    for f in families.FAMILIES.values():
+    for f in (families.SD1, families.SD2, families.TINY):
         assert f.component_names == ("text_encoder", "unet", "vae")
         assert f.folders() == ("text_encoder", "unet", "vae", "tokenizer", "scheduler")
         assert f.component("unet").module is unet.UNet2DConditionModel
         assert f.component("text_encoder").config is clip.CLIPTextConfig
     assert families.SD2.tokenizers[0].pad_token == "!" and families.SD1.tokenizers[0].pad_token == "<|endoftext|>"
     assert families.get("sd2") is families.SD2
+    xl = families.get("sdxl")
+    assert xl.component_names == ("text_encoder", "text_encoder_2", "unet", "vae")
+    assert xl.folders() == ("text_encoder", "text_encoder_2", "unet", "vae", "tokenizer", "tokenizer_2", "scheduler")
+    assert xl.component("text_encoder_2").class_name == "CLIPTextModelWithProjection"
+    assert xl.tokenizers[1].pad_token == "!" and xl.default_size == 1024
+    assert xl.model_index("EulerDiscreteScheduler")["force_zeros_for_empty_prompt"] is True
+    assert xl.pipeline_options({"force_zeros_for_empty_prompt": False}) == {"force_zeros_for_empty_prompt": False}
+    assert families.SD1.pipeline_options({"force_zeros_for_empty_prompt": True}) == {}
     with pytest.raises(ValueError, match="unknown model family"):
-        families.get("sdxl")
+        families.get("sd3")
     # the presets are real configs of the family's classes
     cfg = families.SD2.configs("sd21")
     assert cfg["text_encoder"].hidden_act == "gelu" and cfg["unet"].cross_attention_dim == 1024
@@ -77,8 +85,11 @@ def test_model_index_is_what_the_shipped_model_has():
 def test_detect():
     assert families.detect({"text_encoder": clip.CLIPTextConfig.sd15().to_dict()}) is families.SD1
     assert families.detect({"text_encoder": clip.CLIPTextConfig.sd21()}) is families.SD2
-    with pytest.raises(CheckpointError, match="SDXL"):
-        families.detect({}, {"_class_name": "StableDiffusionXLPipeline"}, where="m")
+    assert families.detect({}, {"_class_name": "StableDiffusionXLPipeline"}) is families.SDXL
+    for cls, what in (("StableDiffusionXLImg2ImgPipeline", "SDXL img2img"), ("FluxPipeline", "Flux"),
+                      ("StableDiffusionXLControlNetPipeline", "SDXL pipeline")):
+        with pytest.raises(CheckpointError, match=what):
+            families.detect({}, {"_class_name": cls}, where="m")
     sd1_keys = ["model.diffusion_model.x", "cond_stage_model.transformer.text_model.y"]
     assert families.detect_single_file(sd1_keys) is families.SD1
     assert families.detect_single_file(["cond_stage_model.model.token_embedding.weight"]) is families.SD2
@@ -93,7 +104,9 @@ def test_prompt_encoding_single_matches_the_text_encoder():
     assert pooled is None
     np.testing.assert_array_equal(np.asarray(ctx), np.asarray(want))
     with pytest.raises(NotImplementedError):
-        families.PromptEncoding(encoders=("a", "b"), combine="concat", pooled="b").encode(m.models, m.params, ids)
+        families.PromptEncoding(combine="sum").encode(m.models, m.params, ids)
+    with pytest.raises(ValueError, match="2 id arrays"):
+        families.SDXL.prompt.encode(m.models, m.params, ids)
 
 
 # --------------------------------------------------------------------------- the loader

@@ -42,7 +42,9 @@ class LoadedModel:
     (:class:`sd_jax.families.Models`); ``params``: ``{component: params}``; ``tokenizers``:
     ``{folder name: transformers tokenizer}``; ``scheduler``: the ``scheduler_config.json``
     dict (keys the checkpoint leaves out stay out); ``scheduler_name``: the sampler it
-    names (:func:`sd_jax.diffusion.samplers.default_scheduler_name`); ``source``: the path.
+    names (:func:`sd_jax.diffusion.samplers.default_scheduler_name`); ``source``: the path;
+    ``options``: the pipeline options of ``model_index.json`` (SDXL's
+    ``force_zeros_for_empty_prompt``; :meth:`sd_jax.families.Family.pipeline_options`).
     """
     family: families.Family
     models: families.Models
@@ -51,6 +53,10 @@ class LoadedModel:
     scheduler: dict
     scheduler_name: str
     source: str | None = None
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self.options = self.family.pipeline_options(self.options)
 
     @property
     def tokenizer(self):
@@ -104,11 +110,15 @@ def load(path: str, *, dtype=jnp.float32, param_dtype=None, attention: str = "xl
 
 
 def _diffusers_family(path: str) -> families.Family:
+    return _diffusers_index_family(path)[1]
+
+
+def _diffusers_index_family(path: str) -> tuple[dict, families.Family]:
     index = read_config(path, "model_index.json")
     configs = {}
     if os.path.isfile(os.path.join(path, "text_encoder", "config.json")):
         configs["text_encoder"] = read_config(os.path.join(path, "text_encoder"))
-    return families.detect(configs, index, where=path)
+    return index, families.detect(configs, index, where=path)
 
 
 def _sd_jax_family(meta: dict) -> families.Family:
@@ -116,7 +126,7 @@ def _sd_jax_family(meta: dict) -> families.Family:
 
 
 def _load_diffusers(path, policy: Policy, *, variant, allow_pickle) -> LoadedModel:
-    family = _diffusers_family(path)
+    index, family = _diffusers_index_family(path)
     for c in family.folders():
         if not os.path.isdir(os.path.join(path, c)):
             raise CheckpointError(f"{path} is missing its {c}/ folder; the diffusers model is incomplete")
@@ -127,7 +137,7 @@ def _load_diffusers(path, policy: Policy, *, variant, allow_pickle) -> LoadedMod
     sched = read_config(os.path.join(path, "scheduler"), "scheduler_config.json")
     tokenizers = {t.name: load_tokenizer(os.path.join(path, t.name)) for t in family.tokenizers}
     return LoadedModel(family, families.Models(**models), params, tokenizers, sched, _scheduler_name(sched),
-                       source=path)
+                       source=path, options=family.pipeline_options(index))
 
 
 def _load_single_file(path, policy: Policy, prediction_type=None) -> LoadedModel:
@@ -148,7 +158,7 @@ def _load_sd_jax(path, policy: Policy, *, mesh) -> LoadedModel:
     models = families.build_models(family, meta, policy=policy)
     tokenizers = {t.name: load_tokenizer(os.path.join(path, t.name)) for t in family.tokenizers}
     return LoadedModel(family, models, params, tokenizers, dict(meta["scheduler_config"]), meta["scheduler_name"],
-                       source=path)
+                       source=path, options=family.pipeline_options(meta.get("pipeline_options")))
 
 
 def read_configs(path: str) -> dict:
@@ -181,6 +191,8 @@ def _save_sd_jax(loaded: LoadedModel, path: str) -> None:
     meta: dict[str, Any] = {"family": loaded.family.name,
                             **{name: cfg.to_dict() for name, cfg in loaded.configs.items()},
                             "scheduler_config": loaded.scheduler, "scheduler_name": loaded.scheduler_name}
+    if loaded.options:
+        meta["pipeline_options"] = dict(loaded.options)
     checkpoint.write(path, meta, loaded.params, loaded.tokenizers, sources=[loaded.source])
 
 
@@ -204,4 +216,4 @@ def _write_diffusers(loaded: LoadedModel, params, path: str) -> None:
     with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
         json.dump(sched, f, indent=2)
     with open(os.path.join(path, "model_index.json"), "w", encoding="utf-8") as f:
-        json.dump(loaded.family.model_index(scheduler_class, loaded.inpainting), f, indent=2)
+        json.dump(loaded.family.model_index(scheduler_class, loaded.inpainting, loaded.options), f, indent=2)
