@@ -197,6 +197,16 @@ def _to_list(x, n, name):
     return x
 
 
+def _load_each(images: list, height: int, width: int, channels: int = 3) -> list:
+    """:func:`load_image` of each entry, reading and resizing each distinct image once (``--num N``
+    with one init image hands the same path to every request)."""
+    done: dict = {}
+    for im in images:
+        if id(im) not in done:
+            done[id(im)] = load_image(im, height, width, channels)
+    return [done[id(im)] for im in images]
+
+
 def load_image(image, height: int, width: int, channels: int = 3) -> np.ndarray:
     """A PIL image, path or array -> float32 [H, W, C] in [-1, 1] (mask: [0, 1], binarised)."""
     from PIL import Image
@@ -330,9 +340,9 @@ class StableDiffusionPipeline:
         if plan.given_noise:
             batch["latents"] = np.stack([np.asarray(r.latents, np.float32) for r in requests])
         if plan.mode != "txt2img":
-            batch["image"] = np.stack([load_image(r.image, r.height, r.width) for r in requests])
+            batch["image"] = np.stack(_load_each([r.image for r in requests], requests[0].height, requests[0].width))
         if plan.mode == "inpaint":
-            batch["mask"] = np.stack([load_image(r.mask, r.height, r.width, channels=1) for r in requests])
+            batch["mask"] = np.stack(_load_each([r.mask for r in requests], requests[0].height, requests[0].width, 1))
         return batch
 
     def _executable(self, plan: Plan, batch):

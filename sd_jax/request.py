@@ -216,7 +216,8 @@ class Dispatcher:
         for k in range(0, len(group), limit):
             items = group[k:k + limit]
             # A shape compiled already (a batch job's full batches) beats compiling a smaller one.
-            done = [b for b in buckets if b >= len(items) and b in self.pipe.compiled_sizes(plan)]
+            compiled = self.pipe.compiled_sizes(plan)
+            done = [b for b in buckets if b >= len(items) and b in compiled]
             yield items, done[0] if done else next(b for b in buckets if b >= len(items))
 
     def plan(self, requests: Iterable[GenerationRequest]):

@@ -32,8 +32,8 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _run(model, params, *args):
-    """jit-compile (fast) and run ``model.apply``."""
-    args = tuple(jnp.asarray(a) for a in args)
+    """jit-compile (fast) and run ``model.apply``; args may hold dicts (added_cond_kwargs)."""
+    args = jax.tree.map(jnp.asarray, args)
     f = jax.jit(model.apply).lower({"params": params}, *args).compile(FAST_COMPILE)
     return f({"params": params}, *args)
 
@@ -54,10 +54,11 @@ def _inputs(cfg, size, batch=2, seq=7, seed=0):
     return x, ctx
 
 
-def _torch_out(m, x, t, ctx):
+def _torch_out(m, x, t, ctx, added=None):
     with torch.inference_mode():
+        kw = {} if added is None else {"added_cond_kwargs": {k: torch.from_numpy(v) for k, v in added.items()}}
         out = m(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.as_tensor(t),
-                torch.from_numpy(ctx)).sample
+                torch.from_numpy(ctx), **kw).sample
     return out.numpy().transpose(0, 2, 3, 1)
 
 

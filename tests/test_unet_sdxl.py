@@ -13,7 +13,7 @@ import pytest
 
 from sd_jax.models.unet import UNet2DConditionModel, UNetConfig, load
 from sd_jax.weights.convert import _torch_shape, flatten, path_to_torch_key, state_dict_to_params
-from test_unet import FAST_COMPILE, TOL, _inputs, _torch_unet
+from test_unet import TOL, _inputs, _run, _torch_out, _torch_unet
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -23,21 +23,6 @@ diffusers = pytest.importorskip("diffusers")
 BASE_IDS = np.array([[1024, 1024, 0, 0, 1024, 1024], [768, 1344, 64, 32, 1024, 1024]], np.float32)
 # The refiner's 5 ids: original size, crop top-left, aesthetic score.
 REFINER_IDS = np.array([[1024, 1024, 0, 0, 6.0], [896, 1152, 16, 0, 2.5]], np.float32)
-
-
-def _run(model, params, *args):
-    """jit-compile (fast) and run ``model.apply``; args may hold dicts (added_cond_kwargs)."""
-    args = jax.tree.map(jnp.asarray, args)
-    f = jax.jit(model.apply).lower({"params": params}, *args).compile(FAST_COMPILE)
-    return f({"params": params}, *args)
-
-
-def _torch_out(m, x, t, ctx, added):
-    with torch.inference_mode():
-        out = m(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.as_tensor(t),
-                torch.from_numpy(ctx),
-                added_cond_kwargs={k: torch.from_numpy(v) for k, v in added.items()}).sample
-    return out.numpy().transpose(0, 2, 3, 1)
 
 
 def _added(cfg, time_ids, seed=1):
