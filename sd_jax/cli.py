@@ -96,6 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="devices, backend, default model, compilation cache")
 
+    s = sub.add_parser("serve", help="HTTP server: AUTOMATIC1111 API, native API, web page (see README)")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--precompile", default=None, help="shapes to compile before /health says ready, "
+                                                      "WxH:STEPS,... (e.g. 512x512:20,768x768:30)")
+    s.add_argument("--max-batch", type=int, default=8, help="images per device call (over all devices)")
+    s.add_argument("--max-wait-ms", type=float, default=20.0, help="how long a request waits for others to batch with")
+    s.add_argument("--queue-size", type=int, default=64, help="images queued beyond which requests get HTTP 429")
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (then HTTP 504)")
+    s.add_argument("--max-side", type=int, default=2048, help="largest width or height a request may ask for")
+    s.add_argument("--max-steps", type=int, default=150, help="most steps a request may ask for")
+    s.add_argument("--max-images", type=int, default=16, help="most images per request")
+    s.add_argument("--max-body-mb", type=int, default=32, help="largest request body (uploaded images), MiB")
+    s.add_argument("--api-auth", default=None, help="USER:PASSWORD: HTTP Basic authentication (as A1111)")
+    s.add_argument("--api-token", default=None, help="a bearer token clients must send")
+    s.add_argument("--models-dir", default=None, help="folder of models /sdapi/v1/options can switch among")
+    s.add_argument("--no-memory-check", action="store_true", help="skip the check that a size fits in memory")
+
     from sd_jax.train.cli import RECIPES, recipes_help  # no jax import: cheap
     t = sub.add_parser("train", help="train or fine-tune (see README)", epilog=recipes_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)

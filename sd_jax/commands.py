@@ -456,6 +456,11 @@ def info(args) -> int:
     return 0
 
 
+def serve(args) -> int:
+    from sd_jax.serve.run import serve as run
+    return run(args)
+
+
 def train(args) -> int:
     import importlib
     try:

@@ -75,9 +75,8 @@ _FILE_MODE = 0o666 & ~_umask()  # read once: os.umask is process-wide, not threa
 TMP_PREFIX = ".tmp-"
 
 
-def save_png(path: str, image, meta: dict | None = None) -> None:
-    """Write ``image`` (uint8 [H, W, 3] or PIL) to ``path`` atomically, with metadata: a
-    temporary file ``.tmp-*.png`` in the same folder, fsynced, then renamed over ``path``."""
+def _png_parts(image, meta: dict | None):
+    """(PIL image, PngInfo with the metadata described above)."""
     from PIL import Image, PngImagePlugin
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
     info = PngImagePlugin.PngInfo()
@@ -87,6 +86,22 @@ def save_png(path: str, image, meta: dict | None = None) -> None:
         info.add_text("sd-jax", json.dumps({**meta, **note}, sort_keys=True))
     info.add_text("AI-generated", "true")
     info.add_itxt("XML:com.adobe.xmp", XMP)
+    return img, info
+
+
+def png_bytes(image, meta: dict | None = None) -> bytes:
+    """``image`` (uint8 [H, W, 3] or PIL) as PNG file bytes with the metadata of :func:`save_png`."""
+    import io
+    img, info = _png_parts(image, meta)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def save_png(path: str, image, meta: dict | None = None) -> None:
+    """Write ``image`` (uint8 [H, W, 3] or PIL) to ``path`` atomically, with metadata: a
+    temporary file ``.tmp-*.png`` in the same folder, fsynced, then renamed over ``path``."""
+    img, info = _png_parts(image, meta)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".png", dir=folder)

@@ -1,0 +1,98 @@
+"""``sd-jax serve``: load the model once, compile the listed shapes, serve until SIGTERM.
+
+uvicorn handles SIGTERM and SIGINT: it stops accepting connections, waits for the requests in
+flight to be answered, then returns; the batch worker then finishes whatever is still queued.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+
+from sd_jax.commands import UsageError, load, load_model, model_name
+from sd_jax.request import GenerationRequest, parse_size
+
+
+def parse_precompile(text: str | None) -> list[tuple[int, int, int]]:
+    """``"512x512:20,768x768:30"`` -> [(width, height, steps), ...]."""
+    out = []
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        size, _, steps = part.partition(":")
+        try:
+            w, h = parse_size(size)
+            n = int(steps) if steps else 30
+        except ValueError as e:
+            raise UsageError(f"--precompile {part!r}: {e}; write WxH:STEPS, e.g. 512x512:20") from None
+        if n < 1:
+            raise UsageError(f"--precompile {part!r}: steps must be at least 1")
+        out.append((w, h, n))
+    return out
+
+
+def check_args(args) -> None:
+    """Everything that needs no model, before the (slow) model load."""
+    for flag in ("max_batch", "queue_size", "max_side", "max_steps", "max_images", "max_body_mb"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.max_wait_ms < 0 or args.timeout <= 0:
+        raise UsageError("--max-wait-ms must be >= 0 and --timeout > 0")
+    if args.api_auth is not None and (":" not in args.api_auth or args.api_auth.startswith(":")):
+        raise UsageError("--api-auth takes USER:PASSWORD")
+    if args.api_auth and args.api_token:
+        raise UsageError("give --api-auth or --api-token, not both")
+    if args.models_dir is not None and not os.path.isdir(args.models_dir):
+        raise UsageError(f"--models-dir {args.models_dir!r} is not a folder")
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from sd_jax.request import Dispatcher
+    from sd_jax.serve.app import Limits, Server, create_app, resolve_model
+    from sd_jax.serve.worker import BatchWorker
+    check_args(args)
+    shapes = parse_precompile(args.precompile)
+    if args.models_dir and args.model and not os.path.exists(args.model):
+        try:  # --model NAME inside --models-dir
+            args.model = resolve_model(args.models_dir, args.model)
+        except Exception as e:
+            raise UsageError(f"--model {args.model!r}: {e}") from None
+    pipe = load(args)
+    pipe.memory_check = not args.no_memory_check
+    worker = BatchWorker(pipe, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size)
+    limits = Limits(max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
+                    max_body_bytes=args.max_body_mb * 2**20, timeout_s=args.timeout)
+    auth = args.api_auth
+    server = Server(worker, limits, auth=auth, token=args.api_token, models_dir=args.models_dir,
+                    loader=lambda path: load_model(path, dtype=args.dtype, attention=args.attention),
+                    model=model_name(pipe))
+    for w, h, _ in shapes:
+        limits.check(w, h, None, 1)
+    where = f"http://{args.host}:{args.port}"
+
+    def precompile():
+        try:
+            with worker.lock:  # the worker waits: the pipeline's compiled table changes here
+                for w, h, steps in shapes:
+                    Dispatcher(pipe, batch_size=args.max_batch).precompile(
+                        [GenerationRequest("", steps=steps, width=w, height=h)])
+        except Exception as e:  # a shape that cannot be compiled: say so, keep serving the rest
+            print(f"sd-jax: warning: --precompile failed: {' '.join(str(e).split())}", file=sys.stderr)
+        server.ready = True
+        print(f"sd-jax: serving {server.model} on {where} (ready; {pipe.compilations} program(s) compiled)",
+              file=sys.stderr, flush=True)
+
+    worker.start()
+    threading.Thread(target=precompile, name="sd-jax-precompile", daemon=True).start()
+    logging.basicConfig(level=logging.INFO, format="sd-jax: %(message)s")
+    config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=None, access_log=False)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        worker.stop()
+    print("sd-jax: server stopped", file=sys.stderr)
+    return 0
