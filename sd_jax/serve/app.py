@@ -205,7 +205,10 @@ def create_app(server: Server):
         t0 = time.perf_counter()
 
         def finished(job):
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+            try:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+            except RuntimeError:  # the request's event loop has ended (it timed out or was cancelled)
+                pass
 
         try:
             job = worker.submit(requests, on_done=finished)
@@ -414,24 +417,20 @@ def list_models(models_dir: str) -> list[str]:
             if not e.startswith(".") and _is_model(os.path.join(models_dir, e))]
 
 
-def resolve_model(models_dir: str | None, name) -> str:
-    """The path of model ``name`` inside ``models_dir``; an ApiError for anything outside it
-    (separators, ``..``, hidden names, links leading out) or missing."""
+def resolve_model(models_dir: Optional[str], name) -> str:
+    """The path of model ``name``: one of :func:`list_models` (an entry of ``models_dir`` itself,
+    never a path: separators, ``..`` and hidden names are refused); an ApiError otherwise."""
     if not models_dir:
         raise ApiError(400, "this server has no --models-dir to switch models from")
     if not isinstance(name, str):
         raise ApiError(422, "sd_model_checkpoint must be a model name (see /sdapi/v1/sd-models)")
-    name = name.split(" [")[0].strip()  # A1111 titles: "name [hash]"
-    if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name or os.path.isabs(name):
+    name = name.split(" [")[0].strip().removesuffix(".safetensors")  # A1111 titles: "name [hash]"
+    if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name:
         raise ApiError(400, f"model name {name!r} must be a plain name from /sdapi/v1/sd-models")
-    root = os.path.realpath(models_dir)
-    for candidate in (name, name + ".safetensors"):
-        path = os.path.realpath(os.path.join(root, candidate))
-        if os.path.commonpath([root, path]) != root or path == root:
-            raise ApiError(400, f"model name {name!r} leads outside the models folder")
-        if _is_model(path):
-            return path
-    raise ApiError(404, f"no model {name!r} in the models folder (see /sdapi/v1/sd-models)")
+    if name not in list_models(models_dir):
+        raise ApiError(404, f"no model {name!r} in the models folder (see /sdapi/v1/sd-models)")
+    path = os.path.join(models_dir, name)
+    return path if os.path.isdir(path) else path + ".safetensors"
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -5,10 +5,15 @@ flight to be answered, then returns; the batch worker then finishes whatever is 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import socket
 import sys
 import threading
+
+import uvicorn
 
 from sd_jax.commands import UsageError, load, load_model, model_name
 from sd_jax.request import GenerationRequest, parse_size
@@ -45,11 +50,17 @@ def check_args(args) -> None:
         raise UsageError(f"--models-dir {args.models_dir!r} is not a folder")
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    try:  # a port in use is found before the (slow) model load
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        with socket.socket(family) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((args.host, args.port))
+    except OSError as e:
+        raise UsageError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); "
+                         f"choose another --port or --host") from None
 
 
 def serve(args) -> int:
-    import uvicorn
-
     from sd_jax.request import Dispatcher
     from sd_jax.serve.app import Limits, Server, create_app, resolve_model
     from sd_jax.serve.worker import BatchWorker
@@ -90,9 +101,27 @@ def serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="sd-jax: %(message)s")
     config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=None, access_log=False)
+    http = _GracefulServer(config)
     try:
-        uvicorn.Server(config).run()
+        http.run()
     finally:
         worker.stop()
-    print("sd-jax: server stopped", file=sys.stderr)
+    names = ", ".join(signal.Signals(s).name for s in http.stopped_by)
+    print(f"sd-jax: server stopped{f' ({names})' if names else ''}", file=sys.stderr)
     return 0
+
+
+class _GracefulServer(uvicorn.Server):
+    """uvicorn's server, but a SIGTERM/SIGINT that stopped it gracefully is not raised again
+    afterwards (uvicorn does, ending the process by the signal): the batch worker still has to
+    stop, and the command ends with status 0."""
+    stopped_by: list = []
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self.stopped_by = list(self._captured_signals)
+                self._captured_signals.clear()

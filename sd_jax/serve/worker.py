@@ -18,12 +18,15 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import logging
 import math
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from sd_jax.request import Dispatcher, GenerationRequest, RequestError, bucket_sizes
+
+log = logging.getLogger("sd_jax.serve")
 
 
 class QueueFull(Exception):
@@ -197,13 +200,23 @@ class BatchWorker:
                 self._jobs.discard(job)
             job.done.set()
             if job.on_done is not None:
-                job.on_done(job)
+                try:
+                    job.on_done(job)
+                except Exception:  # a callback's failure (its client's event loop gone) is not the worker's
+                    log.exception("a job's completion callback failed")
+
+    def _wait(self) -> bool:
+        """Wait for queued images or finished compilations; False once stopping with nothing left."""
+        with self._cond:
+            while not self._queue and not self._compiled_by_thread:
+                if self._stopping and not self._parked:
+                    return False
+                self._cond.wait(0.5)
+            return True
 
     def _take(self) -> list:
-        """Wait for queued images, then gather them for up to max_wait (or max_batch of them)."""
+        """Gather queued images for up to max_wait (or until max_batch of them wait); take them."""
         with self._cond:
-            while not self._queue and not self._compiled_by_thread and not (self._stopping and not self._parked):
-                self._cond.wait(0.5)
             if self._queue:
                 deadline = time.monotonic() + self.max_wait
                 while len(self._queue) < self.max_batch and not self._stopping:
@@ -259,20 +272,17 @@ class BatchWorker:
 
     def _loop(self) -> None:
         while True:
-            self._merge_compiled()
-            taken = self._take()
-            with self._cond:
-                if not taken and self._stopping and not self._queue and not self._parked \
-                        and not self._compiled_by_thread:
-                    return
-            live = []
-            for job, i in taken:
-                if job.cancelled or job.interrupted or job.error is not None:
-                    self._finish(job)
-                else:
-                    live.append((job, i))
-            if live:
-                with self.lock:
+            if not self._wait():
+                return
+            with self.lock:  # taken before the images: a model switch or a test holding it stops both
+                self._merge_compiled()
+                live = []
+                for job, i in self._take():
+                    if job.cancelled or job.interrupted or job.error is not None:
+                        self._finish(job)
+                    else:
+                        live.append((job, i))
+                if live:
                     t0 = time.perf_counter()
                     self._run(live)
                     self.busy_seconds += time.perf_counter() - t0
