@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["sd_jax", "sd_jax.*"]),
-    package_data={"sd_jax": ["assets/*"]},
+    package_data={"sd_jax": ["assets/*", "serve/static/*"]},
     install_requires=[
         "jax>=0.8,<0.11",
         "flax>=0.12,<0.13",
@@ -30,7 +30,14 @@ setup(
             "nbformat>=5.10,<6",
             "ipykernel>=6.29,<8",
             "matplotlib>=3.8,<4",
+            "fastapi>=0.110,<1",
+            "uvicorn>=0.29,<1",
+            "httpx>=0.27,<1",
+            "webuiapi>=0.9.17,<0.10",
+            "sd-parsers>=0.6,<0.7",
+            "selenium>=4.20,<5",
         ],
+        "serve": ["fastapi>=0.110,<1", "uvicorn>=0.29,<1"],
         "train": ["matplotlib>=3.8,<4"],  # loss.png
         "gpu": ["jax[cuda12]>=0.8,<0.11"],
     },

@@ -429,3 +429,20 @@ def test_served_sigterm_finishes_requests_in_flight(served):
     assert proc.wait(60) == 0
     err = proc.stderr.read()
     assert "server stopped (SIGTERM)" in err and "Traceback" not in err
+
+
+def test_serve_command_user_errors(capsys, tmp_path):
+    """Mistakes in the command line are one line each, before the model loads."""
+    from sd_jax.cli import main
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        for args, fragment in ((["--api-auth", "nocolon"], "USER:PASSWORD"),
+                               (["--precompile", "64x64:x"], "--precompile"),
+                               (["--max-batch", "0"], "--max-batch"),
+                               (["--models-dir", str(tmp_path / "none")], "--models-dir"),
+                               (["--port", str(busy)], "cannot listen")):
+            assert main(["serve", "--model", SHAPES, *args]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("sd-jax: error: ") and fragment in err[0], err

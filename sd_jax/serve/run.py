@@ -123,5 +123,6 @@ class _GracefulServer(uvicorn.Server):
             try:
                 yield
             finally:
-                self.stopped_by = list(self._captured_signals)
-                self._captured_signals.clear()
+                captured = getattr(self, "_captured_signals", [])  # uvicorn >= 0.29 raises these again
+                self.stopped_by = list(captured)
+                captured.clear()
