@@ -335,7 +335,7 @@ def served(refs, cache_dir):
     env = cli_env(8, {"SD_JAX_CACHE": cache_dir, "JAX_DEFAULT_MATMUL_PRECISION": "highest",
                       "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")})
     proc = subprocess.Popen(sd_jax_command() + ["serve", "--model", SHAPES, "--port", str(port), "--precompile",
-                                                "64x64:2", "--max-batch", "8", "--max-wait-ms", "400",
+                                                "64x64:2", "--max-batch", "8", "--max-wait-ms", "600",
                                                 "--attention", "xla"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -409,6 +409,21 @@ def test_served_web_page_in_browser(served, tmp_path):
         assert Image.open(shot).size[0] > 0
     finally:
         driver.quit()
+
+
+def test_served_client_going_away_cancels_its_request(served):
+    """A client that disconnects while its request waits (the server's 600 ms batching window): the
+    request is cancelled (status 499 in the metrics), and the server keeps serving."""
+    import httpx
+    _, _, url = served
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(url + "/sdapi/v1/txt2img", json=txt2img_body(PROMPTS[0], 11),
+                   timeout=httpx.Timeout(10, read=0.1))
+    end = time.time() + 10
+    while 'sd_jax_requests_total{status="499"} 1' not in httpx.get(url + "/metrics").text:
+        assert time.time() < end, httpx.get(url + "/metrics").text
+        time.sleep(0.05)
+    assert httpx.post(url + "/sdapi/v1/txt2img", json=txt2img_body(PROMPTS[0], 11), timeout=60).status_code == 200
 
 
 def test_served_sigterm_finishes_requests_in_flight(served):

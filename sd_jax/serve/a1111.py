@@ -100,10 +100,6 @@ def _int(body: dict, key: str, default):
     return int(v)
 
 
-def _same(value, choices) -> bool:
-    return any(value == c and type(value) is not bool or value is c for c in choices) or value in choices
-
-
 def unsupported_fields(body: dict, img2img: bool) -> list[str]:
     """The fields of ``body`` this server does not act on, each as ``"name=value: why"``."""
     out = []
@@ -112,7 +108,7 @@ def unsupported_fields(body: dict, img2img: bool) -> list[str]:
         if key in used or key in IGNORED:
             continue
         if key in DEFAULTS:
-            if not _same(value, DEFAULTS[key]):
+            if value not in DEFAULTS[key]:
                 out.append(f"{key}={json.dumps(value)[:60]}: not supported by sd-jax, ignored")
         else:
             out.append(f"{key}: unknown field, ignored")
@@ -169,12 +165,15 @@ def parse(body: dict, pipe, limits, *, img2img: bool, model: str):
         image = decode_image(images[0], "init_images[0]", limits.max_pixels)
         if body.get("mask"):
             mask = decode_image(body["mask"], "mask", limits.max_pixels)
-        strength = body.get("denoising_strength", 0.75)
+        strength = body.get("denoising_strength")
+        strength = 0.75 if strength is None else strength
         if width is None or height is None:  # A1111 keeps the init image's size unless told
             width, height = width or image.width, height or image.height
             limits.check(width, height, steps, batch * n_iter)
     prompt = body.get("prompt", "")
     negative = body.get("negative_prompt", "") or ""
+    if not isinstance(prompt, str) or not isinstance(negative, str):
+        raise RequestError("prompt and negative_prompt must be text")
     guidance = body.get("cfg_scale", 7.0)
     scheduler = to_scheduler(body.get("sampler_name") or body.get("sampler_index"), body.get("scheduler"))
     requests = pipe.requests(prompt, negative, seed=seed, num_inference_steps=steps, guidance_scale=guidance,

@@ -218,7 +218,7 @@ def create_app(server: Server):
         deadline = t0 + server.limits.timeout_s
         while not done.done():
             try:
-                await asyncio.wait_for(asyncio.shield(done), 0.25)
+                await asyncio.wait_for(asyncio.shield(done), 0.1)
             except asyncio.TimeoutError:
                 pass
             if done.done():

@@ -16,7 +16,7 @@ import threading
 import uvicorn
 
 from sd_jax.commands import UsageError, load, load_model, model_name
-from sd_jax.request import GenerationRequest, parse_size
+from sd_jax.request import GenerationRequest, bucket_sizes, parse_size
 
 
 def parse_precompile(text: str | None) -> list[tuple[int, int, int]]:
@@ -88,8 +88,11 @@ def serve(args) -> int:
         try:
             with worker.lock:  # the worker waits: the pipeline's compiled table changes here
                 for w, h, steps in shapes:
-                    Dispatcher(pipe, batch_size=args.max_batch).precompile(
-                        [GenerationRequest("", steps=steps, width=w, height=h)])
+                    # Every call size the batcher uses, compiled and run once: a program's first
+                    # run is slower (buffers, thread pools), and that should not be a client's.
+                    for size in bucket_sizes(pipe.mesh.devices.size, args.max_batch):
+                        Dispatcher(pipe, batch_size=size).generate(
+                            [GenerationRequest("", steps=steps, width=w, height=h)] * size)
         except Exception as e:  # a shape that cannot be compiled: say so, keep serving the rest
             print(f"sd-jax: warning: --precompile failed: {' '.join(str(e).split())}", file=sys.stderr)
         server.ready = True
