@@ -457,8 +457,12 @@ def info(args) -> int:
 
 
 def serve(args) -> int:
-    from sd_jax.serve.run import serve as run
-    return run(args)
+    """``sd-jax serve``: arguments checked (and the port tried) before the model loads."""
+    from sd_jax.serve import run
+    shapes = run.check_args(args)
+    pipe = load(args)
+    return run.serve(args, pipe, shapes, loader=lambda path: load_model(path, dtype=args.dtype,
+                                                                           attention=args.attention))
 
 
 def train(args) -> int:

@@ -1,4 +1,8 @@
-"""``sd-jax serve``: load the model once, compile the listed shapes, serve until SIGTERM.
+"""``sd-jax serve``: compile the listed shapes, serve a loaded model until SIGTERM.
+
+``sd_jax.commands.serve`` checks the arguments (:func:`check_args`, before the slow model
+load), loads the model and calls :func:`serve`.  Errors a user can fix are ValueErrors with a
+one-line message.
 
 uvicorn handles SIGTERM and SIGINT: it stops accepting connections, waits for the requests in
 flight to be answered, then returns; the batch worker then finishes whatever is still queued.
@@ -15,8 +19,14 @@ import threading
 
 import uvicorn
 
-from sd_jax.commands import UsageError, load, load_model, model_name
-from sd_jax.request import GenerationRequest, bucket_sizes, parse_size
+from sd_jax.images import model_name
+from sd_jax.request import Dispatcher, GenerationRequest, bucket_sizes, parse_size
+from sd_jax.serve.app import ApiError, Limits, Server, create_app, resolve_model
+from sd_jax.serve.worker import BatchWorker
+
+
+class UsageError(ValueError):
+    """A mistake in ``sd-jax serve``'s arguments; the message says what to do."""
 
 
 def parse_precompile(text: str | None) -> list[tuple[int, int, int]]:
@@ -35,8 +45,9 @@ def parse_precompile(text: str | None) -> list[tuple[int, int, int]]:
     return out
 
 
-def check_args(args) -> None:
-    """Everything that needs no model, before the (slow) model load."""
+def check_args(args) -> list[tuple[int, int, int]]:
+    """Everything that needs no model, before the (slow) model load; returns the
+    ``--precompile`` shapes.  ``--model NAME`` with ``--models-dir`` becomes that model's path."""
     for flag in ("max_batch", "queue_size", "max_side", "max_steps", "max_images", "max_body_mb"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -58,30 +69,30 @@ def check_args(args) -> None:
     except OSError as e:
         raise UsageError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); "
                          f"choose another --port or --host") from None
-
-
-def serve(args) -> int:
-    from sd_jax.request import Dispatcher
-    from sd_jax.serve.app import Limits, Server, create_app, resolve_model
-    from sd_jax.serve.worker import BatchWorker
-    check_args(args)
     shapes = parse_precompile(args.precompile)
+    limits = limits_of(args)
+    for w, h, _ in shapes:
+        limits.check(w, h, None, 1)
     if args.models_dir and args.model and not os.path.exists(args.model):
         try:  # --model NAME inside --models-dir
             args.model = resolve_model(args.models_dir, args.model)
-        except Exception as e:
+        except ApiError as e:
             raise UsageError(f"--model {args.model!r}: {e}") from None
-    pipe = load(args)
+    return shapes
+
+
+def limits_of(args) -> Limits:
+    return Limits(max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
+                  max_body_bytes=args.max_body_mb * 2**20, timeout_s=args.timeout)
+
+
+def serve(args, pipe, shapes: list, loader) -> int:
+    """Serve ``pipe`` as ``args`` say until SIGTERM/SIGINT; ``loader``: path -> pipeline (for
+    ``/sdapi/v1/options``)."""
     pipe.memory_check = not args.no_memory_check
     worker = BatchWorker(pipe, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size)
-    limits = Limits(max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
-                    max_body_bytes=args.max_body_mb * 2**20, timeout_s=args.timeout)
-    auth = args.api_auth
-    server = Server(worker, limits, auth=auth, token=args.api_token, models_dir=args.models_dir,
-                    loader=lambda path: load_model(path, dtype=args.dtype, attention=args.attention),
-                    model=model_name(pipe))
-    for w, h, _ in shapes:
-        limits.check(w, h, None, 1)
+    server = Server(worker, limits_of(args), auth=args.api_auth, token=args.api_token, models_dir=args.models_dir,
+                    loader=loader, model=model_name(pipe.source))
     where = f"http://{args.host}:{args.port}"
 
     def precompile():
