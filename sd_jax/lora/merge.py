@@ -1,0 +1,114 @@
+"""The weight change of each LoRA format, and merging it into a kernel on the devices.
+
+All formulas work in PyTorch's layout (``out, in[, kh, kw]``), where the papers and the
+files state them; the kernel is moved to it and back (a transpose: exact).
+
+* LoRA / LoCon (Hu et al. 2021, arXiv:2106.09685): ``dW = up @ down``; with a Tucker core
+  (LyCORIS ``lora_mid``), ``dW[i,j,k,l] = sum_nm mid[n,m,k,l] up[i,n] down[m,j]``.
+* LoHa (Hyeon-Woo et al. 2022, FedPara, arXiv:2108.06098; LyCORIS):
+  ``dW = (w1a @ w1b) * (w2a @ w2b)`` (element-wise), or with Tucker cores
+  ``einsum("ijkl,jr,ip->prkl", t, wb, wa)`` for each half.
+* LoKr (Yeh et al. 2023, LyCORIS, arXiv:2309.14859): ``dW = w1 kron w2`` with each side
+  whole or ``a @ b`` (or a Tucker core for ``w2``).
+* DoRA (Liu et al. 2024, arXiv:2402.09353): ``W' = m * (W + s dW) / ||W + s dW||``, the norm
+  over every axis but the one ``m`` (``dora_scale``) lies along (the output axis, or the
+  input axis in older LyCORIS files), plus float32 epsilon as LyCORIS; its change is
+  ``W' - W``.
+
+Each change is multiplied by its scale (alpha / rank) and the user's weight:
+``W' = W + sum_i weight_i * scale_i * dW_i`` in float32, cast back to the kernel's dtype.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+EPS = float(jnp.finfo(jnp.float32).eps)
+
+
+def to_torch(kernel):
+    """A Flax kernel ((in, out) or (kh, kw, in, out)) in PyTorch's layout."""
+    return kernel.T if kernel.ndim == 2 else kernel.transpose(3, 2, 0, 1)
+
+
+def to_flax(w):
+    return w.T if w.ndim == 2 else w.transpose(2, 3, 1, 0)
+
+
+def torch_shape(kernel_shape: tuple) -> tuple:
+    s = tuple(kernel_shape)
+    return s[::-1] if len(s) == 2 else (s[3], s[2], s[0], s[1])
+
+
+def _tucker(t, wa, wb):
+    return jnp.einsum("ijkl,jr,ip->prkl", t, wb, wa)
+
+
+def delta(kind: str, f: dict, shape: tuple):
+    """The (unscaled) weight change of one layer, reshaped to ``shape`` (PyTorch layout)."""
+    if kind == "lora":
+        up = f["up"].reshape(f["up"].shape[0], -1)
+        down = f["down"].reshape(f["down"].shape[0], -1)
+        d = jnp.einsum("nmkl,in,mj->ijkl", f["mid"], up, down) if "mid" in f else up @ down
+    elif kind == "loha":
+        halves = []
+        for i in ("1", "2"):
+            a, b, t = f[f"hada_w{i}_a"], f[f"hada_w{i}_b"], f.get(f"hada_t{i}")
+            halves.append(a @ b if t is None else _tucker(t, a, b))
+        d = halves[0].reshape(shape) * halves[1].reshape(shape)
+    elif kind == "lokr":
+        w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+        if "lokr_w2" in f:
+            w2 = f["lokr_w2"]
+        elif "lokr_t2" in f:
+            w2 = jnp.einsum("ijkl,ip,jr->prkl", f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
+        else:
+            w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
+        if len(shape) == 4 and w2.ndim == 2:  # a conv's w2 stored flat: (out2, in2 * kh * kw)
+            w2 = w2.reshape(w2.shape[0], shape[1] // w1.shape[1], *shape[2:])
+        w1 = w1.reshape(w1.shape + (1,) * (w2.ndim - w1.ndim))
+        d = jnp.kron(w1, w2)
+    else:
+        raise ValueError(f"unknown LoRA kind {kind!r}")
+    return d.reshape(shape)
+
+
+def weight_decompose(w, d, m):
+    """DoRA: the change that takes ``w`` to ``m * (w + d) / ||w + d||`` (PyTorch layout)."""
+    merged = w + d
+    out_axis = m.shape[0] == merged.shape[0] and m.size == merged.shape[0]
+    if out_axis:
+        norm = jnp.linalg.norm(merged.reshape(merged.shape[0], -1), axis=1)
+        norm = norm.reshape((-1,) + (1,) * (merged.ndim - 1))
+    else:
+        norm = jnp.linalg.norm(jnp.swapaxes(merged, 0, 1).reshape(merged.shape[1], -1), axis=1)
+        norm = norm.reshape((1, -1) + (1,) * (merged.ndim - 2))
+    return m.reshape(norm.shape) * merged / (norm + EPS) - w
+
+
+def _dora_key(f: dict):
+    return "dora_scale" if "dora_scale" in f else "magnitude" if "magnitude" in f else None
+
+
+def layer_delta(kind: str, f: dict, scale, w, shape: tuple):
+    """One LoRA's scaled change of a layer whose PyTorch-layout weight is ``w``."""
+    d = delta(kind, f, shape) * scale
+    key = _dora_key(f)
+    return weight_decompose(w, d, f[key]) if key else d
+
+
+@functools.partial(jax.jit, static_argnames=("kinds",))
+def merge_kernel(kernel, factors: tuple, scales, weights, kinds: tuple):
+    """``kernel + sum_i weights[i] * scales[i] * dW_i`` in float32, in ``kernel``'s dtype.
+
+    kernel: a Flax kernel;  factors: one ``{name: float32 array}`` per LoRA;  scales,
+    weights: float32 [n] (traced: new weights or another LoRA of the same shapes reuse the
+    compiled function);  kinds: the LoRAs' kinds (static)."""
+    w = to_torch(kernel.astype(jnp.float32))
+    shape = w.shape
+    acc = w
+    for i, (kind, f) in enumerate(zip(kinds, factors)):
+        acc = acc + weights[i] * layer_delta(kind, f, scales[i], w, shape)
+    return to_flax(acc).astype(kernel.dtype)
