@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-SIZE, STEPS = 32, 3
+SIZE, STEPS = 32, 2
 PROMPT = ["a small red circle on a blue background"]
 W_TOL, IMG_TOL = 1e-5, 2 / 255
 UNET_RE = re.compile(r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out|"
@@ -170,12 +170,12 @@ def test_merged_weights_match_diffusers_fuse(sd1, fmt):
 
 def _ref_images(ref, lat):
     with torch.no_grad():
-        return ref(prompt=PROMPT, latents=nchw(lat), num_inference_steps=STEPS, guidance_scale=5.0,
+        return ref(prompt=PROMPT, latents=nchw(lat), num_inference_steps=STEPS, guidance_scale=1.0,
                    height=SIZE, width=SIZE, output_type="np").images
 
 
 def _images(pipe, lat):
-    return pipe(PROMPT, latents=lat, num_inference_steps=STEPS, guidance_scale=5.0, height=SIZE, width=SIZE,
+    return pipe(PROMPT, latents=lat, num_inference_steps=STEPS, guidance_scale=1.0, height=SIZE, width=SIZE,
                 scheduler="ddim", output_type="np")
 
 
@@ -201,7 +201,7 @@ def test_images_match_diffusers_one_and_two_loras_without_recompiling(sd1):
         d2 = float(np.abs(two - _ref_images(ref, lat)).max())
         print(f"max |image diff|: one LoRA {d1:.2e}, two {d2:.2e}")
         assert d1 <= IMG_TOL and d2 <= IMG_TOL
-        assert np.abs(one - base_img).max() > 0.05 and np.abs(two - one).max() > 0.05  # the LoRAs matter
+        assert min(np.abs(one - base_img).max(), np.abs(two - one).max()) > 3 * IMG_TOL  # the LoRAs matter
         pipe.use_loras([(files["attn_proc"], 0.5)])  # switch to another LoRA
         assert list(pipe.loras.weights) == ["attn_proc"]
         _images(pipe, lat)
@@ -328,9 +328,9 @@ def test_sdxl_kohya_sgm_names_match_diffusers(sdxl):
         ref.load_lora_weights(path, adapter_name="x")
         ref.set_adapters(["x"], adapter_weights=[0.9])
         with torch.no_grad():
-            want = ref(prompt=PROMPT, latents=nchw(lat), num_inference_steps=STEPS, guidance_scale=5.0,
+            want = ref(prompt=PROMPT, latents=nchw(lat), num_inference_steps=STEPS, guidance_scale=1.0,
                        height=SIZE, width=SIZE, output_type="np").images
-        got = pipe(PROMPT, latents=lat, num_inference_steps=STEPS, guidance_scale=5.0, height=SIZE, width=SIZE,
+        got = pipe(PROMPT, latents=lat, num_inference_steps=STEPS, guidance_scale=1.0, height=SIZE, width=SIZE,
                    output_type="np")
         d = float(np.abs(got - want).max())
         print(f"SDXL image max |diff| {d:.2e}")

@@ -99,16 +99,13 @@ def layer_delta(kind: str, f: dict, scale, w, shape: tuple):
     return weight_decompose(w, d, f[key]) if key else d
 
 
-@functools.partial(jax.jit, static_argnames=("kinds",))
-def merge_kernel(kernel, factors: tuple, scales, weights, kinds: tuple):
-    """``kernel + sum_i weights[i] * scales[i] * dW_i`` in float32, in ``kernel``'s dtype.
+@functools.partial(jax.jit, static_argnames=("kind",))
+def add_delta(acc, kernel, factors: dict, scale, weight, kind: str):
+    """``acc + weight * scale * dW`` (float32, Flax layout) for one LoRA of a layer whose base
+    kernel is ``kernel`` (DoRA normalises against it).
 
-    kernel: a Flax kernel;  factors: one ``{name: float32 array}`` per LoRA;  scales,
-    weights: float32 [n] (traced: new weights or another LoRA of the same shapes reuse the
-    compiled function);  kinds: the LoRAs' kinds (static)."""
+    One call per LoRA and layer, so the compiled function depends on that LoRA's factor shapes
+    only: another LoRA of the same rank, a second LoRA on the layer, or new weights (``scale``
+    and ``weight`` are traced float32 scalars) reuse it."""
     w = to_torch(kernel.astype(jnp.float32))
-    shape = w.shape
-    acc = w
-    for i, (kind, f) in enumerate(zip(kinds, factors)):
-        acc = acc + weights[i] * layer_delta(kind, f, scales[i], w, shape)
-    return to_flax(acc).astype(kernel.dtype)
+    return acc + to_flax(weight * layer_delta(kind, factors, scale, w, w.shape))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+import numpy as np
 
 from sd_jax import sharding
 from sd_jax.lora import loading, merge
@@ -121,10 +122,10 @@ class LoraSet:
         params = base
         for (comp, path), contribs in by_target.items():
             kernel = _get(base[comp], path + ("kernel",))
-            new = merge.merge_kernel(kernel, tuple(f for _, f, _ in contribs),
-                                     jnp.asarray([r.scale for r, _, _ in contribs], jnp.float32),
-                                     jnp.asarray([w for _, _, w in contribs], jnp.float32),
-                                     kinds=tuple(r.kind for r, _, _ in contribs))
+            acc = kernel.astype(jnp.float32)
+            for record, f, w in contribs:
+                acc = merge.add_delta(acc, kernel, f, np.float32(record.scale), np.float32(w), kind=record.kind)
+            new = acc.astype(kernel.dtype)
             params = _set(params, (comp,) + path + ("kernel",), new)
         self._merged = params
         self.pipe.params = params
