@@ -7,7 +7,6 @@ LoHa / LoKr / DoRA (which diffusers cannot load: checked against the papers' for
 written here in numpy).  Tolerances: merged weights <= 1e-5 (measured <= 1e-7: the same
 float32 products); images <= 2/255 (measured <= 1e-6).
 """
-import json
 import os
 import re
 

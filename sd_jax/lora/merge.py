@@ -24,6 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 EPS = float(jnp.finfo(jnp.float32).eps)
 
@@ -73,6 +74,31 @@ def delta(kind: str, f: dict, shape: tuple):
     else:
         raise ValueError(f"unknown LoRA kind {kind!r}")
     return d.reshape(shape)
+
+
+def delta_size(kind: str, f: dict) -> tuple[int, int]:
+    """(rows, elements) of :func:`delta`'s result before reshaping, from the factor shapes alone
+    (no tracing: a file's layers are checked against the model before anything is merged)."""
+    s = {k: tuple(np.shape(v)) for k, v in f.items()}
+    prod = lambda t: int(np.prod(t))
+    if kind == "lora":
+        rows = s["up"][0]
+        cols = s["down"][1] * prod(s["mid"][2:]) if "mid" in s else prod(s["down"][1:])
+    elif kind == "loha":
+        if "hada_t1" in s:
+            rows, cols = s["hada_w1_a"][1], s["hada_w1_b"][1] * prod(s["hada_t1"][2:])
+        else:
+            rows, cols = s["hada_w1_a"][0], s["hada_w1_b"][1]
+    else:
+        w1 = s["lokr_w1"] if "lokr_w1" in s else (s["lokr_w1_a"][0], s["lokr_w1_b"][1])
+        if "lokr_w2" in s:
+            w2 = s["lokr_w2"]
+        elif "lokr_t2" in s:
+            w2 = (s["lokr_w2_a"][1], s["lokr_w2_b"][1]) + s["lokr_t2"][2:]
+        else:
+            w2 = (s["lokr_w2_a"][0], s["lokr_w2_b"][1])
+        rows, cols = w1[0] * w2[0], prod(w1[1:]) * prod(w2[1:])
+    return rows, rows * cols
 
 
 def weight_decompose(w, d, m):
