@@ -405,3 +405,9 @@ def test_cli_info_lists_matches_and_lora_spec(sd1, capsys):
     assert cli.main(["info", "--model", str(folder / "model"), "--lora", "nosuch", "--lora-dir", str(folder)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sd-jax: error: no LoRA named 'nosuch'")
+    # generate checks its --lora files before loading the model
+    for spec, msg in ((str(folder / "nope.safetensors"), "not found"), (files["kohya"] + ":nan", "finite")):
+        assert cli.main(["generate", "x", "--model", str(folder / "model"), "--lora", spec,
+                         "-o", str(folder / "x.png")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("sd-jax: error: ") and msg in err[0], err
