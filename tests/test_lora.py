@@ -4,8 +4,10 @@ Every LoRA file is written by the test with random non-zero factors: kohya (SD 1
 LoCon 3x3 convs; SDXL in SGM block names), diffusers/PEFT (``save_lora_weights`` with the
 PEFT config in the metadata), diffusers' old attention-processor names, and LyCORIS
 LoHa / LoKr / DoRA (which diffusers cannot load: checked against the papers' formulas
-written here in numpy).  Tolerances: merged weights <= 1e-5 (measured <= 1e-7: the same
-float32 products); images <= 2/255 (measured <= 1e-6).
+written here in numpy).  Tolerances: merged weights <= 1e-5 (measured <= 1.2e-7: the same
+float32 products); images (SD 1.x, guidance 1, 2 DDIM steps) <= 2/255 (measured <= 6e-7).
+The pipelines run on one device; the whole file takes ~58 s of CPU on the 2-core dev VM
+under a load average of ~18 (most of it two generation compiles and diffusers' own runs).
 """
 import os
 import re
@@ -318,24 +320,20 @@ def sdxl(tmp_path_factory):
 
 
 def test_sdxl_kohya_sgm_names_match_diffusers(sdxl):
+    """Both text encoders and the UNet in SGM names, merged as diffusers fuses them.  (Images are
+    compared on SD 1.x above; SDXL generation itself is compared in test_sdxl_pipeline: equal
+    merged weights give equal images, and the test budget has no room for a second compile.)"""
     ref, pipe, path = sdxl
-    lat = np.random.RandomState(1).randn(1, SIZE // 2, SIZE // 2, 4).astype(np.float32)
     lora = pipe.load_lora(path, weight=0.9)
     try:
         assert not lora.unmatched and {m.component for m in lora.matches} == {"unet", "text_encoder",
                                                                               "text_encoder_2"}
+        assert any(m.record.name.startswith("lora_unet_output_blocks_") for m in lora.matches)
         ref.load_lora_weights(path, adapter_name="x")
-        ref.set_adapters(["x"], adapter_weights=[0.9])
-        with torch.no_grad():
-            want = ref(prompt=PROMPT, latents=nchw(lat), num_inference_steps=STEPS, guidance_scale=1.0,
-                       height=SIZE, width=SIZE, output_type="np").images
-        got = pipe(PROMPT, latents=lat, num_inference_steps=STEPS, guidance_scale=1.0, height=SIZE, width=SIZE,
-                   output_type="np")
-        d = float(np.abs(got - want).max())
-        print(f"SDXL image max |diff| {d:.2e}")
-        assert d <= IMG_TOL
-        ref.fuse_lora(lora_scale=1.0)  # the adapter's weight (0.9) is already set
-        assert _max_weight_diff(pipe, ref, ("unet", "text_encoder", "text_encoder_2")) <= W_TOL
+        ref.fuse_lora(lora_scale=0.9)
+        diff = _max_weight_diff(pipe, ref, ("unet", "text_encoder", "text_encoder_2"))
+        print(f"SDXL: max |merged - diffusers fused| {diff:.2e}")
+        assert diff <= W_TOL
     finally:
         pipe.unload_lora()
 
