@@ -6,8 +6,8 @@ PEFT config in the metadata), diffusers' old attention-processor names, and LyCO
 LoHa / LoKr / DoRA (which diffusers cannot load: checked against the papers' formulas
 written here in numpy).  Tolerances: merged weights <= 1e-5 (measured <= 1.2e-7: the same
 float32 products); images (SD 1.x, guidance 1, 2 DDIM steps) <= 2/255 (measured <= 6e-7).
-The pipelines run on one device; the whole file takes ~58 s of CPU on the 2-core dev VM
-under a load average of ~18 (most of it two generation compiles and diffusers' own runs).
+The pipelines run on one device; the whole file takes ~34 s of CPU on the 2-core dev VM
+under a load average of ~12 (most of it one generation compile and diffusers' own runs).
 """
 import os
 import re
