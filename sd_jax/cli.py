@@ -53,6 +53,15 @@ def _add_gen_args(p):
                    help="skip the check that the size and batch fit in memory (refused before compiling)")
 
 
+def _add_lora_args(p):
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA (.safetensors: kohya, diffusers/PEFT, LyCORIS LoHa/LoKr) at WEIGHT "
+                        "(default 1); repeatable; FILE may be a name in --lora-dir")
+    p.add_argument("--lora-dir", default=None, help="folder of LoRAs that --lora names are looked up in")
+    p.add_argument("--lora-partial", action="store_true",
+                   help="load a LoRA even if some of its keys match no layer of the model (they are ignored)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description="Stable Diffusion in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "batches of this size, each written as it is done")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_args(g)
+    _add_lora_args(g)
 
     b = sub.add_parser("batch", help="generate every row of a prompt file (.txt, .jsonl, .csv), resumably")
     b.add_argument("prompts", help=".txt (one prompt a line), .jsonl or .csv (columns prompt, negative_prompt, "
@@ -94,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true",
                    help="replace DEST if it is a model (sd-jax checkpoint or diffusers folder) or an empty folder")
 
-    sub.add_parser("info", help="devices, backend, default model, compilation cache")
+    i = sub.add_parser("info", help="devices, backend, default model, compilation cache; with --lora: "
+                                    "which layers of --model each LoRA key changes")
+    i.add_argument("--model", default=None, help="the model --lora is matched against (default: as generate)")
+    _add_lora_args(i)
 
     s = sub.add_parser("serve", help="HTTP server: AUTOMATIC1111 API, native API, web page (see README)")
     _add_model_args(s)

@@ -219,6 +219,24 @@ def _check_writable(path: str, what: str) -> None:
         raise UsageError(f"cannot write {what} {path!r}: {folder} is not a writable folder")
 
 
+def check_loras(args) -> list[tuple[str, float]]:
+    """``--lora FILE[:WEIGHT]`` as (file, weight), each file found, before the (slow) model load."""
+    from sd_jax.lora import parse_spec, resolve
+    specs = []
+    for spec in getattr(args, "lora", None) or []:
+        name, weight = parse_spec(spec)
+        if not math.isfinite(weight):
+            raise UsageError(f"--lora {spec}: the weight must be a finite number")
+        specs.append((resolve(name, args.lora_dir), weight))
+    return specs
+
+
+def apply_loras(pipe, specs, args) -> None:
+    """Merge the checked ``--lora`` files into the pipeline (one line and nothing merged on error)."""
+    if specs:
+        pipe.use_loras(specs, allow_partial=args.lora_partial)
+
+
 # ----------------------------------------------------------------------------- sub-commands
 def warn(message: str) -> None:
     """One line on stderr, ``sd-jax: warning: ...``, above a running progress bar."""
@@ -284,7 +302,9 @@ def generate(args) -> int:
     check_generation_args(args)
     images = _check_inputs(args)
     _check_writable(args.output, "--output")
+    loras = check_loras(args)
     pipe = load(args)
+    apply_loras(pipe, loras, args)
     pipe.memory_check = not args.no_memory_check
     if pipe.models.unet.config.in_channels == 9 and not args.mask:
         raise UsageError(f"{args.model or 'the model'} is an inpainting model (9 input channels): "
@@ -310,6 +330,8 @@ def generate(args) -> int:
     def write(i: int, img) -> None:
         path = args.output if args.num == 1 else f"{stem}-{i}.png"
         meta = {"prompt": args.prompt, **s, "seed": s["seed"] + i, "model": model_name(pipe), "generator": "sd-jax"}
+        if pipe.loras.weights:
+            meta["loras"] = pipe.loras.weights
         if args.init_image:
             meta["strength"] = strength
             meta["mode"] = "inpaint" if args.mask else "img2img"
@@ -453,6 +475,12 @@ def info(args) -> int:
     print("dtype: fp32 by default; bf16 recommended on this backend"
           if jax.default_backend() in ("gpu", "tpu") else "dtype: fp32 by default (bf16 is slow on CPU)")
     print(f"compilation cache: {cache}")
+    loras = check_loras(args)
+    if loras:
+        pipe = load_model(model_path(args), dtype="fp32", attention="xla")
+        print(f"model: {pipe.source} ({pipe.loras.model_description()})")
+        for path, _ in loras:
+            print("\n".join(pipe.loras.read(path, allow_partial=True).describe()))
     return 0
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sd_jax import families, memory, sharding
+from sd_jax.lora import LoraSet
 from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, unet_denoiser
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
 from sd_jax.diffusion.sampling import sample
@@ -252,6 +253,7 @@ class StableDiffusionPipeline:
         self.source = source
         self._compiled: dict = {}
         self.compilations = 0  # programs compiled by this pipeline (tests, metrics)
+        self.loras = LoraSet(self)  # LoRAs merged into self.params (sd_jax.lora)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -281,6 +283,27 @@ class StableDiffusionPipeline:
     @property
     def default_size(self) -> int:
         return self.models.unet.config.sample_size * self.models.vae_scale
+
+    # ------------------------------------------------------------------ LoRA (sd_jax.lora)
+    def load_lora(self, path_or_name: str, weight: float = 1.0, *, lora_dir: str | None = None,
+                  allow_partial: bool = False, name: str | None = None):
+        """Merge a LoRA (``.safetensors`` in any format :mod:`sd_jax.lora` reads, or a name in
+        ``lora_dir``) into the parameters at ``weight``; several add up.  Generation is not
+        recompiled.  Raises ``LoraError`` (one line; nothing changed) for a file that does not
+        fit the model; ``allow_partial``: load what matches, ignoring keys that match no layer."""
+        return self.loras.load(path_or_name, weight, lora_dir=lora_dir, allow_partial=allow_partial, name=name)
+
+    def set_lora_weights(self, weights) -> None:
+        """New weights (``{name: weight}`` or a list in load order) for loaded LoRAs (no recompilation)."""
+        self.loras.set_weights(weights)
+
+    def use_loras(self, specs, *, lora_dir: str | None = None, allow_partial: bool = False) -> None:
+        """Make the loaded LoRAs exactly ``specs``, ``[(path or name, weight), ...]``."""
+        self.loras.use(specs, lora_dir=lora_dir, allow_partial=allow_partial)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA, or all (the base parameters are back, bit for bit)."""
+        self.loras.unload(name)
 
     # ------------------------------------------------------------------ requests -> compiled calls
     def sampler(self, name: str | None, num_inference_steps: int, **overrides):
