@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "sd-jax checkpoint -> sd-jax checkpoint or diffusers folder")
     c.add_argument("source", help="diffusers folder, single-file .safetensors or sd-jax checkpoint")
     c.add_argument("dest", help="folder to write (must not exist, unless --overwrite)")
-    c.add_argument("--to", choices=["sd-jax", "diffusers"], default="sd-jax")
+    c.add_argument("--to", choices=["sd-jax", "diffusers", "single-file"], default="sd-jax",
+                   help="single-file: one original-layout .safetensors (CompVis; SGM for SDXL), DEST ending in .safetensors")
     c.add_argument("--overwrite", action="store_true",
                    help="replace DEST if it is a model (sd-jax checkpoint or diffusers folder) or an empty folder")
 

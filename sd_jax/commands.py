@@ -403,13 +403,20 @@ def convert(args) -> int:
     from sd_jax.weights import checkpoint
     if not os.path.exists(args.source):
         raise UsageError(f"model {args.source!r} not found")
-    checkpoint.check_destination(args.dest, [args.source])
+    single = args.to == "single-file"
+    if single and not args.dest.endswith(".safetensors"):
+        raise UsageError(f"--to single-file writes one .safetensors file: give a DEST ending in .safetensors, "
+                         f"not {args.dest!r}")
+    if not (single and os.path.isfile(args.dest)):   # an existing .safetensors is a model: --overwrite replaces it
+        checkpoint.check_destination(args.dest, [args.source])
+    elif os.path.realpath(args.dest) == os.path.realpath(args.source):
+        raise UsageError(f"destination {args.dest} is the source model; choose another destination")
     if os.path.lexists(args.dest) and not args.overwrite:
         raise UsageError(f"{args.dest} already exists; pass --overwrite to replace it, or choose another DEST")
     _check_writable(os.path.abspath(args.dest), "DEST")
     with _signals_interrupt():
         pipe = load_model(args.source, dtype="fp32", attention="xla")
-        pipe.save_pretrained(args.dest, format="orbax" if args.to == "sd-jax" else "diffusers")
+        pipe.save_pretrained(args.dest, format={"sd-jax": "orbax"}.get(args.to, args.to))
     print(f"wrote {args.to} model to {args.dest}")
     return 0
 

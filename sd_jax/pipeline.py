@@ -266,9 +266,10 @@ class StableDiffusionPipeline:
                    family=m.family, tokenizers=m.tokenizers, options=m.options)
 
     def save_pretrained(self, path: str, format: str = "orbax") -> None:
-        """Save as an sd-jax orbax checkpoint (``format="orbax"``) or a diffusers folder."""
-        if format not in ("orbax", "diffusers"):
-            raise ValueError(f"unknown format {format!r}; use 'orbax' or 'diffusers'")
+        """Save as an sd-jax orbax checkpoint (``format="orbax"``), a diffusers folder or one
+        original-layout ``.safetensors`` (``"single-file"``)."""
+        if format not in ("orbax", "diffusers", "single-file"):
+            raise ValueError(f"unknown format {format!r}; use 'orbax', 'diffusers' or 'single-file'")
         family = self.family
         model = loader.LoadedModel(family, self.models, self.params, self.tokenizers,
                                    self.scheduler_config.to_dict(), self.scheduler_name, self.source, self.options)
