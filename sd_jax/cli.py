@@ -37,6 +37,8 @@ def _add_model_args(p):
                                                  "(default: $SD_JAX_MODEL, else the model in checkpoints/)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (bf16 on GPU/TPU)")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "chunked"])
+    p.add_argument("--no-watermark", action="store_true",
+                   help="SDXL: leave out the invisible watermark diffusers puts in SDXL images (on by default)")
 
 
 def _add_gen_args(p):

@@ -159,7 +159,10 @@ def load(args, mesh=None):
     path = model_path(args)
     _maybe_initialize_distributed()
     enable_compilation_cache()
-    return load_model(path, dtype=args.dtype, attention=args.attention, mesh=mesh)
+    pipe = load_model(path, dtype=args.dtype, attention=args.attention, mesh=mesh)
+    if getattr(args, "no_watermark", False):
+        pipe.watermark = False
+    return pipe
 
 
 def model_name(pipe) -> str:

@@ -188,6 +188,8 @@ class Family:
     index_extras: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(_SD_INDEX_EXTRAS))
     # pipeline options a model_index.json may set, with their defaults (:meth:`pipeline_options`)
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # its images get the invisible watermark by default (diffusers' SDXL pipelines; sd_jax.watermark)
+    watermark: bool = False
 
     @property
     def component_names(self) -> tuple[str, ...]:
@@ -374,7 +376,7 @@ SDXL = Family(
                                            "text_encoder_2": "conditioner.embedders.1.model."},
                                  text_layout="clip", marker="conditioner.embedders.1.model.", unet_heads="64ch"),
     default_size=1024, default_sampler="euler", text_hidden_act="quick_gelu",
-    index_extras=_SDXL_INDEX_EXTRAS, options={"force_zeros_for_empty_prompt": True},
+    index_extras=_SDXL_INDEX_EXTRAS, options={"force_zeros_for_empty_prompt": True}, watermark=True,
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, TINY, SDXL)}

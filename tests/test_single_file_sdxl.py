@@ -32,8 +32,9 @@ def _canon(name: str, sd: dict) -> dict:
     return {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v for k, v in sd.items()}
 
 
-def _build(folder: str, refiner: bool, seed: int):
-    """A tiny SDXL base (``refiner=False``) or refiner pipeline saved in ``folder``; its state dicts."""
+def build_sdxl(folder: str, refiner: bool = False, seed: int = 0, vae_levels: int = 2):
+    """A tiny SDXL base (``refiner=False``) or refiner pipeline saved in ``folder``; its state
+    dicts and configs.  ``vae_levels``: 4 downscales by 8, as SDXL's VAE (smaller latents)."""
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -58,8 +59,9 @@ def _build(folder: str, refiner: bool, seed: int):
         transformer_layers_per_block=(1, 2), attention_head_dim=(1, 2), use_linear_projection=True,
         cross_attention_dim=64 if refiner else 96, addition_embed_type="text_time",
         addition_time_embed_dim=TIME_DIM, projection_class_embeddings_input_dim=32 + ids * TIME_DIM).eval()
-    vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, sample_size=32,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    vae = AutoencoderKL(block_out_channels=(32, 64, 64, 64)[:vae_levels], layers_per_block=1, norm_num_groups=32,
+                        sample_size=32, down_block_types=("DownEncoderBlock2D",) * vae_levels,
+                        up_block_types=("UpDecoderBlock2D",) * vae_levels,
                         scaling_factor=0.13025).eval()
     sched = EulerDiscreteScheduler.from_config({k: v for k, v in sdxl_scheduler_config().items()
                                                 if not k.startswith("_")})
@@ -87,7 +89,7 @@ def base(tmp_path_factory):
     from sd_jax.weights import loader
     root = tmp_path_factory.mktemp("sdxl_single")
     folder = str(root / "model")
-    sds, _ = _build(folder, refiner=False, seed=0)
+    sds, _ = build_sdxl(folder, refiner=False, seed=0)
     path = str(root / "sdxl.safetensors")
     loader.save(loader.load(folder), path, format="single-file")
     return folder, sds, path
@@ -160,7 +162,7 @@ def test_diffusers_from_single_file_reads_the_export(base):
 @pytest.fixture(scope="module")
 def refiner(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("refiner") / "model")
-    sds, configs = _build(folder, refiner=True, seed=1)
+    sds, configs = build_sdxl(folder, refiner=True, seed=1)
     return folder, sds, configs
 
 
