@@ -30,6 +30,7 @@ setup(
             "nbformat>=5.10,<6",
             "ipykernel>=6.29,<8",
             "matplotlib>=3.8,<4",
+            "invisible-watermark>=0.2,<0.3",   # the reference for sd_jax.watermark (pulls opencv, pywavelets)
         ],
         "train": ["matplotlib>=3.8,<4"],  # loss.png
         "gpu": ["jax[cuda12]>=0.8,<0.11"],
