@@ -399,7 +399,7 @@ def lock_holder(out: str) -> int | None:
 # Command-line flags of the job settings, for messages.
 _FLAGS = {"negative_prompt": "--negative", "seed": "--seed", "steps": "--steps", "guidance": "--guidance",
           "guidance_rescale": "--rescale", "size": "--size", "scheduler": "--scheduler", "clip_skip": "--clip-skip",
-          "dtype": "--dtype", "watermark": "--no-watermark"}
+          "dtype": "--dtype", "watermark": "--no-watermark", "unet": "--unet"}
 
 
 def make_job(model: str, settings: dict, rows: list) -> dict:
@@ -424,6 +424,8 @@ def job_of_args(args, model: str, raw: list[tuple[int, dict]]) -> dict:
                 "clip_skip": args.clip_skip, "dtype": args.dtype}
     if getattr(args, "no_watermark", False):   # only when set, so jobs written before the flag stay the same
         settings["watermark"] = False
+    if getattr(args, "unet", None):
+        settings["unet"] = os.path.abspath(args.unet)
     return make_job(model, settings, [rec for _, rec in raw])
 
 

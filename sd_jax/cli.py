@@ -39,6 +39,9 @@ def _add_model_args(p):
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "chunked"])
     p.add_argument("--no-watermark", action="store_true",
                    help="SDXL: leave out the invisible watermark diffusers puts in SDXL images (on by default)")
+    p.add_argument("--unet", default=None, metavar="FILE",
+                   help="UNet-only .safetensors replacing the model's UNet weights (e.g. SDXL-Lightning's "
+                        "sdxl_lightning_4step_unet.safetensors with SDXL base)")
 
 
 def _add_gen_args(p):

@@ -117,7 +117,7 @@ def _maybe_initialize_distributed() -> None:
         sharding.initialize_distributed()
 
 
-def load_model(path: str, *, dtype: str = "fp32", attention: str = "auto", mesh=None):
+def load_model(path: str, *, dtype: str = "fp32", attention: str = "auto", mesh=None, unet: str | None = None):
     """Load a model (any format), turning every way a model can be broken into one-line errors."""
     from sd_jax.models.attention import check_impl
     from sd_jax.pipeline import StableDiffusionPipeline
@@ -127,7 +127,8 @@ def load_model(path: str, *, dtype: str = "fp32", attention: str = "auto", mesh=
     except ValueError as e:
         raise UsageError(f"--attention {attention}: {e}") from e
     try:
-        return StableDiffusionPipeline.from_pretrained(path, dtype=_dtype(dtype), attention=attention, mesh=mesh)
+        return StableDiffusionPipeline.from_pretrained(path, dtype=_dtype(dtype), attention=attention, mesh=mesh,
+                                                       unet=unet)
     except CheckpointError:
         raise
     except (ValueError, KeyError, IndexError, TypeError, OSError) as e:
@@ -159,7 +160,7 @@ def load(args, mesh=None):
     path = model_path(args)
     _maybe_initialize_distributed()
     enable_compilation_cache()
-    pipe = load_model(path, dtype=args.dtype, attention=args.attention, mesh=mesh)
+    pipe = load_model(path, dtype=args.dtype, attention=args.attention, mesh=mesh, unet=getattr(args, "unet", None))
     if getattr(args, "no_watermark", False):
         pipe.watermark = False
     return pipe

@@ -264,13 +264,17 @@ class StableDiffusionPipeline:
     @classmethod
     def from_pretrained(cls, path: str, *, dtype=jnp.float32, param_dtype=None, attention: str = "xla",
                         mesh=None, variant: str | None = None, allow_pickle: bool = False,
-                        watermark: bool | None = None):
+                        watermark: bool | None = None, unet: str | None = None):
         """Load a diffusers folder (``model_index.json``), a single-file ``.safetensors`` or an
         sd-jax checkpoint folder (:func:`sd_jax.weights.loader.load`).  ``watermark``: mark
-        the images with SDXL's invisible watermark (None: the family's default, on for SDXL)."""
+        the images with SDXL's invisible watermark (None: the family's default, on for SDXL).
+        ``unet``: a UNet-only ``.safetensors`` whose weights replace the model's
+        (:func:`sd_jax.weights.loader.with_unet`; SDXL-Lightning)."""
         mesh = mesh if mesh is not None else sharding.make_mesh()
         m = loader.load(path, dtype=dtype, param_dtype=param_dtype, attention=attention, variant=variant,
                         allow_pickle=allow_pickle, mesh=mesh)
+        if unet is not None:
+            m = loader.with_unet(m, unet)
         pipe = cls(m.models, m.params, m.tokenizer, m.scheduler_config, m.scheduler_name, mesh=mesh, source=m.source,
                    family=m.family, tokenizers=m.tokenizers, options=m.options)
         if watermark is not None:

@@ -27,11 +27,11 @@ from sd_jax.diffusion.samplers import SchedulerConfig, default_scheduler_name, d
 from sd_jax.models.policy import Policy
 from sd_jax.tokenizer import load_tokenizer, save_tokenizer
 from sd_jax.weights import checkpoint, single_file
-from sd_jax.weights.convert import params_to_state_dict
+from sd_jax.weights.convert import params_to_state_dict, state_dict_to_params
 from sd_jax.weights.diffusers import read_config
-from sd_jax.weights.safetensors_io import CheckpointError, save_file
+from sd_jax.weights.safetensors_io import CheckpointError, load_file, save_file
 
-__all__ = ["LoadedModel", "load", "save", "read_configs", "FORMATS"]
+__all__ = ["LoadedModel", "load", "save", "read_configs", "with_unet", "FORMATS"]
 
 FORMATS = ("diffusers", "sd-jax", "single-file")
 
@@ -164,6 +164,31 @@ def _load_sd_jax(path, policy: Policy, *, mesh) -> LoadedModel:
     tokenizers = {t.name: load_tokenizer(os.path.join(path, t.name)) for t in family.tokenizers}
     return LoadedModel(family, models, params, tokenizers, dict(meta["scheduler_config"]), meta["scheduler_name"],
                        source=path, options=family.pipeline_options(meta.get("pipeline_options")))
+
+
+def with_unet(loaded: LoadedModel, path: str) -> LoadedModel:
+    """``loaded`` with its UNet's weights replaced by a UNet-only ``.safetensors`` (SDXL-Lightning's
+    ``*_unet.safetensors``, a fine-tuned UNet): diffusers key names, or the original layout's
+    ``model.diffusion_model.*``.  The file must fit the model's UNet config, key for key and
+    shape for shape; CheckpointError (one line) otherwise."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--unet {path!r} not found")
+    if not path.endswith(".safetensors"):
+        raise CheckpointError(f"--unet {path}: UNet weights are read from .safetensors files only (pickle files "
+                              f"can run code when loaded)")
+    sd = load_file(path)
+    if any(k.startswith(single_file.UNET) for k in sd):
+        family = loaded.family.name if loaded.family.single_file is not None else "sd1"
+        sd = single_file.unet_state_dict(sd, family, path)
+    unet = loaded.models.unet
+    try:
+        params = state_dict_to_params(sd, loaded.family.component("unet").param_shapes(unet), what="unet",
+                                      dtype=unet.param_dtype)
+    except CheckpointError as e:
+        detail = str(e).split(" (", 1)[-1].rsplit("); check", 1)[0]
+        raise CheckpointError(f"--unet {path} does not fit the {loaded.family.name} model's UNet ({detail}); "
+                              f"give a UNet of the same architecture (e.g. SDXL-Lightning's UNet for SDXL base)") from None
+    return dataclasses.replace(loaded, params={**loaded.params, "unet": jax.device_put(params)})
 
 
 def read_configs(path: str) -> dict:

@@ -335,6 +335,12 @@ def _convert_unet(u: dict, family: str, where: str) -> tuple[dict, dict]:
     return config, out
 
 
+def unet_state_dict(sd: Mapping, family: str, where: str = "checkpoint") -> dict:
+    """The diffusers-layout UNet state dict of the ``model.diffusion_model.*`` keys of ``sd`` (a
+    UNet-only file in the original layout); other keys are ignored."""
+    return _convert_unet(_strip(sd, UNET), family, where)[1]
+
+
 def _convert_vae(v: dict, where: str) -> tuple[dict, dict]:
     keys = list(v)
     levels = _indices(keys, "encoder.down.")
