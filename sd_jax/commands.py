@@ -158,6 +158,8 @@ def model_path(args) -> str:
 def load(args, mesh=None):
     from sd_jax.pipeline import enable_compilation_cache
     path = model_path(args)
+    if getattr(args, "unet", None) and not os.path.isfile(args.unet):   # before the (slow) model load
+        raise UsageError(f"--unet {args.unet!r} not found")
     _maybe_initialize_distributed()
     enable_compilation_cache()
     pipe = load_model(path, dtype=args.dtype, attention=args.attention, mesh=mesh, unet=getattr(args, "unet", None))

@@ -29,6 +29,12 @@ def model(tmp_path_factory):
     return folder, sds, configs, unet_sd, path
 
 
+@pytest.fixture(scope="module")
+def base(model):
+    from sd_jax.weights import loader
+    return loader.load(model[0])
+
+
 def _assert_params(params, want):
     from sd_jax.weights.convert import params_to_state_dict
     got = params_to_state_dict(params)
@@ -47,17 +53,17 @@ def test_from_pretrained_with_unet_file(model):
     np.testing.assert_array_equal(te["text_projection.weight"], sds["text_encoder_2"]["text_projection.weight"])
 
 
-def test_unet_file_in_the_original_layout(model, tmp_path):
+def test_unet_file_in_the_original_layout(model, base, tmp_path):
     from sd_jax.weights import loader
     from sd_jax.weights import single_file as sf
-    folder, sds, configs, unet_sd, _ = model
+    _, sds, configs, unet_sd, _ = model
     single = sf.to_single_file(configs, {**sds, "unet": unet_sd})
     path = str(tmp_path / "unet_sgm.safetensors")
     save_file({k: v for k, v in single.items() if k.startswith("model.diffusion_model.")}, path)
-    _assert_params(loader.with_unet(loader.load(folder), path).params["unet"], unet_sd)
+    _assert_params(loader.with_unet(base, path).params["unet"], unet_sd)
 
 
-def test_unet_that_does_not_fit(model, tmp_path, capsys):
+def test_unet_that_does_not_fit(model, base, tmp_path, capsys):
     from diffusers import UNet2DConditionModel
     from sd_jax import cli
     from sd_jax.weights import loader
@@ -66,7 +72,6 @@ def test_unet_that_does_not_fit(model, tmp_path, capsys):
     wrong = UNet2DConditionModel.from_config({**configs["unet"], "cross_attention_dim": 64})   # SD-1.x-like width
     path = str(tmp_path / "wrong.safetensors")
     save_file({k: v.detach().numpy() for k, v in wrong.state_dict().items()}, path)
-    base = loader.load(folder)
     with pytest.raises(CheckpointError, match=r"--unet .*wrong.safetensors does not fit the sdxl model's UNet") as e:
         loader.with_unet(base, path)
     msg = str(e.value)
