@@ -132,3 +132,17 @@ def test_no_watermark_flag(sdxl):
     for flags, on in (([], True), (["--no-watermark"], False)):
         args = cli.build_parser().parse_args(["generate", "a cat", "--model", folder] + flags)
         assert commands.load(args).watermark is on
+
+
+def test_batch_job_records_no_watermark():
+    """A batch folder made with the mark is not silently continued without it (and jobs
+    written before the flag existed read the same)."""
+    from sd_jax import batch
+
+    class Args:
+        negative, seed, steps, guidance, rescale, size, scheduler, clip_skip, dtype = "", 0, None, None, 0.0, None, None, None, "fp32"
+    raw = [(1, {"prompt": "a"})]
+    marked = batch.job_of_args(Args, "m", raw)
+    assert "watermark" not in marked["settings"]
+    Args.no_watermark = True
+    assert batch.job_changes(marked, batch.job_of_args(Args, "m", raw)) == ["--no-watermark (default) -> False"]
