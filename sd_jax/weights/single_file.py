@@ -74,7 +74,7 @@ _DIFFUSERS_VERSION = families.DIFFUSERS_VERSION
 CLIP_XL = families.SDXL.single_file.prefixes["text_encoder"]
 OPENCLIP_XL = families.SDXL.single_file.prefixes["text_encoder_2"]
 # The SDXL refiner has no family entry of its own here (the pipeline's refiner work adds it);
-# its single-file layout is this one, and a registered "sdxl-refiner" family's wins.
+# its single-file layout is this one (also once an "sdxl-refiner" family is registered).
 REFINER = "sdxl-refiner"
 OPENCLIP_REFINER = "conditioner.embedders.0.model."
 REFINER_LAYOUT = families.SingleFileLayout(prefixes={"unet": UNET, "vae": VAE, "text_encoder_2": OPENCLIP_REFINER},
@@ -682,9 +682,9 @@ def to_single_file(configs: Mapping[str, dict], state_dicts: Mapping[str, Mappin
 
 
 def _layout(family: str) -> families.SingleFileLayout:
-    layout = families.get(family).single_file if family in families.FAMILIES else None
-    if layout is None and family == REFINER:
+    if family == REFINER:    # whatever a registered refiner family inherits from SDXL's entry
         return REFINER_LAYOUT
+    layout = families.get(family).single_file if family in families.FAMILIES else None
     if layout is None:
         names = [f.name for f in families.FAMILIES.values() if f.single_file is not None] + [REFINER]
         raise ValueError(f"family must be one of {', '.join(map(repr, names))}, not {family!r}")
