@@ -36,6 +36,7 @@ setup(
             "webuiapi>=0.9.17,<0.10",
             "sd-parsers>=0.6,<0.7",
             "selenium>=4.20,<5",
+            "invisible-watermark>=0.2,<0.3",   # the reference for sd_jax.watermark (pulls opencv, pywavelets)
         ],
         "serve": ["fastapi>=0.110,<1", "uvicorn>=0.29,<1"],
         "train": ["matplotlib>=3.8,<4"],  # loss.png

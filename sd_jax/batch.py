@@ -399,7 +399,7 @@ def lock_holder(out: str) -> int | None:
 # Command-line flags of the job settings, for messages.
 _FLAGS = {"negative_prompt": "--negative", "seed": "--seed", "steps": "--steps", "guidance": "--guidance",
           "guidance_rescale": "--rescale", "size": "--size", "scheduler": "--scheduler", "clip_skip": "--clip-skip",
-          "dtype": "--dtype"}
+          "dtype": "--dtype", "watermark": "--no-watermark", "unet": "--unet"}
 
 
 def make_job(model: str, settings: dict, rows: list) -> dict:
@@ -422,6 +422,10 @@ def job_of_args(args, model: str, raw: list[tuple[int, dict]]) -> dict:
                 "guidance": args.guidance if args.guidance is not None else 7.5, "guidance_rescale": args.rescale,
                 "size": f"{args.size[0]}x{args.size[1]}" if args.size else None, "scheduler": args.scheduler,
                 "clip_skip": args.clip_skip, "dtype": args.dtype}
+    if getattr(args, "no_watermark", False):   # only when set, so jobs written before the flag stay the same
+        settings["watermark"] = False
+    if getattr(args, "unet", None):
+        settings["unet"] = os.path.abspath(args.unet)
     return make_job(model, settings, [rec for _, rec in raw])
 
 

@@ -37,6 +37,11 @@ def _add_model_args(p):
                                                  "(default: $SD_JAX_MODEL, else the model in checkpoints/)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (bf16 on GPU/TPU)")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "chunked"])
+    p.add_argument("--no-watermark", action="store_true",
+                   help="SDXL: leave out the invisible watermark diffusers puts in SDXL images (on by default)")
+    p.add_argument("--unet", default=None, metavar="FILE",
+                   help="UNet-only .safetensors replacing the model's UNet weights (e.g. SDXL-Lightning's "
+                        "sdxl_lightning_4step_unet.safetensors with SDXL base)")
 
 
 def _add_gen_args(p):
@@ -100,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "sd-jax checkpoint -> sd-jax checkpoint or diffusers folder")
     c.add_argument("source", help="diffusers folder, single-file .safetensors or sd-jax checkpoint")
     c.add_argument("dest", help="folder to write (must not exist, unless --overwrite)")
-    c.add_argument("--to", choices=["sd-jax", "diffusers"], default="sd-jax")
+    c.add_argument("--to", choices=["sd-jax", "diffusers", "single-file"], default="sd-jax",
+                   help="single-file: one original-layout .safetensors (CompVis; SGM for SDXL), DEST ending in .safetensors")
     c.add_argument("--overwrite", action="store_true",
                    help="replace DEST if it is a model (sd-jax checkpoint or diffusers folder) or an empty folder")
 

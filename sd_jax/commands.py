@@ -117,7 +117,7 @@ def _maybe_initialize_distributed() -> None:
         sharding.initialize_distributed()
 
 
-def load_model(path: str, *, dtype: str = "fp32", attention: str = "auto", mesh=None):
+def load_model(path: str, *, dtype: str = "fp32", attention: str = "auto", mesh=None, unet: str | None = None):
     """Load a model (any format), turning every way a model can be broken into one-line errors."""
     from sd_jax.models.attention import check_impl
     from sd_jax.pipeline import StableDiffusionPipeline
@@ -127,7 +127,8 @@ def load_model(path: str, *, dtype: str = "fp32", attention: str = "auto", mesh=
     except ValueError as e:
         raise UsageError(f"--attention {attention}: {e}") from e
     try:
-        return StableDiffusionPipeline.from_pretrained(path, dtype=_dtype(dtype), attention=attention, mesh=mesh)
+        return StableDiffusionPipeline.from_pretrained(path, dtype=_dtype(dtype), attention=attention, mesh=mesh,
+                                                       unet=unet)
     except CheckpointError:
         raise
     except (ValueError, KeyError, IndexError, TypeError, OSError) as e:
@@ -157,9 +158,14 @@ def model_path(args) -> str:
 def load(args, mesh=None):
     from sd_jax.pipeline import enable_compilation_cache
     path = model_path(args)
+    if getattr(args, "unet", None) and not os.path.isfile(args.unet):   # before the (slow) model load
+        raise UsageError(f"--unet {args.unet!r} not found")
     _maybe_initialize_distributed()
     enable_compilation_cache()
-    return load_model(path, dtype=args.dtype, attention=args.attention, mesh=mesh)
+    pipe = load_model(path, dtype=args.dtype, attention=args.attention, mesh=mesh, unet=getattr(args, "unet", None))
+    if getattr(args, "no_watermark", False):
+        pipe.watermark = False
+    return pipe
 
 
 def model_name(pipe) -> str:
@@ -425,13 +431,20 @@ def convert(args) -> int:
     from sd_jax.weights import checkpoint
     if not os.path.exists(args.source):
         raise UsageError(f"model {args.source!r} not found")
-    checkpoint.check_destination(args.dest, [args.source])
+    single = args.to == "single-file"
+    if single and not args.dest.endswith(".safetensors"):
+        raise UsageError(f"--to single-file writes one .safetensors file: give a DEST ending in .safetensors, "
+                         f"not {args.dest!r}")
+    if not (single and os.path.isfile(args.dest)):   # an existing .safetensors is a model: --overwrite replaces it
+        checkpoint.check_destination(args.dest, [args.source])
+    elif os.path.realpath(args.dest) == os.path.realpath(args.source):
+        raise UsageError(f"destination {args.dest} is the source model; choose another destination")
     if os.path.lexists(args.dest) and not args.overwrite:
         raise UsageError(f"{args.dest} already exists; pass --overwrite to replace it, or choose another DEST")
     _check_writable(os.path.abspath(args.dest), "DEST")
     with _signals_interrupt():
         pipe = load_model(args.source, dtype="fp32", attention="xla")
-        pipe.save_pretrained(args.dest, format="orbax" if args.to == "sd-jax" else "diffusers")
+        pipe.save_pretrained(args.dest, format={"sd-jax": "orbax"}.get(args.to, args.to))
     print(f"wrote {args.to} model to {args.dest}")
     return 0
 

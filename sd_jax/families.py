@@ -151,7 +151,8 @@ class SingleFileLayout:
     """Where a family's networks are in an original-layout (CompVis / A1111) single file.
 
     ``prefixes``: component -> key prefix; ``text_layout``: the text encoder's layout,
-    ``"clip"`` (transformers' names) or ``"openclip"``; ``marker``: a key only this family
+    ``"clip"`` (transformers' names) or ``"openclip"`` (a ``text_encoder_2``, SDXL's, is
+    always OpenCLIP with its projection); ``marker``: a key only this family
     has (how :func:`detect_single_file` tells families apart); ``unet_heads``: how many
     attention heads the UNet has (they are not in the weights): ``"8"`` (8 per level, SD 1.x)
     or ``"64ch"`` (64-channel heads, SD 2.x).  The key tables themselves (resnets,
@@ -187,6 +188,8 @@ class Family:
     index_extras: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(_SD_INDEX_EXTRAS))
     # pipeline options a model_index.json may set, with their defaults (:meth:`pipeline_options`)
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # its images get the invisible watermark by default (diffusers' SDXL pipelines; sd_jax.watermark)
+    watermark: bool = False
 
     @property
     def component_names(self) -> tuple[str, ...]:
@@ -369,8 +372,11 @@ SDXL = Family(
     prompt=PromptEncoding(encoders=("text_encoder", "text_encoder_2"), tokenizers=("tokenizer", "tokenizer_2"),
                           combine="concat", hidden_state="penultimate", pooled="text_encoder_2"),
     pipeline_class="StableDiffusionXLPipeline", inpaint_pipeline_class="StableDiffusionXLInpaintPipeline",
-    single_file=None, default_size=1024, default_sampler="euler", text_hidden_act="quick_gelu",
-    index_extras=_SDXL_INDEX_EXTRAS, options={"force_zeros_for_empty_prompt": True},
+    single_file=SingleFileLayout(prefixes={**_LDM, "text_encoder": "conditioner.embedders.0.transformer.",
+                                           "text_encoder_2": "conditioner.embedders.1.model."},
+                                 text_layout="clip", marker="conditioner.embedders.1.model.", unet_heads="64ch"),
+    default_size=1024, default_sampler="euler", text_hidden_act="quick_gelu",
+    index_extras=_SDXL_INDEX_EXTRAS, options={"force_zeros_for_empty_prompt": True}, watermark=True,
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, TINY, SDXL)}

@@ -36,6 +36,7 @@ from sd_jax.diffusion.sampling import sample
 from sd_jax.families import Models  # noqa: F401  (re-exported: the pipeline's networks)
 from sd_jax.request import Dispatcher, GenerationRequest, RequestError
 from sd_jax.tokenizer import tokenize
+from sd_jax.watermark import apply_watermark, applies as watermark_applies
 from sd_jax.weights import loader
 
 OUTPUTS = ("uint8", "float32", "latent")
@@ -76,6 +77,7 @@ class Plan:
     output: str = "uint8"
     loop: str = "scan"
     given_noise: bool = False
+    watermark: bool = False      # SDXL's invisible watermark on the decoded images (sd_jax.watermark)
 
 
 def encode_prompt(models: Models, encoding: families.PromptEncoding, params, ids, clip_skip, time_ids=None,
@@ -113,10 +115,13 @@ def vae_encode(models: Models, params, images):
     return models.vae.config.scale_latents(mean.astype(jnp.float32))
 
 
-def vae_decode(models: Models, params, latents, output: str = "float32"):
-    """Latents [B, h, w, C] -> images [B, H, W, 3]: float32 in [0, 1], or uint8 (``output="uint8"``)."""
+def vae_decode(models: Models, params, latents, output: str = "float32", watermark: bool = False):
+    """Latents [B, h, w, C] -> images [B, H, W, 3]: float32 in [0, 1], or uint8 (``output="uint8"``);
+    ``watermark``: marked as diffusers' SDXL pipelines do (:func:`sd_jax.watermark.apply_watermark`)."""
     z = models.vae.config.unscale_latents(latents).astype(models.vae.dtype)
     img = models.vae.apply({"params": params["vae"]}, z, method="decode")
+    if watermark:
+        img = apply_watermark(img)
     img = jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
     return jnp.round(img * 255).astype(jnp.uint8) if output == "uint8" else img
 
@@ -178,7 +183,7 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
                   post_step=blend, loop="python" if plan.loop == "debug" else plan.loop)
     if plan.output == "latent":
         return x
-    return vae_decode(models, params, x, plan.output)
+    return vae_decode(models, params, x, plan.output, plan.watermark)
 
 
 def img2img_start(num_inference_steps: int, strength: float, order: int = 1) -> int:
@@ -254,23 +259,35 @@ class StableDiffusionPipeline:
         self._compiled: dict = {}
         self.compilations = 0  # programs compiled by this pipeline (tests, metrics)
         self.loras = LoraSet(self)  # LoRAs merged into self.params (sd_jax.lora)
+        # SDXL's invisible watermark, on by default as in diffusers (images >= 256 px wide); settable.
+        self.watermark = self.family.watermark
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str, *, dtype=jnp.float32, param_dtype=None, attention: str = "xla",
-                        mesh=None, variant: str | None = None, allow_pickle: bool = False):
+                        mesh=None, variant: str | None = None, allow_pickle: bool = False,
+                        watermark: bool | None = None, unet: str | None = None):
         """Load a diffusers folder (``model_index.json``), a single-file ``.safetensors`` or an
-        sd-jax checkpoint folder (:func:`sd_jax.weights.loader.load`)."""
+        sd-jax checkpoint folder (:func:`sd_jax.weights.loader.load`).  ``watermark``: mark
+        the images with SDXL's invisible watermark (None: the family's default, on for SDXL).
+        ``unet``: a UNet-only ``.safetensors`` whose weights replace the model's
+        (:func:`sd_jax.weights.loader.with_unet`; SDXL-Lightning)."""
         mesh = mesh if mesh is not None else sharding.make_mesh()
         m = loader.load(path, dtype=dtype, param_dtype=param_dtype, attention=attention, variant=variant,
                         allow_pickle=allow_pickle, mesh=mesh)
-        return cls(m.models, m.params, m.tokenizer, m.scheduler_config, m.scheduler_name, mesh=mesh, source=m.source,
+        if unet is not None:
+            m = loader.with_unet(m, unet)
+        pipe = cls(m.models, m.params, m.tokenizer, m.scheduler_config, m.scheduler_name, mesh=mesh, source=m.source,
                    family=m.family, tokenizers=m.tokenizers, options=m.options)
+        if watermark is not None:
+            pipe.watermark = bool(watermark)
+        return pipe
 
     def save_pretrained(self, path: str, format: str = "orbax") -> None:
-        """Save as an sd-jax orbax checkpoint (``format="orbax"``) or a diffusers folder."""
-        if format not in ("orbax", "diffusers"):
-            raise ValueError(f"unknown format {format!r}; use 'orbax' or 'diffusers'")
+        """Save as an sd-jax orbax checkpoint (``format="orbax"``), a diffusers folder or one
+        original-layout ``.safetensors`` (``"single-file"``)."""
+        if format not in ("orbax", "diffusers", "single-file"):
+            raise ValueError(f"unknown format {format!r}; use 'orbax', 'diffusers' or 'single-file'")
         family = self.family
         model = loader.LoadedModel(family, self.models, self.params, self.tokenizers,
                                    self.scheduler_config.to_dict(), self.scheduler_name, self.source, self.options)
@@ -340,7 +357,8 @@ class StableDiffusionPipeline:
             raise RequestError(f"latents must have shape {latent_shape} per image, got {np.shape(r.latents)}")
         r = r.replace(height=height, width=width, scheduler=scheduler)
         plan = Plan(sampler, start, sampler.num_steps, r.mode, r.guided, r.clip_skip, latent_shape,
-                    output, loop, r.latents is not None)
+                    output, loop, r.latents is not None,
+                    watermark=bool(self.watermark) and output != "latent" and watermark_applies(height, width))
         return r, plan
 
     def _inputs(self, plan: Plan, requests: Sequence[GenerationRequest]) -> dict:

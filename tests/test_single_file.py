@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from sd_jax.weights import single_file as sf  # noqa: E402
 from sd_jax.weights.safetensors_io import CheckpointError, save_file  # noqa: E402
 
-NOT_SD = "not a Stable Diffusion 1.x/2.x single-file checkpoint"
+NOT_SD = "not a Stable Diffusion 1.x/2.x/XL single-file checkpoint"
 
 
 # ----------------------------------------------------------------------------- tiny models
@@ -290,14 +290,12 @@ def test_unrecognisable_checkpoint():
     _one_line(e)
 
 
-def test_sdxl_checkpoint_is_refused():
+def test_sdxl_checkpoint_without_both_text_encoders_is_refused():
     sd = {"model.diffusion_model.input_blocks.0.0.weight": np.zeros((8, 4, 3, 3), np.float32),
-          "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": np.zeros((77, 8)),
-          "conditioner.embedders.1.model.positional_embedding": np.zeros((77, 8))}
-    with pytest.raises(CheckpointError, match="SDXL") as e:
+          "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": np.zeros((77, 8))}
+    with pytest.raises(CheckpointError, match="SDXL base file needs both text encoders") as e:
         sf.convert(sd)
-    msg = _one_line(e)
-    assert NOT_SD in msg and "not supported yet" in msg
+    assert NOT_SD in _one_line(e)
 
 
 def test_incomplete_checkpoint(sd1):
@@ -422,5 +420,8 @@ def test_tokenizer_for_sd2_pads_with_exclamation(tmp_path, monkeypatch):
     sd1 = sf.tokenizer_for("sd1")
     assert sd1.pad_token_id == 49407 and sorted(os.listdir(folder)) == ["clip-vit-large-patch14", "sd2-openclip"]
     sf.tokenizer_for("sd1")   # cached
+    xl = sf.tokenizers_for("sdxl")
+    assert list(xl) == ["tokenizer", "tokenizer_2"]
+    assert xl["tokenizer"].pad_token_id == 49407 and xl["tokenizer_2"].pad_token_id == 0
     with pytest.raises(ValueError):
-        sf.tokenizer_for("sdxl")
+        sf.tokenizer_for("tiny")   # no single files

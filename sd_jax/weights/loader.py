@@ -4,7 +4,8 @@ Formats (:func:`sd_jax.weights.checkpoint.detect_format`):
 
 * a diffusers folder (``model_index.json`` + one folder per component, tokenizer and
   scheduler);
-* a single-file ``.safetensors`` (CompVis / A1111 layout, :mod:`sd_jax.weights.single_file`);
+* a single-file ``.safetensors`` (CompVis / SGM / A1111 layout, :mod:`sd_jax.weights.single_file`;
+  SD 1.x, 2.x and SDXL);
 * an sd-jax checkpoint (``sd_jax.json`` + orbax ``params/``, :mod:`sd_jax.weights.checkpoint`).
 
 What a model is made of comes from its family (:mod:`sd_jax.families`).  A
@@ -26,12 +27,13 @@ from sd_jax.diffusion.samplers import SchedulerConfig, default_scheduler_name, d
 from sd_jax.models.policy import Policy
 from sd_jax.tokenizer import load_tokenizer, save_tokenizer
 from sd_jax.weights import checkpoint, single_file
+from sd_jax.weights.convert import params_to_state_dict, state_dict_to_params
 from sd_jax.weights.diffusers import read_config
-from sd_jax.weights.safetensors_io import CheckpointError
+from sd_jax.weights.safetensors_io import CheckpointError, load_file, save_file
 
-__all__ = ["LoadedModel", "load", "save", "read_configs", "FORMATS"]
+__all__ = ["LoadedModel", "load", "save", "read_configs", "with_unet", "FORMATS"]
 
-FORMATS = ("diffusers", "sd-jax")
+FORMATS = ("diffusers", "sd-jax", "single-file")
 
 
 @dataclasses.dataclass
@@ -142,11 +144,14 @@ def _load_diffusers(path, policy: Policy, *, variant, allow_pickle) -> LoadedMod
 
 def _load_single_file(path, policy: Policy, prediction_type=None) -> LoadedModel:
     sf = single_file.convert(path, prediction_type=prediction_type)
+    if sf.family not in families.FAMILIES:   # the SDXL refiner, until its family is registered
+        raise CheckpointError(f"{path} is an {sf.family} single file; sd-jax reads its weights "
+                              f"(sd_jax.weights.single_file.convert) but cannot run {sf.family} models yet")
     family = families.get(sf.family)
     models = families.build_models(family, sf.configs, policy=policy)
     params = families.params_from_state_dicts(family, models, sf.state_dicts, policy.param_dtype)
     sched = sf.configs["scheduler"]
-    tokenizers = {family.tokenizers[0].name: single_file.tokenizer_for(family.name)}
+    tokenizers = single_file.tokenizers_for(family.name)
     return LoadedModel(family, models, params, tokenizers, sched, _scheduler_name(sched), source=path)
 
 
@@ -159,6 +164,31 @@ def _load_sd_jax(path, policy: Policy, *, mesh) -> LoadedModel:
     tokenizers = {t.name: load_tokenizer(os.path.join(path, t.name)) for t in family.tokenizers}
     return LoadedModel(family, models, params, tokenizers, dict(meta["scheduler_config"]), meta["scheduler_name"],
                        source=path, options=family.pipeline_options(meta.get("pipeline_options")))
+
+
+def with_unet(loaded: LoadedModel, path: str) -> LoadedModel:
+    """``loaded`` with its UNet's weights replaced by a UNet-only ``.safetensors`` (SDXL-Lightning's
+    ``*_unet.safetensors``, a fine-tuned UNet): diffusers key names, or the original layout's
+    ``model.diffusion_model.*``.  The file must fit the model's UNet config, key for key and
+    shape for shape; CheckpointError (one line) otherwise."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--unet {path!r} not found")
+    if not path.endswith(".safetensors"):
+        raise CheckpointError(f"--unet {path}: UNet weights are read from .safetensors files only (pickle files "
+                              f"can run code when loaded)")
+    sd = load_file(path)
+    if any(k.startswith(single_file.UNET) for k in sd):
+        family = loaded.family.name if loaded.family.single_file is not None else "sd1"
+        sd = single_file.unet_state_dict(sd, family, path)
+    unet = loaded.models.unet
+    try:
+        params = state_dict_to_params(sd, loaded.family.component("unet").param_shapes(unet), what="unet",
+                                      dtype=unet.param_dtype)
+    except CheckpointError as e:
+        detail = str(e).split(" (", 1)[-1].rsplit("); check", 1)[0]
+        raise CheckpointError(f"--unet {path} does not fit the {loaded.family.name} model's UNet ({detail}); "
+                              f"give a UNet of the same architecture (e.g. SDXL-Lightning's UNet for SDXL base)") from None
+    return dataclasses.replace(loaded, params={**loaded.params, "unet": jax.device_put(params)})
 
 
 def read_configs(path: str) -> dict:
@@ -176,13 +206,17 @@ def read_configs(path: str) -> dict:
 # =========================================================================== save
 def save(loaded: LoadedModel, path: str, format: str = "diffusers") -> None:
     """Write ``loaded`` as a diffusers folder (``format="diffusers"``, safetensors, loadable by
-    diffusers PyTorch) or an sd-jax checkpoint (``"sd-jax"``, also spelled ``"orbax"``)."""
+    diffusers PyTorch), an sd-jax checkpoint (``"sd-jax"``, also spelled ``"orbax"``) or one
+    original-layout ``.safetensors`` file (``"single-file"``: CompVis for SD 1.x/2.x, SGM for
+    SDXL; :func:`sd_jax.weights.single_file.to_single_file`)."""
     if format == "orbax":
         format = "sd-jax"
     if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; use 'diffusers' or 'sd-jax' ('orbax')")
+        raise ValueError(f"unknown format {format!r}; use 'diffusers', 'sd-jax' ('orbax') or 'single-file'")
     if format == "sd-jax":
         _save_sd_jax(loaded, path)
+    elif format == "single-file":
+        _save_single_file(loaded, path)
     else:
         _save_diffusers(loaded, path)
 
@@ -194,6 +228,30 @@ def _save_sd_jax(loaded: LoadedModel, path: str) -> None:
     if loaded.options:
         meta["pipeline_options"] = dict(loaded.options)
     checkpoint.write(path, meta, loaded.params, loaded.tokenizers, sources=[loaded.source])
+
+
+def _save_single_file(loaded: LoadedModel, path: str) -> None:
+    """One ``.safetensors`` in the family's original layout, written atomically (a temporary
+    file renamed into place).  Its tokenizers and scheduler are not in it (the format has
+    none): loading it back builds the family's standard ones."""
+    if not str(path).endswith(".safetensors"):
+        raise CheckpointError(f"{path}: a single file is written as a .safetensors file; give a path ending "
+                              f"in .safetensors")
+    if loaded.family.single_file is None:
+        raise CheckpointError(f"{loaded.family.name} models have no single-file layout; write a diffusers "
+                              f"folder or an sd-jax checkpoint instead")
+    params = jax.device_get(loaded.params)
+    if jax.process_index() != 0:
+        return
+    configs = {name: cfg.to_dict() for name, cfg in loaded.configs.items()}
+    state_dicts = {name: params_to_state_dict(params[name]) for name in configs}
+    tensors = single_file.to_single_file(configs, state_dicts, family=loaded.family.name)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        save_file(tensors, str(path))
+    finally:   # an interrupted write leaves no partial file (save_file renames only a complete one)
+        if os.path.exists(str(path) + ".tmp"):
+            os.remove(str(path) + ".tmp")
 
 
 def _save_diffusers(loaded: LoadedModel, path: str) -> None:

@@ -1,12 +1,16 @@
-"""Single-file Stable Diffusion 1.x / 2.x checkpoints (CompVis / AUTOMATIC1111 layout).
+"""Single-file Stable Diffusion 1.x / 2.x / XL checkpoints (CompVis / SGM / AUTOMATIC1111 layout).
 
 A single-file checkpoint is one ``.safetensors`` holding the whole pipeline under the
-original latent-diffusion names::
+original latent-diffusion (SD 1.x/2.x) or generative-models (SGM, SDXL) names::
 
-    model.diffusion_model.*                 UNet        (input_blocks / middle_block / output_blocks)
+    model.diffusion_model.*                 UNet        (input_blocks / middle_block / output_blocks;
+                                                         SDXL: label_emb = add_embedding)
     first_stage_model.*                     VAE         (encoder.down / decoder.up / mid.attn_1)
     cond_stage_model.transformer.*          SD 1.x text encoder (transformers' CLIPTextModel)
     cond_stage_model.model.*                SD 2.x text encoder (OpenCLIP ViT-H/14)
+    conditioner.embedders.0.transformer.*   SDXL base text_encoder (CLIP ViT-L, transformers' names)
+    conditioner.embedders.1.model.*         SDXL base text_encoder_2 (OpenCLIP bigG/14 with projection)
+    conditioner.embedders.0.model.*         SDXL refiner text_encoder_2 (OpenCLIP bigG/14; no CLIP ViT-L)
 
 :func:`convert` turns one into diffusers-layout state dicts and configs (numpy only, so
 arrays stay memory-mapped and nothing is copied that need not be) and :func:`to_single_file`
@@ -17,11 +21,16 @@ so :func:`tokenizer_for` builds the family's real one (:func:`sd_jax.tokenizer.c
 
 What is read from the weights (so scaled-down checkpoints convert too):
 
-* family: SD 1.x when the text encoder is transformers' CLIP, SD 2.x when it is OpenCLIP;
+* family: SD 1.x when the text encoder is transformers' CLIP, SD 2.x when it is OpenCLIP,
+  SDXL base when there are ``conditioner.embedders.0.transformer`` and ``.1.model``, the
+  SDXL refiner (``"sdxl-refiner"``) when ``conditioner.embedders.0`` is OpenCLIP;
 * UNet: input/output channels, block widths, layers per block, which levels have
   attention, transformer depth, cross-attention width, conv vs linear ``proj_in``;
   attention heads cannot be seen in the weights, so they follow the original configs
-  (SD 1.x: 8 heads everywhere; SD 2.x: 64-channel heads, i.e. 5/10/20/20 at full size);
+  (SD 1.x: 8 heads everywhere; SD 2.x and SDXL: 64-channel heads, i.e. 5/10/20/20 at full size);
+  SDXL's ``addition_time_embed_dim`` is ``label_emb``'s input width less the pooled text
+  width, over the number of time ids (6: sizes and crop; the refiner's 5: sizes, crop and
+  aesthetic score);
 * inpainting: 9 UNet input channels;
 * VAE: widths, layers per block, latent channels, mid attention, quant convs;
 * text encoder: widths, layers, vocabulary, positions (heads: 64-channel, as CLIP).
@@ -30,7 +39,9 @@ SD 2.x text encoders: SD 2 conditions on OpenCLIP's penultimate layer, so the la
 residual block is dropped (23 of ViT-H's 24 layers, as diffusers' conversion does), and
 ``text_projection`` / ``logit_scale`` are unused.  :func:`to_single_file` writes one
 zero-filled block back in its place so a round trip is exact and the file has the real
-layout.
+layout.  SDXL's OpenCLIP keeps every block (its pooled output runs them all), its fused
+``in_proj_weight`` is split into q/k/v and its ``text_projection`` (``x @ P``) is the
+transposed ``text_projection.weight`` of ``CLIPTextModelWithProjection``.
 
 Prediction type is not in the weights: diffusers' rule is used (SD 2.x non-inpainting ->
 ``v_prediction`` unless the file's ``global_step`` is 875000, everything else ->
@@ -52,7 +63,7 @@ from sd_jax.weights import checkpoint
 from sd_jax.weights.safetensors_io import CheckpointError, load_file
 
 __all__ = ["SingleFile", "convert", "to_single_file", "load_pipeline", "clip_tokenizer_folder",
-           "tokenizer_for", "detect_family"]
+           "tokenizer_for", "tokenizers_for", "detect_family", "REFINER"]
 
 UNET = families.SD1.single_file.prefixes["unet"]
 VAE = families.SD1.single_file.prefixes["vae"]
@@ -60,7 +71,19 @@ CLIP = families.SD1.single_file.prefixes["text_encoder"]
 OPENCLIP = families.SD2.single_file.prefixes["text_encoder"]
 _DIFFUSERS_VERSION = families.DIFFUSERS_VERSION
 
-_NOT_SD = "is not a Stable Diffusion 1.x/2.x single-file checkpoint"
+CLIP_XL = families.SDXL.single_file.prefixes["text_encoder"]
+OPENCLIP_XL = families.SDXL.single_file.prefixes["text_encoder_2"]
+# The SDXL refiner has no family entry of its own here (the pipeline's refiner work adds it);
+# its single-file layout is this one (also once an "sdxl-refiner" family is registered).
+REFINER = "sdxl-refiner"
+OPENCLIP_REFINER = "conditioner.embedders.0.model."
+REFINER_LAYOUT = families.SingleFileLayout(prefixes={"unet": UNET, "vae": VAE, "text_encoder_2": OPENCLIP_REFINER},
+                                           text_layout="openclip", marker=OPENCLIP_REFINER, unet_heads="64ch")
+_XL = ("sdxl", REFINER)
+_TIME_IDS = {"sdxl": 6, REFINER: 5}   # original + crop + target sizes; the refiner: aesthetic score for target
+_XL_VAE_SCALING = 0.13025
+
+_NOT_SD = "is not a Stable Diffusion 1.x/2.x/XL single-file checkpoint"
 
 
 @dataclasses.dataclass
@@ -76,7 +99,7 @@ class SingleFile:
     """
     configs: dict
     state_dicts: dict
-    family: str = "sd1"            # "sd1" | "sd2"
+    family: str = "sd1"            # "sd1" | "sd2" | "sdxl" | "sdxl-refiner" (these two add "text_encoder_2")
     inpainting: bool = False
     prediction_type: str = "epsilon"
     ignored: list = dataclasses.field(default_factory=list)
@@ -101,7 +124,9 @@ def _unet_table(n_levels: int, layers: int, down_attn: list[bool], up_attn: list
          "input_blocks.0.0": ("conv_in", "same"), "out.0": ("conv_norm_out", "same"), "out.2": ("conv_out", "same"),
          "middle_block.0": ("mid_block.resnets.0", "unet_resnet"),
          "middle_block.1": ("mid_block.attentions.0", "same"),
-         "middle_block.2": ("mid_block.resnets.1", "unet_resnet")}
+         "middle_block.2": ("mid_block.resnets.1", "unet_resnet"),
+         # SDXL's text-time embedding (absent, so unused, in SD 1.x/2.x files)
+         "label_emb.0.0": ("add_embedding.linear_1", "same"), "label_emb.0.2": ("add_embedding.linear_2", "same")}
     for b in range(n_levels):
         for j in range(layers):
             i = 1 + b * (layers + 1) + j
@@ -220,23 +245,30 @@ def _heads(width: int, head_dim: int = 64) -> int:
 
 # =========================================================================== detection
 def detect_family(sd: Mapping[str, Any], where: str = "checkpoint") -> str:
-    """``"sd1"`` or ``"sd2"`` from the keys; CheckpointError (one line) for anything else."""
+    """``"sd1"``, ``"sd2"``, ``"sdxl"`` or ``"sdxl-refiner"`` from the keys; CheckpointError
+    (one line) for anything else."""
     keys = sd.keys()
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise CheckpointError(f"{where} looks like an SDXL checkpoint (conditioner.embedders.*); {where} {_NOT_SD} "
-                              f"and SDXL single files are not supported yet")
     if UNET + "input_blocks.0.0.weight" not in sd:
         if any(k.startswith(("down_blocks.", "unet.down_blocks.", "encoder.down_blocks.", "text_model."))
                or k == "conv_in.weight" for k in keys):
             raise CheckpointError(f"{where} {_NOT_SD} (its keys are in the diffusers layout: load the diffusers "
                                   f"model folder instead)")
         raise CheckpointError(f"{where} {_NOT_SD} (no {UNET}* UNet weights)")
-    family = families.detect_single_file(keys)
-    if family is None:
-        raise CheckpointError(f"{where} {_NOT_SD} (it has a UNet but no cond_stage_model.* text encoder)")
+    if any(k.startswith(OPENCLIP_REFINER) for k in keys):
+        name = REFINER
+    elif any(k.startswith("conditioner.embedders.") for k in keys):
+        if not (any(k.startswith(CLIP_XL) for k in keys) and any(k.startswith(OPENCLIP_XL) for k in keys)):
+            raise CheckpointError(f"{where} {_NOT_SD} (an SDXL base file needs both text encoders, {CLIP_XL}* and "
+                                  f"{OPENCLIP_XL}*)")
+        name = "sdxl"
+    else:
+        family = families.detect_single_file(keys)
+        if family is None:
+            raise CheckpointError(f"{where} {_NOT_SD} (it has a UNet but no cond_stage_model.* text encoder)")
+        name = family.name
     if VAE + "encoder.conv_in.weight" not in sd:
         raise CheckpointError(f"{where} {_NOT_SD} (it has a UNet but no {VAE}* VAE)")
-    return family.name
+    return name
 
 
 # =========================================================================== LDM -> diffusers
@@ -268,7 +300,7 @@ def _convert_unet(u: dict, family: str, where: str) -> tuple[dict, dict]:
     cross = int(u[f"{ref}.transformer_blocks.0.attn2.to_k.weight"].shape[1])
     linear = u[f"{ref}.proj_in.weight"].ndim == 2
     # Heads are not in the weights: the family says (8 per level, or 64-channel heads).
-    rule = families.get(family).single_file.unet_heads
+    rule = _layout(family).unet_heads
     heads = [8] * n_levels if rule == "8" else [_heads(w) for w in widths]
     inpaint = int(conv_in.shape[1]) == 9
     config = {
@@ -285,6 +317,11 @@ def _convert_unet(u: dict, family: str, where: str) -> tuple[dict, dict]:
         # diffusers' configs: stabilityai/stable-diffusion-2-1 upcasts, 2-inpainting does not.
         "upcast_attention": family == "sd2" and not inpaint, "use_linear_projection": bool(linear),
     }
+    if "label_emb.0.0.weight" in u:   # SDXL; addition_time_embed_dim is set by convert() (it needs the text width)
+        config.update(addition_embed_type="text_time", sample_size=128,
+                      projection_class_embeddings_input_dim=int(u["label_emb.0.0.weight"].shape[1]))
+    elif family in _XL:
+        raise CheckpointError(f"{where}: SDXL UNet without label_emb.* (text-time embedding); {where} {_NOT_SD}")
     table = _unet_table(n_levels, layers, down_attn, up_attn)
     out, bad = {}, []
     for k, v in u.items():
@@ -296,6 +333,12 @@ def _convert_unet(u: dict, family: str, where: str) -> tuple[dict, dict]:
     if bad:
         raise CheckpointError(f"{where}: {len(bad)} UNet keys not understood ({_few(bad)}); {where} {_NOT_SD}")
     return config, out
+
+
+def unet_state_dict(sd: Mapping, family: str, where: str = "checkpoint") -> dict:
+    """The diffusers-layout UNet state dict of the ``model.diffusion_model.*`` keys of ``sd`` (a
+    UNet-only file in the original layout); other keys are ignored."""
+    return _convert_unet(_strip(sd, UNET), family, where)[1]
 
 
 def _convert_vae(v: dict, where: str) -> tuple[dict, dict]:
@@ -343,18 +386,18 @@ def _text_config(hidden: int, inter: int, layers: int, vocab: int, positions: in
             "projection_dim": proj, "vocab_size": vocab}
 
 
-def _convert_clip(t: dict, where: str) -> tuple[dict, dict, list]:
+def _convert_clip(t: dict, where: str, prefix: str = CLIP) -> tuple[dict, dict, list]:
     out, ignored = {}, []
     for k, a in t.items():
         if k.endswith("position_ids"):
-            ignored.append(CLIP + k)
+            ignored.append(prefix + k)
             continue
         out[k if k.startswith("text_model.") else "text_model." + k] = a
     emb = out.get("text_model.embeddings.token_embedding.weight")
     pos = out.get("text_model.embeddings.position_embedding.weight")
     fc1 = out.get("text_model.encoder.layers.0.mlp.fc1.weight")
     if emb is None or pos is None or fc1 is None:
-        raise CheckpointError(f"{where}: incomplete CLIP text encoder under {CLIP}; {where} {_NOT_SD}")
+        raise CheckpointError(f"{where}: incomplete CLIP text encoder under {prefix}; {where} {_NOT_SD}")
     layers = len(_indices(out, "text_model.encoder.layers."))
     hidden = int(emb.shape[1])
     cfg = _text_config(hidden, int(fc1.shape[0]), layers, int(emb.shape[0]), int(pos.shape[0]),
@@ -366,11 +409,15 @@ _OC_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "sel
              "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 
 
-def _convert_openclip(o: dict, where: str) -> tuple[dict, dict, list]:
+def _convert_openclip(o: dict, where: str, prefix: str = OPENCLIP,
+                      projection: bool = False) -> tuple[dict, dict, list]:
+    """SD 2.x (``projection=False``): the last block and the projection dropped; SDXL
+    (``projection=True``): every block, and ``text_projection`` as ``text_projection.weight``."""
     n = len(_indices(o, "transformer.resblocks."))
-    if n < 2 or "positional_embedding" not in o:
-        raise CheckpointError(f"{where}: incomplete OpenCLIP text encoder under {OPENCLIP}; {where} {_NOT_SD}")
-    keep = n - 1      # SD 2 uses the penultimate layer: the last block is never run
+    if n < 2 or "positional_embedding" not in o or (projection and "text_projection" not in o):
+        raise CheckpointError(f"{where}: incomplete OpenCLIP text encoder under {prefix}; {where} {_NOT_SD}")
+    # SD 2 uses the penultimate layer: the last block is never run.  SDXL's pooled output runs it.
+    keep = n if projection else n - 1
     emb = o["token_embedding.weight"]
     hidden = int(emb.shape[1])
     out, ignored, bad = {}, [], []
@@ -384,10 +431,12 @@ def _convert_openclip(o: dict, where: str) -> tuple[dict, dict, list]:
             out[p + "embeddings.position_embedding.weight"] = a
         elif k in ("ln_final.weight", "ln_final.bias"):
             out[p + "final_layer_norm." + k.split(".")[1]] = a
+        elif k == "text_projection" and projection:   # x @ P  ->  Linear weight P.T
+            out["text_projection.weight"] = a.T
         elif k in ("text_projection", "logit_scale", "attn_mask"):
-            ignored.append(OPENCLIP + k)
+            ignored.append(prefix + k)
         elif m and int(m.group(1)) >= keep:
-            ignored.append(OPENCLIP + k)
+            ignored.append(prefix + k)
         elif m and k.endswith(("in_proj_weight", "in_proj_bias")):
             base = f"{p}encoder.layers.{m.group(1)}.self_attn."
             for name, part in zip("qkv", np.split(a, 3, axis=0)):
@@ -395,12 +444,15 @@ def _convert_openclip(o: dict, where: str) -> tuple[dict, dict, list]:
         elif m and m.group(2) in _OC_LAYER:
             out[f"{p}encoder.layers.{m.group(1)}.{_OC_LAYER[m.group(2)]}.{m.group(3)}"] = a
         else:
-            bad.append(OPENCLIP + k)
+            bad.append(prefix + k)
     if bad:
         raise CheckpointError(f"{where}: {len(bad)} OpenCLIP keys not understood ({_few(bad)}); {where} {_NOT_SD}")
     inter = int(o["transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
+    proj = int(o["text_projection"].shape[1]) if projection else hidden // 2
     cfg = _text_config(hidden, inter, keep, int(emb.shape[0]), int(o["positional_embedding"].shape[0]),
-                       "gelu", hidden // 2)
+                       "gelu", proj)
+    if projection:
+        cfg["architectures"] = ["CLIPTextModelWithProjection"]
     return cfg, out, ignored
 
 
@@ -433,11 +485,12 @@ def _load(path_or_state_dict) -> tuple[dict, str]:
 
 
 def convert(path_or_state_dict, *, prediction_type: str | None = None) -> SingleFile:
-    """A single-file SD 1.x/2.x checkpoint (path to a ``.safetensors`` or ``{key: array}``)
+    """A single-file SD 1.x/2.x/XL checkpoint (path to a ``.safetensors`` or ``{key: array}``)
     -> diffusers-layout configs + state dicts (arrays are views of the input where possible).
 
-    ``prediction_type``: ``"epsilon"`` or ``"v_prediction"``; None = diffusers' rule (module docstring).
-    Raises CheckpointError (one line) for a file that is not an SD 1.x/2.x checkpoint.
+    ``prediction_type``: ``"epsilon"`` or ``"v_prediction"``; None = diffusers' rule (module
+    docstring; SDXL: ``"epsilon"``).
+    Raises CheckpointError (one line) for a file that is not an SD 1.x/2.x/XL checkpoint.
     """
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or None, not {prediction_type!r}")
@@ -446,27 +499,56 @@ def convert(path_or_state_dict, *, prediction_type: str | None = None) -> Single
     unet_cfg, unet_sd = _convert_unet(_strip(sd, UNET), family, where)
     vae_sd_in = {k: a for k, a in _strip(sd, VAE).items() if not k.startswith("loss.")}
     vae_cfg, vae_sd = _convert_vae(vae_sd_in, where)
-    layout = families.get(family).single_file
-    convert_text = {"clip": _convert_clip, "openclip": _convert_openclip}[layout.text_layout]
-    te_cfg, te_sd, ignored = convert_text(_strip(sd, layout.prefixes["text_encoder"]), where)
-    if unet_cfg["cross_attention_dim"] != te_cfg["hidden_size"]:
-        raise CheckpointError(f"{where}: the UNet cross-attends to {unet_cfg['cross_attention_dim']}-wide text "
-                              f"features but the text encoder is {te_cfg['hidden_size']} wide; {where} {_NOT_SD}")
-    inpainting = unet_cfg["in_channels"] == 9
-    if prediction_type is None:   # diffusers' rule (single_file_utils._legacy_load_scheduler)
-        if family == "sd2" and not inpainting:
-            prediction_type = "epsilon" if _global_step(sd) == 875000 else "v_prediction"
+    layout = _layout(family)
+    configs, state_dicts, ignored = {}, {}, []
+    for name, prefix in layout.prefixes.items():
+        if name == "text_encoder_2":
+            cfg, tsd, ign = _convert_openclip(_strip(sd, prefix), where, prefix, projection=True)
+        elif name == "text_encoder":
+            convert_text = {"clip": _convert_clip, "openclip": _convert_openclip}[layout.text_layout]
+            cfg, tsd, ign = convert_text(_strip(sd, prefix), where, prefix)
         else:
-            prediction_type = "epsilon"
-    if prediction_type == "v_prediction":    # the 768 px models
-        unet_cfg["sample_size"], vae_cfg["sample_size"] = 96, 768
-    used = (UNET, CLIP, OPENCLIP)
+            continue
+        configs[name], state_dicts[name] = cfg, tsd
+        ignored += ign
+    text_width = sum(c["hidden_size"] for c in configs.values())
+    if unet_cfg["cross_attention_dim"] != text_width:
+        raise CheckpointError(f"{where}: the UNet cross-attends to {unet_cfg['cross_attention_dim']}-wide text "
+                              f"features but the text encoder{'s are' if len(configs) > 1 else ' is'} {text_width} "
+                              f"wide; {where} {_NOT_SD}")
+    inpainting = unet_cfg["in_channels"] == 9
+    if family in _XL:
+        _xl_configs(unet_cfg, vae_cfg, configs["text_encoder_2"]["projection_dim"], family, where)
+        prediction_type = prediction_type or "epsilon"
+        sched = {**families.sdxl_scheduler_config(), "prediction_type": prediction_type}
+    else:
+        if prediction_type is None:   # diffusers' rule (single_file_utils._legacy_load_scheduler)
+            if family == "sd2" and not inpainting:
+                prediction_type = "epsilon" if _global_step(sd) == 875000 else "v_prediction"
+            else:
+                prediction_type = "epsilon"
+        if prediction_type == "v_prediction":    # the 768 px models
+            unet_cfg["sample_size"], vae_cfg["sample_size"] = 96, 768
+        sched = scheduler_config(prediction_type)
+    used = tuple(p for c, p in layout.prefixes.items() if c != "vae")
     ignored += [k for k in sd if not k.startswith(used) and not (k.startswith(VAE) and k[len(VAE):] in vae_sd_in)]
     return SingleFile(
-        configs={"text_encoder": te_cfg, "unet": unet_cfg, "vae": vae_cfg,
-                 "scheduler": scheduler_config(prediction_type)},
-        state_dicts={"text_encoder": te_sd, "unet": unet_sd, "vae": vae_sd},
+        configs={**configs, "unet": unet_cfg, "vae": vae_cfg, "scheduler": sched},
+        state_dicts={**state_dicts, "unet": unet_sd, "vae": vae_sd},
         family=family, inpainting=inpainting, prediction_type=prediction_type, ignored=sorted(ignored))
+
+
+def _xl_configs(unet_cfg: dict, vae_cfg: dict, pooled: int, family: str, where: str) -> None:
+    """SDXL's settings that are not in the weights (stabilityai's configs): 64-channel heads
+    (already), the text-time embedding width, the VAE's scaling factor and 1024 px."""
+    n_ids = _TIME_IDS[family]
+    rest = unet_cfg["projection_class_embeddings_input_dim"] - pooled
+    if rest <= 0 or rest % n_ids:
+        raise CheckpointError(f"{where}: label_emb takes {unet_cfg['projection_class_embeddings_input_dim']} features, "
+                              f"not the {pooled}-wide pooled text embedding + {n_ids} time-id embeddings; "
+                              f"{where} {_NOT_SD}")
+    unet_cfg.update(addition_time_embed_dim=rest // n_ids, upcast_attention=False)
+    vae_cfg.update(scaling_factor=_XL_VAE_SCALING, sample_size=1024)
 
 
 # =========================================================================== diffusers -> LDM
@@ -509,7 +591,9 @@ def _text_keys(sd: Mapping) -> dict:
             for k, a in sd.items() if not k.endswith("position_ids")}
 
 
-def _export_openclip(t: dict, cfg: dict) -> dict:
+def _export_openclip(t: dict, cfg: dict, prefix: str = OPENCLIP, projection: bool = False) -> dict:
+    """SD 2.x (``projection=False``: a zero block and an identity projection added, see below)
+    or SDXL (``projection=True``: every block, ``text_projection`` = the Linear weight transposed)."""
     out = {}
     p = "text_model."
     n = cfg.get("num_hidden_layers", len(_indices(t, p + "encoder.layers.")))
@@ -518,32 +602,38 @@ def _export_openclip(t: dict, cfg: dict) -> dict:
     for k, a in t.items():
         m = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", k)
         if k == p + "embeddings.token_embedding.weight":
-            out[OPENCLIP + "token_embedding.weight"] = a
+            out[prefix + "token_embedding.weight"] = a
         elif k == p + "embeddings.position_embedding.weight":
-            out[OPENCLIP + "positional_embedding"] = a
+            out[prefix + "positional_embedding"] = a
         elif k.startswith(p + "final_layer_norm."):
-            out[OPENCLIP + "ln_final." + k.rsplit(".", 1)[1]] = a
+            out[prefix + "ln_final." + k.rsplit(".", 1)[1]] = a
         elif m and m.group(2) in inv:
-            out[f"{OPENCLIP}transformer.resblocks.{m.group(1)}.{inv[m.group(2)]}.{m.group(3)}"] = a
+            out[f"{prefix}transformer.resblocks.{m.group(1)}.{inv[m.group(2)]}.{m.group(3)}"] = a
         elif m and m.group(2) in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
             continue   # joined below
         elif k == "text_projection.weight":
-            continue
+            if projection:
+                out[prefix + "text_projection"] = np.ascontiguousarray(a.T)
         else:
             raise ValueError(f"to_single_file: text encoder key {k!r} has no OpenCLIP name")
     for i in range(n):
         for leaf in ("weight", "bias"):
             qkv = [t[f"{p}encoder.layers.{i}.self_attn.{x}_proj.{leaf}"] for x in "qkv"]
-            out[f"{OPENCLIP}transformer.resblocks.{i}.attn.in_proj_{leaf}"] = np.concatenate(qkv, axis=0)
+            out[f"{prefix}transformer.resblocks.{i}.attn.in_proj_{leaf}"] = np.concatenate(qkv, axis=0)
+    dt = t[p + "embeddings.token_embedding.weight"].dtype
+    if projection:
+        if prefix + "text_projection" not in out:
+            raise ValueError("to_single_file: the SDXL text_encoder_2 has no text_projection.weight")
+        out[prefix + "logit_scale"] = np.asarray(np.log(1 / 0.07), dtype=dt)
+        return out
     # The block SD 2 never runs (OpenCLIP's last), zero-filled, so the file has the real layout
     # (24 blocks for SD 2's 23-layer encoder) and convert() drops it again; the projection too.
-    dt = t[p + "embeddings.token_embedding.weight"].dtype
-    ref = f"{OPENCLIP}transformer.resblocks.{n - 1}."
+    ref = f"{prefix}transformer.resblocks.{n - 1}."
     for k in [k for k in out if k.startswith(ref)]:
-        name = f"{OPENCLIP}transformer.resblocks.{n}." + k[len(ref):]
+        name = f"{prefix}transformer.resblocks.{n}." + k[len(ref):]
         out[name] = (np.ones if k.endswith(("ln_1.weight", "ln_2.weight")) else np.zeros)(out[k].shape, out[k].dtype)
-    out[OPENCLIP + "text_projection"] = np.eye(hidden, dtype=dt)
-    out[OPENCLIP + "logit_scale"] = np.asarray(np.log(1 / 0.07), dtype=dt)
+    out[prefix + "text_projection"] = np.eye(hidden, dtype=dt)
+    out[prefix + "logit_scale"] = np.asarray(np.log(1 / 0.07), dtype=dt)
     return out
 
 
@@ -551,12 +641,16 @@ def to_single_file(configs: Mapping[str, dict], state_dicts: Mapping[str, Mappin
                    family: str | None = None) -> dict[str, np.ndarray]:
     """diffusers-layout configs + state dicts -> one original-layout (CompVis / A1111) state dict.
 
-    ``family``: ``"sd1"`` (transformers CLIP text encoder) or ``"sd2"`` (OpenCLIP); None =
-    from the text config's ``hidden_act`` (``gelu``: OpenCLIP, SD 2.x).  Text-encoder keys may
-    have the ``text_model.`` prefix or not (transformers >= 5.6 drops it).
+    ``family``: ``"sd1"`` (transformers CLIP text encoder), ``"sd2"`` (OpenCLIP), ``"sdxl"``
+    (SGM layout: both encoders) or ``"sdxl-refiner"`` (``text_encoder_2`` only); None = SDXL
+    when there is a ``text_encoder_2`` (the refiner when it is the only one), else from the
+    text config's ``hidden_act`` (``gelu``: OpenCLIP, SD 2.x).  Text-encoder keys may have the
+    ``text_model.`` prefix or not (transformers >= 5.6 drops it).
     """
     te_cfg = dict(configs.get("text_encoder") or {})
-    if family is None:
+    if family is None and "text_encoder_2" in state_dicts:
+        family = "sdxl" if "text_encoder" in state_dicts else REFINER
+    elif family is None:
         family = families.detect({"text_encoder": te_cfg}).name
     layout = _layout(family)
     out: dict[str, np.ndarray] = {}
@@ -572,19 +666,27 @@ def to_single_file(configs: Mapping[str, dict], state_dicts: Mapping[str, Mappin
     has_attn = any(".mid_block.attentions." in k for k in vae_sd)
     table = _vae_table(len(vcfg["block_out_channels"]), vcfg.get("layers_per_block", 1), has_attn)
     out.update({VAE + k: a for k, a in _export(vae_sd, table, "VAE", _vae_fix).items()})
-    t = _text_keys(state_dicts["text_encoder"])
-    if layout.text_layout == "openclip":
-        out.update(_export_openclip(t, te_cfg))
-    else:
-        prefix = layout.prefixes["text_encoder"]
-        out.update({prefix + k: a for k, a in t.items() if not k.startswith("text_projection")})
+    for name, prefix in layout.prefixes.items():
+        if name not in ("text_encoder", "text_encoder_2"):
+            continue
+        if name not in state_dicts:
+            raise ValueError(f"to_single_file: a {family} model needs its {name} weights")
+        t = _text_keys(state_dicts[name])
+        if name == "text_encoder_2":
+            out.update(_export_openclip(t, dict(configs.get(name) or {}), prefix, projection=True))
+        elif layout.text_layout == "openclip":
+            out.update(_export_openclip(t, te_cfg))
+        else:
+            out.update({prefix + k: a for k, a in t.items() if not k.startswith("text_projection")})
     return out
 
 
 def _layout(family: str) -> families.SingleFileLayout:
+    if family == REFINER:    # whatever a registered refiner family inherits from SDXL's entry
+        return REFINER_LAYOUT
     layout = families.get(family).single_file if family in families.FAMILIES else None
     if layout is None:
-        names = [f.name for f in families.FAMILIES.values() if f.single_file is not None]
+        names = [f.name for f in families.FAMILIES.values() if f.single_file is not None] + [REFINER]
         raise ValueError(f"family must be one of {', '.join(map(repr, names))}, not {family!r}")
     return layout
 
@@ -592,10 +694,17 @@ def _layout(family: str) -> families.SingleFileLayout:
 # =========================================================================== tokenizer
 def tokenizer_for(family: str):
     """The SD tokenizer (transformers ``CLIPTokenizer``) of a family with single files (``"sd1"``,
-    ``"sd2"``), built from the bundled BPE merges and cached (:func:`sd_jax.tokenizer.clip_tokenizer`)."""
+    ``"sd2"``, ``"sdxl"``: its first), built from the bundled BPE merges and cached
+    (:func:`sd_jax.tokenizer.clip_tokenizer`)."""
+    return next(iter(tokenizers_for(family).values()))
+
+
+def tokenizers_for(family: str) -> dict:
+    """``{folder name: tokenizer}`` of a family with single files (SDXL: ``tokenizer`` and
+    ``tokenizer_2``, which pads with ``!``), as :func:`tokenizer_for` builds them."""
     _layout(family)
-    spec = families.get(family).tokenizers[0]
-    return tokenizer_lib.clip_tokenizer(spec.pad_token, spec.cache_name)
+    return {spec.name: tokenizer_lib.clip_tokenizer(spec.pad_token, spec.cache_name)
+            for spec in families.get(family).tokenizers}
 
 
 # =========================================================================== pipeline (old API)
