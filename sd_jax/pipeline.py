@@ -33,6 +33,7 @@ from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, u
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
 from sd_jax.diffusion.sampling import sample
 from sd_jax.families import Models  # noqa: F401  (re-exported: the pipeline's networks)
+from sd_jax.prompts import embeddings
 from sd_jax.prompts.chunks import count_chunks, prompt_arrays
 from sd_jax.request import Dispatcher, GenerationRequest, RequestError
 from sd_jax.tokenizer import tokenize
@@ -301,14 +302,13 @@ class StableDiffusionPipeline:
         :mod:`sd_jax.prompts.embeddings`) as tokens used in prompts by name; returns the names.
         An embedding that does not fit the model or whose name clashes is a ValueError, and
         then nothing is added."""
-        from sd_jax.prompts import embeddings as emb
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        files = [f for p in paths for f in (emb.find_embeddings(p) if os.path.isdir(p) else [os.fspath(p)])]
-        found = [e for f in files for e in emb.read_embedding(f, allow_pickle=allow_pickle)]
+        files = [f for p in paths for f in (embeddings.find_embeddings(p) if os.path.isdir(p) else [os.fspath(p)])]
+        found = [e for f in files for e in embeddings.read_embedding(f, allow_pickle=allow_pickle)]
         clash = [e.name for e in found if e.name in self.embeddings]
         if clash:
             raise ValueError(f"embedding {clash[0]!r} is loaded already")
-        models, params, tokenizers = emb.add_embeddings(self.family, self.models, self.params, self.tokenizers, found)
+        models, params, tokenizers = embeddings.add_embeddings(self.family, self.models, self.params, self.tokenizers, found)
         self.models, self.tokenizers = models, tokenizers
         self.tokenizer = tokenizers[self.family.prompt.tokenizers[0]]
         self.params = sharding.replicate(params, self.mesh)
@@ -378,17 +378,14 @@ class StableDiffusionPipeline:
 
     def _groups(self, tokenizer: str) -> dict:
         """The multi-vector embeddings of ``tokenizer``: {first id: ids} (:mod:`sd_jax.prompts.embeddings`)."""
-        from sd_jax.prompts.embeddings import groups_for
-        return groups_for(self.tokenizers[tokenizer], self.embeddings) if self.embeddings else {}
+        return embeddings.groups_for(self.tokenizers[tokenizer], self.embeddings) if self.embeddings else {}
 
     def _prompt_ids(self, plan: Plan, tokenizer: str, texts: list[str]):
         """(ids, weights or None) of ``texts`` for ``plan`` (A1111 chunks, or diffusers' truncation)."""
         tok = self.tokenizers[tokenizer]
         if not plan.emphasis:
-            from sd_jax.prompts.embeddings import expand_plain
-            return tokenize(tok, [expand_plain(t, self.embeddings) for t in texts]), None
+            return tokenize(tok, [embeddings.expand_plain(t, self.embeddings) for t in texts]), None
         return prompt_arrays(tok, texts, plan.prompt_chunks, "a1111", self._groups(tokenizer))
-        return r, plan
 
     def _inputs(self, plan: Plan, requests: Sequence[GenerationRequest]) -> dict:
         """The host arrays of one call (leading axis = the requests)."""

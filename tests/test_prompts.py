@@ -247,3 +247,36 @@ def test_embedding_errors_leave_the_pipeline_unchanged(tiny, tmp_path):
     from sd_jax.request import GenerationRequest, RequestError
     with pytest.raises(RequestError, match="prompt_syntax must be"):
         GenerationRequest("x", prompt_syntax="compel")
+
+
+# ----------------------------------------------------------------------------- the command line
+SHAPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "sd-jax-shapes")
+
+
+def test_cli_prompt_pasted_back_from_png_reproduces_the_image(tmp_path, capsys):
+    """``sd-jax generate`` with emphasis, BREAK and an embedding (``--embeddings-dir``): the PNG's
+    A1111 ``parameters`` prompt, pasted back with the same settings, gives the same pixels; an
+    embedding of another model's width is a one-line error."""
+    from PIL import Image
+
+    from sd_jax import cli
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    save_file({"emb_params": np.random.RandomState(2).randn(2, 128).astype(np.float32)},
+              str(emb / "my-style.safetensors"))
+    prompt = "a (red:1.3) circle BREAK on a [blue] square, my-style"
+    common = ["--model", SHAPES, "--size", "64x64", "--steps", "2", "--embeddings-dir", str(emb), "--no-progress"]
+    assert cli.main(["generate", prompt, "-o", str(tmp_path / "a.png")] + common) == 0
+    with Image.open(tmp_path / "a.png") as im:
+        params, first = im.text["parameters"], np.asarray(im)
+    pasted = params.rsplit("\n", 1)[0]
+    assert pasted == prompt and "Steps: 2" in params and "Size: 64x64" in params
+    assert cli.main(["generate", pasted, "-o", str(tmp_path / "b.png")] + common) == 0
+    with Image.open(tmp_path / "b.png") as im:
+        assert np.array_equal(np.asarray(im), first)
+    capsys.readouterr()
+    save_file({"emb_params": np.zeros((1, 768), np.float32)}, str(emb / "sd15-thing.safetensors"))
+    assert cli.main(["generate", prompt, "-o", str(tmp_path / "c.png")] + common) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("sd-jax: error: embedding 'sd15-thing'") and "768" in err[0], err
+    assert not (tmp_path / "c.png").exists()
