@@ -280,3 +280,41 @@ def test_cli_prompt_pasted_back_from_png_reproduces_the_image(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("sd-jax: error: embedding 'sd15-thing'") and "768" in err[0], err
     assert not (tmp_path / "c.png").exists()
+
+
+def test_sdxl_embedding_clip_l_clip_g_equals_diffusers(tmp_path):
+    """An SDXL embedding (clip_l for the first encoder, clip_g for the second), 2 vectors:
+    token ids of both tokenizers, context and pooled embedding as diffusers' after loading each
+    part with ``load_textual_inversion(..., text_encoder=, tokenizer=)``."""
+    from test_sdxl_pipeline import build_tiny_sdxl
+
+    from sd_jax.pipeline import StableDiffusionPipeline, _batch_ids, encode_prompt
+    from sd_jax.request import GenerationRequest
+    folder = str(tmp_path / "xl")
+    ref = build_tiny_sdxl(folder)
+    rng = np.random.RandomState(3)
+    parts = {"clip_l": rng.randn(2, 32).astype(np.float32), "clip_g": rng.randn(2, 32).astype(np.float32)}
+    save_file(parts, str(tmp_path / "xl-style.safetensors"))
+    ref.load_textual_inversion(torch.from_numpy(parts["clip_l"]), token="xl-style", text_encoder=ref.text_encoder,
+                               tokenizer=ref.tokenizer)
+    ref.load_textual_inversion(torch.from_numpy(parts["clip_g"]), token="xl-style", text_encoder=ref.text_encoder_2,
+                               tokenizer=ref.tokenizer_2)
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    assert pipe.load_embeddings(str(tmp_path / "xl-style.safetensors")) == ["xl-style"]
+    prompt = "a red circle, xl-style"
+    with torch.no_grad():
+        ctx_ref, _, pooled_ref, _ = ref.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
+    for syntax in ("plain", "a1111"):
+        r, plan = pipe.resolve(GenerationRequest(prompt, guidance=1.0, steps=2, prompt_syntax=syntax))
+        batch = pipe._inputs(plan, [r])
+        for key, tok in (("ids", ref.tokenizer), ("ids_2", ref.tokenizer_2)):
+            want = tok(ref.maybe_convert_prompt(prompt, tok), padding="max_length", max_length=77)["input_ids"]
+            assert batch[key].tolist() == [want], (syntax, key)
+        enc = pipe.family.prompt
+        c = encode_prompt(pipe.models, enc, pipe.params, _batch_ids(enc, batch), None,
+                          weights=_batch_ids(enc, batch, what="weights"))
+        for ours, theirs in ((c.context, ctx_ref), (c.pooled, pooled_ref)):
+            diff = float(np.abs(np.asarray(ours) - theirs.numpy()).max())
+            print(f"{syntax}: max |diff| {diff:.2e}")
+            assert diff <= TOL
