@@ -33,7 +33,7 @@ from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, u
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
 from sd_jax.diffusion.sampling import sample
 from sd_jax.families import Models  # noqa: F401  (re-exported: the pipeline's networks)
-from sd_jax.prompts import embeddings
+from sd_jax.prompts import editing, embeddings
 from sd_jax.prompts.chunks import count_chunks, prompt_arrays
 from sd_jax.request import Dispatcher, GenerationRequest, RequestError
 from sd_jax.tokenizer import tokenize
@@ -68,6 +68,8 @@ class Plan:
     given_noise: the initial noise comes with the request (``latents``) instead of its seed.
     prompt_chunks: 75-token chunks per prompt (A1111 syntax: long prompts; 1 in plain syntax).
     emphasis: A1111 emphasis weights are applied (``prompt_syntax="a1111"``; traced weights).
+    prompt_variants: texts per prompt from prompt editing / alternation (``[a:b:5]``, ``[a|b]``),
+      all encoded; a traced per-step index picks one (:mod:`sd_jax.prompts.editing`).
     """
     sampler: Any
     start: int
@@ -81,6 +83,7 @@ class Plan:
     given_noise: bool = False
     prompt_chunks: int = 1
     emphasis: bool = False
+    prompt_variants: int = 1
 
 
 def encode_prompt(models: Models, encoding: families.PromptEncoding, params, ids, clip_skip, time_ids=None,
@@ -155,6 +158,9 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
       guidance, rescale: float32 [B];  latents: optional float32 [B, h, w, C] initial noise
       (replaces the seeded noise);  image: float32 [B, H, W, 3] in [-1, 1] (img2img, inpaint);
       mask: float32 [B, H, W, 1], 1 = repaint.
+      A1111 syntax: ids of [B, K * N * 77] (K texts of N chunks), ``weights`` / ``neg_weights``
+      (``weights_2``, ...) float32 like the ids; prompt_steps, neg_prompt_steps: int32 [B, S]
+      (K > 1: the text of each step).
     Returns the output of ``plan.output`` for every sample.
     """
     sampler = plan.sampler
@@ -163,11 +169,20 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
     noise0 = batch["latents"].astype(jnp.float32) if "latents" in batch else noise_at(0)
 
     time_ids = batch.get("time_ids")
-    cond = encode_prompt(models, encoding, params, _batch_ids(encoding, batch), plan.clip_skip, time_ids,
-                         weights=_batch_ids(encoding, batch, what="weights"))
-    uncond = (encode_prompt(models, encoding, params, _batch_ids(encoding, batch, negative=True), plan.clip_skip,
-                            time_ids, batch.get("neg_zero"), _batch_ids(encoding, batch, True, "weights"))
-              if plan.guidance else None)
+    k = plan.prompt_variants
+
+    def encode(negative: bool):
+        ids, w = _batch_ids(encoding, batch, negative), _batch_ids(encoding, batch, negative, "weights")
+        zero = batch.get("neg_zero") if negative else None
+        if k == 1:
+            return encode_prompt(models, encoding, params, ids, plan.clip_skip, time_ids, zero, w)
+        rows = lambda x: None if x is None else jax.tree.map(lambda a: a.reshape(a.shape[0] * k, -1), x)  # noqa: E731
+        c = encode_prompt(models, encoding, params, rows(ids), plan.clip_skip, None,
+                          None if zero is None else jnp.repeat(zero, k), rows(w))
+        return editing.stack(c, k).replace(time_ids=time_ids)
+
+    cond = encode(False)
+    uncond = encode(True) if plan.guidance else None
 
     blend = None  # (x, i) -> x after each step: inpainting with an ordinary UNet
     if plan.mode == "txt2img":
@@ -197,8 +212,10 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
                 return (1 - mask_lat) * known + mask_lat * x
 
     make = lambda c: unet_denoiser(models.unet, params["unet"], c)
-    model_fn = (classifier_free_guidance(make, cond, uncond, batch["guidance"], batch["rescale"])
-                if plan.guidance else make(cond))
+    guided = lambda c, u: (classifier_free_guidance(make, c, u, batch["guidance"], batch["rescale"])  # noqa: E731
+                           if plan.guidance else make(c))
+    model_fn = (guided(cond, uncond) if k == 1 else
+                editing.per_step(guided, cond, uncond, batch["prompt_steps"], batch.get("neg_prompt_steps")))
     x, _ = sample(model_fn, sampler, x, start=plan.start, end=plan.end, noise_fn=noise_at,
                   post_step=blend, loop="python" if plan.loop == "debug" else plan.loop)
     if plan.output == "latent":
@@ -367,13 +384,15 @@ class StableDiffusionPipeline:
         if r.latents is not None and np.shape(r.latents) != latent_shape:
             raise RequestError(f"latents must have shape {latent_shape} per image, got {np.shape(r.latents)}")
         r = r.replace(height=height, width=width, scheduler=scheduler)
-        chunks = 1
+        chunks, k = 1, 1
         if r.prompt_syntax != "plain":
+            sides = [editing.variants(text, r.steps, sampler.num_steps)[0]
+                     for text in ((r.prompt, r.negative_prompt) if r.guided else (r.prompt,))]
+            k = max(len(texts) for texts in sides)
             chunks = max(count_chunks(self.tokenizers[t], text, r.prompt_syntax, self._groups(t))
-                         for t in self.family.prompt.tokenizers
-                         for text in ((r.prompt, r.negative_prompt) if r.guided else (r.prompt,)))
+                         for t in self.family.prompt.tokenizers for texts in sides for text in texts)
         plan = Plan(sampler, start, sampler.num_steps, r.mode, r.guided, r.clip_skip, latent_shape,
-                    output, loop, r.latents is not None, chunks, r.prompt_syntax != "plain")
+                    output, loop, r.latents is not None, chunks, r.prompt_syntax != "plain", k)
         return r, plan
 
     def _groups(self, tokenizer: str) -> dict:
@@ -381,11 +400,17 @@ class StableDiffusionPipeline:
         return embeddings.groups_for(self.tokenizers[tokenizer], self.embeddings) if self.embeddings else {}
 
     def _prompt_ids(self, plan: Plan, tokenizer: str, texts: list[str]):
-        """(ids, weights or None) of ``texts`` for ``plan`` (A1111 chunks, or diffusers' truncation)."""
+        """(ids, weights or None) of ``texts`` for ``plan`` (A1111 chunks, or diffusers' truncation);
+        with prompt editing, [B, K * chunks * 77]: each prompt's K texts (:mod:`sd_jax.prompts.editing`)."""
         tok = self.tokenizers[tokenizer]
         if not plan.emphasis:
             return tokenize(tok, [embeddings.expand_plain(t, self.embeddings) for t in texts]), None
-        return prompt_arrays(tok, texts, plan.prompt_chunks, "a1111", self._groups(tokenizer))
+        k = plan.prompt_variants
+        if k > 1:
+            steps = plan.sampler.num_inference_steps
+            texts = [v for t in texts for v in editing.variants(t, steps, plan.sampler.num_steps, k)[0]]
+        ids, w = prompt_arrays(tok, texts, plan.prompt_chunks, "a1111", self._groups(tokenizer))
+        return ids.reshape(ids.shape[0] // k, -1), w.reshape(w.shape[0] // k, -1)
 
     def _inputs(self, plan: Plan, requests: Sequence[GenerationRequest]) -> dict:
         """The host arrays of one call (leading axis = the requests)."""
@@ -398,6 +423,12 @@ class StableDiffusionPipeline:
                 batch[ids_key(i, neg)] = ids
                 if weights is not None:
                     batch[ids_key(i, neg).replace("ids", "weights")] = weights
+        if plan.prompt_variants > 1:  # the text each step uses (prompt editing, alternation)
+            steps = plan.sampler.num_inference_steps
+            for neg in (False, True) if plan.guidance else (False,):
+                batch[("neg_" if neg else "") + "prompt_steps"] = np.asarray(
+                    [editing.variants(r.negative_prompt if neg else r.prompt, steps, plan.sampler.num_steps)[1]
+                     for r in requests], np.int32)
         if self.models.unet.config.addition_embed_type == "text_time":
             # SDXL's micro-conditioning as diffusers' defaults: original size = target size =
             # the image's, no crop; the negative side gets the same.
