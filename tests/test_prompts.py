@@ -244,6 +244,12 @@ def test_embedding_errors_leave_the_pipeline_unchanged(tiny, tmp_path):
     with pytest.raises(ValueError, match="is a pickle"):
         pipe.load_embeddings(str(tmp_path / "old.pt"))
     assert (len(pipe.tokenizer), pipe.models, dict(pipe.embeddings)) == before
+    # an A1111 .pt, read with the pickle opt-in: named after its file, its string_to_param vectors
+    vec = torch.randn(2, 32)
+    torch.save({"string_to_param": {"*": vec}, "name": "other", "step": 100}, str(tmp_path / "old.pt"))
+    from sd_jax.prompts.embeddings import read_embedding
+    (e,) = read_embedding(str(tmp_path / "old.pt"), allow_pickle=True)
+    assert e.name == "old" and e.count == 2 and np.array_equal(e.vectors[None], vec.numpy())
     from sd_jax.request import GenerationRequest, RequestError
     with pytest.raises(RequestError, match="prompt_syntax must be"):
         GenerationRequest("x", prompt_syntax="compel")
