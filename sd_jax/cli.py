@@ -56,6 +56,11 @@ def _add_gen_args(p):
     p.add_argument("--clip-skip", type=int, default=None)
     p.add_argument("--no-memory-check", action="store_true",
                    help="skip the check that the size and batch fit in memory (refused before compiling)")
+    p.add_argument("--embeddings-dir", default=None,
+                   help="folder of textual-inversion embeddings (.safetensors; A1111, diffusers, SDXL), used in "
+                        "prompts by file name or token")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also read .pt/.bin embeddings (pickles: torch.load(weights_only=True))")
 
 
 def _add_lora_args(p):
@@ -84,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per device call over all devices (default: 1 per device); --num runs in "
                         "batches of this size, each written as it is done")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--prompt-syntax", choices=["a1111", "plain"], default="a1111",
+                   help="a1111 (default): (word:1.2), [word], BREAK, prompts of any length in 75-token chunks; "
+                        "plain: the text as diffusers reads it, truncated at 77 tokens")
     _add_model_args(g)
     _add_lora_args(g)
 

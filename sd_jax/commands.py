@@ -165,6 +165,8 @@ def load(args, mesh=None):
     pipe = load_model(path, dtype=args.dtype, attention=args.attention, mesh=mesh, unet=getattr(args, "unet", None))
     if getattr(args, "no_watermark", False):
         pipe.watermark = False
+    if getattr(args, "embeddings_dir", None):
+        pipe.load_embeddings(args.embeddings_dir, allow_pickle=getattr(args, "allow_pickle", False))
     return pipe
 
 
@@ -186,6 +188,9 @@ def check_generation_args(args) -> None:
         raise UsageError(f"--guidance must be a finite number, got {args.guidance}")
     if not 0.0 <= args.rescale <= 1.0:  # NaN fails this too
         raise UsageError(f"--rescale must be in [0, 1], got {args.rescale}")
+    emb = getattr(args, "embeddings_dir", None)
+    if emb is not None and not os.path.isdir(emb):
+        raise UsageError(f"--embeddings-dir {emb!r} is not a folder")
 
 
 def settings(args, pipe=None) -> dict:
@@ -330,7 +335,7 @@ def generate(args) -> int:
                                   guidance=s["guidance"], guidance_rescale=s["guidance_rescale"],
                                   width=s["width"], height=s["height"], scheduler=s["scheduler"],
                                   clip_skip=s["clip_skip"], image=args.init_image, mask=args.mask,
-                                  strength=strength)
+                                  strength=strength, prompt_syntax=args.prompt_syntax)
                 for i in range(args.num)]
 
     def write(i: int, img) -> None:
@@ -338,6 +343,8 @@ def generate(args) -> int:
         meta = {"prompt": args.prompt, **s, "seed": s["seed"] + i, "model": model_name(pipe), "generator": "sd-jax"}
         if pipe.loras.weights:
             meta["loras"] = pipe.loras.weights
+        if args.prompt_syntax != "a1111":  # the A1111 parameters read the prompt as A1111 syntax
+            meta["prompt_syntax"] = args.prompt_syntax
         if args.init_image:
             meta["strength"] = strength
             meta["mode"] = "inpaint" if args.mask else "img2img"

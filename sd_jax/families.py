@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from sd_jax.models import clip, unet, vae
 from sd_jax.models.policy import Policy
+from sd_jax.prompts.chunks import emphasis
 from sd_jax.weights.convert import state_dict_to_params
 from sd_jax.weights.safetensors_io import CheckpointError
 
@@ -107,13 +108,15 @@ class PromptEncoding:
     hidden_state: str = "last"
     pooled: str | None = None
 
-    def encode(self, models, params, ids, clip_skip: int | None = None):
+    def encode(self, models, params, ids, clip_skip: int | None = None, weights=None):
         """``(context [B, L, D], pooled [B, P] or None)`` for ``ids`` (one int32 [B, L] per tokenizer).
 
-        Runs inside the caller's jit; ``clip_skip`` is static.
+        Runs inside the caller's jit; ``clip_skip`` is static.  ``weights``: optional float32
+        [B, L] per tokenizer, A1111's emphasis applied to each encoder's output before they
+        are combined (:func:`sd_jax.prompts.chunks.emphasis`).
         """
         if self.combine == "concat":
-            return self._encode_concat(models, params, ids, clip_skip)
+            return self._encode_concat(models, params, ids, clip_skip, weights)
         if self.combine != "single" or self.pooled is not None:
             raise NotImplementedError(f"prompt encoding {self.combine!r} (pooled: {self.pooled}) is not implemented")
         if isinstance(ids, (tuple, list)):
@@ -122,9 +125,12 @@ class PromptEncoding:
         if self.hidden_state == "penultimate":
             skip = (clip_skip or 0) + 1
         name = self.encoders[0]
-        return getattr(models, name).encode(params[name], ids, clip_skip=skip), None
+        context = getattr(models, name).encode(params[name], ids, clip_skip=skip)
+        if weights is not None:
+            context = emphasis(context, weights[0] if isinstance(weights, (tuple, list)) else weights)
+        return context, None
 
-    def _encode_concat(self, models, params, ids, clip_skip):
+    def _encode_concat(self, models, params, ids, clip_skip, weights=None):
         """SDXL (diffusers' ``StableDiffusionXLPipeline.encode_prompt``): each encoder's
         ``hidden_states[-(clip_skip + 2)]`` (``"penultimate"``; ``[-(clip_skip + 1)]`` for
         ``"last"``), without the final layer norm, concatenated on the feature axis; the
@@ -134,13 +140,14 @@ class PromptEncoding:
             raise ValueError(f"prompt encoding takes {len(self.encoders)} id arrays (one per tokenizer), got {len(ids)}")
         back = (clip_skip or 0) + (2 if self.hidden_state == "penultimate" else 1)
         states, pooled = [], None
-        for name, x in zip(self.encoders, ids):
+        for i, (name, x) in enumerate(zip(self.encoders, ids)):
             model = getattr(models, name)
             layers = model.config.num_hidden_layers
             if back > layers + 1:
                 raise ValueError(f"clip_skip {clip_skip} is too large for the {layers}-layer {name}")
             out = model.apply({"params": params[name]}, jnp.asarray(x))
-            states.append(out["hidden_states"][-back])
+            states.append(out["hidden_states"][-back] if weights is None
+                          else emphasis(out["hidden_states"][-back], weights[i]))
             if name == self.pooled:
                 pooled = out["text_embeds"]
         return jnp.concatenate(states, axis=-1), pooled

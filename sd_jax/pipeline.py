@@ -34,6 +34,8 @@ from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, u
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
 from sd_jax.diffusion.sampling import sample
 from sd_jax.families import Models  # noqa: F401  (re-exported: the pipeline's networks)
+from sd_jax.prompts import editing, embeddings
+from sd_jax.prompts.chunks import count_chunks, prompt_arrays
 from sd_jax.request import Dispatcher, GenerationRequest, RequestError
 from sd_jax.tokenizer import tokenize
 from sd_jax.watermark import apply_watermark, applies as watermark_applies
@@ -66,6 +68,10 @@ class Plan:
       (the final latents [B, h, w, C], not decoded: for a second model to continue from).
     loop: ``"scan"``, ``"python"`` (compiled, unrolled) or ``"debug"`` (not compiled).
     given_noise: the initial noise comes with the request (``latents``) instead of its seed.
+    prompt_chunks: 75-token chunks per prompt (A1111 syntax: long prompts; 1 in plain syntax).
+    emphasis: A1111 emphasis weights are applied (``prompt_syntax="a1111"``; traced weights).
+    prompt_variants: texts per prompt from prompt editing / alternation (``[a:b:5]``, ``[a|b]``),
+      all encoded; a traced per-step index picks one (:mod:`sd_jax.prompts.editing`).
     """
     sampler: Any
     start: int
@@ -78,17 +84,23 @@ class Plan:
     loop: str = "scan"
     given_noise: bool = False
     watermark: bool = False      # SDXL's invisible watermark on the decoded images (sd_jax.watermark)
+    prompt_chunks: int = 1
+    emphasis: bool = False
+    prompt_variants: int = 1
 
 
 def encode_prompt(models: Models, encoding: families.PromptEncoding, params, ids, clip_skip, time_ids=None,
-                  zero=None) -> Conditioning:
+                  zero=None, weights=None) -> Conditioning:
     """Token ids int32 [B, 77] (a tuple of them, one per tokenizer, for SDXL) -> Conditioning,
     as the model family combines its encoders.
 
     time_ids: float32 [B, K] micro-conditioning (SDXL), or None.  zero: optional bool [B]:
     samples whose context and pooled embedding are zeros (SDXL's
-    ``force_zeros_for_empty_prompt`` for an empty negative prompt; traced, per sample)."""
-    context, pooled = encoding.encode(models, params, ids, clip_skip)
+    ``force_zeros_for_empty_prompt`` for an empty negative prompt; traced, per sample).
+    weights: optional float32 [B, N * 77] (one per tokenizer, as ids): A1111 emphasis; ids of
+    N * 77 tokens are N chunks, encoded separately and concatenated (the pooled embedding is
+    the first chunk's, as A1111 and compel), :mod:`sd_jax.prompts.chunks`."""
+    context, pooled = _encode_chunks(models, encoding, params, ids, clip_skip, weights)
     if zero is not None:
         context = jnp.where(zero[:, None, None], jnp.zeros_like(context), context)
         pooled = None if pooled is None else jnp.where(zero[:, None], jnp.zeros_like(pooled), pooled)
@@ -97,13 +109,28 @@ def encode_prompt(models: Models, encoding: families.PromptEncoding, params, ids
                         time_ids=time_ids)
 
 
+def _encode_chunks(models: Models, encoding: families.PromptEncoding, params, ids, clip_skip, weights):
+    """ids [B, N * 77] -> each chunk encoded as its own sample -> context [B, N * 77, D]."""
+    one = ids[0] if isinstance(ids, (tuple, list)) else ids
+    b, length = one.shape
+    n = length // 77 if length % 77 == 0 else 1
+    rows = lambda x: None if x is None else (tuple(v.reshape(b * n, -1) for v in x) if isinstance(x, (tuple, list))
+                                             else x.reshape(b * n, -1))
+    context, pooled = encoding.encode(models, params, rows(ids), clip_skip, rows(weights))
+    context = context.reshape(b, -1, context.shape[-1])
+    pooled = None if pooled is None else pooled.reshape(b, n, -1)[:, 0]
+    return context, pooled
+
+
 def ids_key(i: int, negative: bool = False) -> str:
     """The batch key of tokenizer ``i``'s ids: ``ids``, ``ids_2``, ... (``neg_ids``, ``neg_ids_2``, ...)."""
     return ("neg_" if negative else "") + ("ids" if i == 0 else f"ids_{i + 1}")
 
 
-def _batch_ids(encoding: families.PromptEncoding, batch, negative: bool = False):
-    keys = [ids_key(i, negative) for i in range(len(encoding.tokenizers))]
+def _batch_ids(encoding: families.PromptEncoding, batch, negative: bool = False, what: str = "ids"):
+    keys = [ids_key(i, negative).replace("ids", what) for i in range(len(encoding.tokenizers))]
+    if keys[0] not in batch:
+        return None
     return batch[keys[0]] if len(keys) == 1 else tuple(batch[k] for k in keys)
 
 
@@ -137,6 +164,9 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
       guidance, rescale: float32 [B];  latents: optional float32 [B, h, w, C] initial noise
       (replaces the seeded noise);  image: float32 [B, H, W, 3] in [-1, 1] (img2img, inpaint);
       mask: float32 [B, H, W, 1], 1 = repaint.
+      A1111 syntax: ids of [B, K * N * 77] (K texts of N chunks), ``weights`` / ``neg_weights``
+      (``weights_2``, ...) float32 like the ids; prompt_steps, neg_prompt_steps: int32 [B, S]
+      (K > 1: the text of each step).
     Returns the output of ``plan.output`` for every sample.
     """
     sampler = plan.sampler
@@ -145,9 +175,20 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
     noise0 = batch["latents"].astype(jnp.float32) if "latents" in batch else noise_at(0)
 
     time_ids = batch.get("time_ids")
-    cond = encode_prompt(models, encoding, params, _batch_ids(encoding, batch), plan.clip_skip, time_ids)
-    uncond = (encode_prompt(models, encoding, params, _batch_ids(encoding, batch, negative=True), plan.clip_skip,
-                            time_ids, batch.get("neg_zero")) if plan.guidance else None)
+    k = plan.prompt_variants
+
+    def encode(negative: bool):
+        ids, w = _batch_ids(encoding, batch, negative), _batch_ids(encoding, batch, negative, "weights")
+        zero = batch.get("neg_zero") if negative else None
+        if k == 1:
+            return encode_prompt(models, encoding, params, ids, plan.clip_skip, time_ids, zero, w)
+        rows = lambda x: None if x is None else jax.tree.map(lambda a: a.reshape(a.shape[0] * k, -1), x)  # noqa: E731
+        c = encode_prompt(models, encoding, params, rows(ids), plan.clip_skip, None,
+                          None if zero is None else jnp.repeat(zero, k), rows(w))
+        return editing.stack(c, k).replace(time_ids=time_ids)
+
+    cond = encode(False)
+    uncond = encode(True) if plan.guidance else None
 
     blend = None  # (x, i) -> x after each step: inpainting with an ordinary UNet
     if plan.mode == "txt2img":
@@ -177,8 +218,10 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
                 return (1 - mask_lat) * known + mask_lat * x
 
     make = lambda c: unet_denoiser(models.unet, params["unet"], c)
-    model_fn = (classifier_free_guidance(make, cond, uncond, batch["guidance"], batch["rescale"])
-                if plan.guidance else make(cond))
+    guided = lambda c, u: (classifier_free_guidance(make, c, u, batch["guidance"], batch["rescale"])  # noqa: E731
+                           if plan.guidance else make(c))
+    model_fn = (guided(cond, uncond) if k == 1 else
+                editing.per_step(guided, cond, uncond, batch["prompt_steps"], batch.get("neg_prompt_steps")))
     x, _ = sample(model_fn, sampler, x, start=plan.start, end=plan.end, noise_fn=noise_at,
                   post_step=blend, loop="python" if plan.loop == "debug" else plan.loop)
     if plan.output == "latent":
@@ -261,17 +304,20 @@ class StableDiffusionPipeline:
         self.loras = LoraSet(self)  # LoRAs merged into self.params (sd_jax.lora)
         # SDXL's invisible watermark, on by default as in diffusers (images >= 256 px wide); settable.
         self.watermark = self.family.watermark
+        self.embeddings: dict[str, int] = {}  # textual-inversion tokens: name -> vectors (load_embeddings)
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str, *, dtype=jnp.float32, param_dtype=None, attention: str = "xla",
                         mesh=None, variant: str | None = None, allow_pickle: bool = False,
-                        watermark: bool | None = None, unet: str | None = None):
+                        watermark: bool | None = None, unet: str | None = None,
+                        embeddings_dir: str | None = None):
         """Load a diffusers folder (``model_index.json``), a single-file ``.safetensors`` or an
         sd-jax checkpoint folder (:func:`sd_jax.weights.loader.load`).  ``watermark``: mark
         the images with SDXL's invisible watermark (None: the family's default, on for SDXL).
         ``unet``: a UNet-only ``.safetensors`` whose weights replace the model's
-        (:func:`sd_jax.weights.loader.with_unet`; SDXL-Lightning)."""
+        (:func:`sd_jax.weights.loader.with_unet`; SDXL-Lightning).  ``embeddings_dir``: a
+        folder of textual-inversion embeddings to add (:meth:`load_embeddings`)."""
         mesh = mesh if mesh is not None else sharding.make_mesh()
         m = loader.load(path, dtype=dtype, param_dtype=param_dtype, attention=attention, variant=variant,
                         allow_pickle=allow_pickle, mesh=mesh)
@@ -281,7 +327,28 @@ class StableDiffusionPipeline:
                    family=m.family, tokenizers=m.tokenizers, options=m.options)
         if watermark is not None:
             pipe.watermark = bool(watermark)
+        if embeddings_dir is not None:
+            pipe.load_embeddings(embeddings_dir, allow_pickle=allow_pickle)
         return pipe
+
+    def load_embeddings(self, paths, allow_pickle: bool = False) -> list[str]:
+        """Add textual-inversion embeddings (a folder, a file, or a list of files; formats:
+        :mod:`sd_jax.prompts.embeddings`) as tokens used in prompts by name; returns the names.
+        An embedding that does not fit the model or whose name clashes is a ValueError, and
+        then nothing is added."""
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        files = [f for p in paths for f in (embeddings.find_embeddings(p) if os.path.isdir(p) else [os.fspath(p)])]
+        found = [e for f in files for e in embeddings.read_embedding(f, allow_pickle=allow_pickle)]
+        clash = [e.name for e in found if e.name in self.embeddings]
+        if clash:
+            raise ValueError(f"embedding {clash[0]!r} is loaded already")
+        models, params, tokenizers = embeddings.add_embeddings(self.family, self.models, self.params, self.tokenizers, found)
+        self.models, self.tokenizers = models, tokenizers
+        self.tokenizer = tokenizers[self.family.prompt.tokenizers[0]]
+        self.params = sharding.replicate(params, self.mesh)
+        self._compiled.clear()
+        self.embeddings.update({e.name: e.count for e in found})
+        return [e.name for e in found]
 
     def save_pretrained(self, path: str, format: str = "orbax") -> None:
         """Save as an sd-jax orbax checkpoint (``format="orbax"``), a diffusers folder or one
@@ -356,10 +423,35 @@ class StableDiffusionPipeline:
         if r.latents is not None and np.shape(r.latents) != latent_shape:
             raise RequestError(f"latents must have shape {latent_shape} per image, got {np.shape(r.latents)}")
         r = r.replace(height=height, width=width, scheduler=scheduler)
+        chunks, k = 1, 1
+        if r.prompt_syntax != "plain":
+            sides = [editing.variants(text, r.steps, sampler.num_steps)[0]
+                     for text in ((r.prompt, r.negative_prompt) if r.guided else (r.prompt,))]
+            k = max(len(texts) for texts in sides)
+            chunks = max(count_chunks(self.tokenizers[t], text, r.prompt_syntax, self._groups(t))
+                         for t in self.family.prompt.tokenizers for texts in sides for text in texts)
         plan = Plan(sampler, start, sampler.num_steps, r.mode, r.guided, r.clip_skip, latent_shape,
                     output, loop, r.latents is not None,
-                    watermark=bool(self.watermark) and output != "latent" and watermark_applies(height, width))
+                    watermark=bool(self.watermark) and output != "latent" and watermark_applies(height, width),
+                    prompt_chunks=chunks, emphasis=r.prompt_syntax != "plain", prompt_variants=k)
         return r, plan
+
+    def _groups(self, tokenizer: str) -> dict:
+        """The multi-vector embeddings of ``tokenizer``: {first id: ids} (:mod:`sd_jax.prompts.embeddings`)."""
+        return embeddings.groups_for(self.tokenizers[tokenizer], self.embeddings) if self.embeddings else {}
+
+    def _prompt_ids(self, plan: Plan, tokenizer: str, texts: list[str]):
+        """(ids, weights or None) of ``texts`` for ``plan`` (A1111 chunks, or diffusers' truncation);
+        with prompt editing, [B, K * chunks * 77]: each prompt's K texts (:mod:`sd_jax.prompts.editing`)."""
+        tok = self.tokenizers[tokenizer]
+        if not plan.emphasis:
+            return tokenize(tok, [embeddings.expand_plain(t, self.embeddings) for t in texts]), None
+        k = plan.prompt_variants
+        if k > 1:
+            steps = plan.sampler.num_inference_steps
+            texts = [v for t in texts for v in editing.variants(t, steps, plan.sampler.num_steps, k)[0]]
+        ids, w = prompt_arrays(tok, texts, plan.prompt_chunks, "a1111", self._groups(tokenizer))
+        return ids.reshape(ids.shape[0] // k, -1), w.reshape(w.shape[0] // k, -1)
 
     def _inputs(self, plan: Plan, requests: Sequence[GenerationRequest]) -> dict:
         """The host arrays of one call (leading axis = the requests)."""
@@ -367,10 +459,17 @@ class StableDiffusionPipeline:
                  "guidance": np.asarray([r.guidance for r in requests], np.float32),
                  "rescale": np.asarray([r.guidance_rescale for r in requests], np.float32)}
         for i, name in enumerate(self.family.prompt.tokenizers):
-            tok = self.tokenizers[name]
-            batch[ids_key(i)] = tokenize(tok, [r.prompt for r in requests])
-            if plan.guidance:
-                batch[ids_key(i, negative=True)] = tokenize(tok, [r.negative_prompt for r in requests])
+            for neg in (False, True) if plan.guidance else (False,):
+                ids, weights = self._prompt_ids(plan, name, [r.negative_prompt if neg else r.prompt for r in requests])
+                batch[ids_key(i, neg)] = ids
+                if weights is not None:
+                    batch[ids_key(i, neg).replace("ids", "weights")] = weights
+        if plan.prompt_variants > 1:  # the text each step uses (prompt editing, alternation)
+            steps = plan.sampler.num_inference_steps
+            for neg in (False, True) if plan.guidance else (False,):
+                batch[("neg_" if neg else "") + "prompt_steps"] = np.asarray(
+                    [editing.variants(r.negative_prompt if neg else r.prompt, steps, plan.sampler.num_steps)[1]
+                     for r in requests], np.int32)
         if self.models.unet.config.addition_embed_type == "text_time":
             # SDXL's micro-conditioning as diffusers' defaults: original size = target size =
             # the image's, no crop; the negative side gets the same.
@@ -424,7 +523,8 @@ class StableDiffusionPipeline:
 
     def requests(self, prompt, negative_prompt=None, *, seed=0, num_inference_steps=30, guidance_scale=7.5,
                  guidance_rescale=0.0, height=None, width=None, scheduler=None, clip_skip=None, image=None,
-                 mask_image=None, strength=0.8, latents=None, num_images_per_prompt=1) -> list[GenerationRequest]:
+                 mask_image=None, strength=0.8, latents=None, num_images_per_prompt=1,
+                 prompt_syntax="a1111") -> list[GenerationRequest]:
         """The diffusers-style arguments of :meth:`__call__` as one request per image."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -451,7 +551,7 @@ class StableDiffusionPipeline:
                     image=_to_list(images, n, "image"), mask=_to_list(masks, n, "mask_image"))
         return [GenerationRequest(prompts[i], steps=num_inference_steps, width=width, height=height,
                                   scheduler=scheduler, clip_skip=clip_skip, strength=strength,
-                                  latents=None if latents is None else latents[i],
+                                  latents=None if latents is None else latents[i], prompt_syntax=prompt_syntax,
                                   **{c: v[i] for c, v in cols.items()}) for i in range(n)]
 
     # ------------------------------------------------------------------ generation
@@ -460,7 +560,7 @@ class StableDiffusionPipeline:
                  guidance_rescale: float | Sequence[float] = 0.0, height: int | None = None, width: int | None = None,
                  scheduler: str | None = None, clip_skip: int | None = None, image=None, mask_image=None,
                  strength: float = 0.8, latents=None, num_images_per_prompt: int = 1, output_type: str = "pil",
-                 batch_size: int | None = None, loop: str = "scan"):
+                 batch_size: int | None = None, loop: str = "scan", prompt_syntax: str = "a1111"):
         """Generate images.
 
         Args:
@@ -481,6 +581,8 @@ class StableDiffusionPipeline:
             ``"uint8"`` (uint8 [B, H, W, 3], rounded on the devices: the least to copy back).
           batch_size: images per device call (default: all at once).
           loop: ``"scan"`` (compiled, default), ``"python"`` (compiled, unrolled) or ``"debug"`` (eager).
+          prompt_syntax: ``"a1111"`` (default: ``(word:1.2)``, ``[word]``, ``BREAK``, prompts of
+            any length in 75-token chunks) or ``"plain"`` (diffusers: truncated at 77 tokens).
         """
         output = {"pil": "uint8", "np": "float32", "uint8": "uint8", "latent": "latent"}.get(output_type)
         if output is None:
@@ -489,7 +591,7 @@ class StableDiffusionPipeline:
                                  guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height,
                                  width=width, scheduler=scheduler, clip_skip=clip_skip, image=image,
                                  mask_image=mask_image, strength=strength, latents=latents,
-                                 num_images_per_prompt=num_images_per_prompt)
+                                 num_images_per_prompt=num_images_per_prompt, prompt_syntax=prompt_syntax)
         images = np.stack(Dispatcher(self, batch_size=batch_size, output=output, loop=loop).generate(requests))
         if output_type != "pil":
             return images

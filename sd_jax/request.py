@@ -90,7 +90,9 @@ class GenerationRequest:
     ``width``/``height``/``scheduler`` None: the model's defaults (filled by
     :meth:`resolved`).  ``image`` (img2img, inpainting) and ``mask`` (inpainting, white =
     repaint): a path, a PIL image or an array.  ``latents``: optional initial noise
-    [h, w, C] instead of the seeded noise.
+    [h, w, C] instead of the seeded noise.  ``prompt_syntax``: ``"a1111"`` (emphasis, ``BREAK``,
+    prompts of any length in 75-token chunks: :mod:`sd_jax.prompts`) or ``"plain"``
+    (diffusers: the text as it is, truncated at 77 tokens with a warning).
     """
     prompt: str
     negative_prompt: str = ""
@@ -106,6 +108,7 @@ class GenerationRequest:
     mask: Any = dataclasses.field(default=None, compare=False)
     strength: float = 0.8
     latents: Any = dataclasses.field(default=None, compare=False, repr=False)
+    prompt_syntax: str = "a1111"
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -150,6 +153,9 @@ class GenerationRequest:
         set_("strength", strength)
         if self.mask is not None and self.image is None:
             raise RequestError("a mask (mask_image) needs an image to inpaint")
+        if self.prompt_syntax not in ("a1111", "plain"):
+            raise RequestError(f"prompt_syntax must be 'a1111' (emphasis, BREAK, long prompts) or 'plain' "
+                               f"(diffusers: truncated at 77 tokens), got {self.prompt_syntax!r}")
 
     @property
     def mode(self) -> str:

@@ -116,12 +116,12 @@ def single_file(tmp_path_factory):
 # ----------------------------------------------------------------------------- generate
 def test_generate_writes_pngs_with_metadata(tiny_ckpt, tmp_path):
     """txt2img on an sd-jax checkpoint: two PNGs (seeds 7, 8), A1111 ``parameters``, JSON chunk, AI
-    marker; a prompt over 77 tokens is truncated with a one-line warning."""
+    marker; a prompt over 77 tokens is truncated with a one-line warning (``--prompt-syntax plain``)."""
     long_prompt = "a red circle on a blue square " * 12  # > 77 tokens
     out = tmp_path / "out" / "img.png"
     p = ok(run_cli("generate", long_prompt, "--negative", "a green, blurry triangle", "--model", tiny_ckpt,
                    "--seed", 7, "--steps", 3, "--guidance", 5.5, "--scheduler", "dpmpp_2m_karras",
-                   "--size", "32x32", "--num", 2, "-o", out))
+                   "--size", "32x32", "--num", 2, "-o", out, "--prompt-syntax", "plain"))
     paths = [tmp_path / "out" / "img-0.png", tmp_path / "out" / "img-1.png"]
     assert p.stdout.split() == [str(x) for x in paths]
     assert files_under(tmp_path / "out") == ["img-0.png", "img-1.png"]
