@@ -29,11 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sd_jax import families, memory, sharding
-from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, unet_denoiser
+from sd_jax.control import keep_table, load_control_image
+from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, controlnet_residuals, unet_denoiser
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
 from sd_jax.diffusion.sampling import sample
 from sd_jax.families import Models  # noqa: F401  (re-exported: the pipeline's networks)
-from sd_jax.request import Dispatcher, GenerationRequest, RequestError
+from sd_jax.models import controlnet as controlnet_model
+from sd_jax.request import Control, Dispatcher, GenerationRequest, RequestError
 from sd_jax.tokenizer import tokenize
 from sd_jax.weights import loader
 
@@ -64,6 +66,8 @@ class Plan:
       (the final latents [B, h, w, C], not decoded: for a second model to continue from).
     loop: ``"scan"``, ``"python"`` (compiled, unrolled) or ``"debug"`` (not compiled).
     given_noise: the initial noise comes with the request (``latents``) instead of its seed.
+    controlnets: the ControlNets that steer it, ``(index in pipe.controlnets, ControlNetConfig)``
+      each, in the order their residuals are summed; guess_mode: diffusers' ``guess_mode``.
     """
     sampler: Any
     start: int
@@ -75,6 +79,8 @@ class Plan:
     output: str = "uint8"
     loop: str = "scan"
     given_noise: bool = False
+    controlnets: tuple = ()
+    guess_mode: bool = False
 
 
 def encode_prompt(models: Models, encoding: families.PromptEncoding, params, ids, clip_skip, time_ids=None,
@@ -170,7 +176,17 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
                 known = jnp.where(i < n - 1, sampler.add_noise(image_latents, noise0, nxt), image_latents)
                 return (1 - mask_lat) * known + mask_lat * x
 
-    make = lambda c: unet_denoiser(models.unet, params["unet"], c)
+    residuals = None
+    if plan.controlnets:  # diffusers' StableDiffusion(XL)ControlNet*Pipeline
+        control = {"image": tuple(batch[f"control_{k}"] for k in range(len(plan.controlnets))),
+                   "scale": batch["control_scale"], "keep": batch["control_keep"]}
+        cond = cond.replace(control=control)
+        if uncond is not None:  # guess mode: the ControlNets steer the conditional half only
+            uncond = uncond.replace(control={**control, "scale": control["scale"] * (0.0 if plan.guess_mode else 1.0)})
+        nets = [controlnet_model.ControlNetModel(cfg, policy=models.unet.policy) for _, cfg in plan.controlnets]
+        residuals = controlnet_residuals(nets, [params["controlnets"][k] for k, _ in plan.controlnets],
+                                         plan.guess_mode)
+    make = lambda c: unet_denoiser(models.unet, params["unet"], c, residuals)
     model_fn = (classifier_free_guidance(make, cond, uncond, batch["guidance"], batch["rescale"])
                 if plan.guidance else make(cond))
     x, _ = sample(model_fn, sampler, x, start=plan.start, end=plan.end, noise_fn=noise_at,
@@ -252,6 +268,7 @@ class StableDiffusionPipeline:
         self.source = source
         self._compiled: dict = {}
         self.compilations = 0  # programs compiled by this pipeline (tests, metrics)
+        self.controlnets: list = []  # (name, ControlNetConfig) of each load_controlnet, in order
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -270,9 +287,39 @@ class StableDiffusionPipeline:
         if format not in ("orbax", "diffusers"):
             raise ValueError(f"unknown format {format!r}; use 'orbax' or 'diffusers'")
         family = self.family
-        model = loader.LoadedModel(family, self.models, self.params, self.tokenizers,
+        params = {k: v for k, v in self.params.items() if k != "controlnets"}  # not part of the model
+        model = loader.LoadedModel(family, self.models, params, self.tokenizers,
                                    self.scheduler_config.to_dict(), self.scheduler_name, self.source, self.options)
         loader.save(model, path, format)
+
+    def load_controlnet(self, path: str, name: str | None = None, *, variant: str | None = None,
+                        allow_pickle: bool = False) -> str:
+        """Load a diffusers ``ControlNetModel`` folder (``config.json`` + safetensors; ``variant``
+        e.g. ``"fp16"``) to steer generations with (``control_image=``); returns its name (default:
+        the folder's name), by which a call picks it (``controlnet=``).  Raises ``ValueError``
+        (one line) when it does not fit this model (cross-attention width, channels)."""
+        policy = self.models.unet.policy
+        model, params = controlnet_model.load(path, policy=policy, variant=variant, allow_pickle=allow_pickle)
+        name = name or os.path.basename(os.path.normpath(path))
+        why = model.config.mismatch(self.models.unet.config, self.latent_channels)
+        if why:
+            raise ValueError(f"ControlNet {name} does not fit this model: {why} (a ControlNet for another base model?)")
+        if name in [n for n, _ in self.controlnets]:
+            raise ValueError(f"a ControlNet named {name!r} is loaded already; pass another name=")
+        self.controlnets.append((name, model.config))
+        self.params = {**self.params, "controlnets": tuple(self.params.get("controlnets", ()))
+                       + (sharding.replicate(params, self.mesh),)}
+        self._compiled.clear()  # the parameter tree changed: compiled calls take the old one
+        return name
+
+    def _controlnet_index(self, key) -> int:
+        names = [n for n, _ in self.controlnets]
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool) and 0 <= key < len(names):
+            return int(key)
+        if key in names:
+            return names.index(key)
+        loaded = ", ".join(names) if names else "none; load one with pipe.load_controlnet(path) or --controlnet"
+        raise RequestError(f"no ControlNet {key!r} is loaded (loaded: {loaded})")
 
     @property
     def latent_channels(self) -> int:
@@ -316,8 +363,12 @@ class StableDiffusionPipeline:
         if r.latents is not None and np.shape(r.latents) != latent_shape:
             raise RequestError(f"latents must have shape {latent_shape} per image, got {np.shape(r.latents)}")
         r = r.replace(height=height, width=width, scheduler=scheduler)
+        nets = tuple((self._controlnet_index(c.controlnet), None) for c in r.control)
+        if len({k for k, _ in nets}) != len(nets):
+            raise RequestError("each ControlNet can be given once per image")
+        nets = tuple((k, self.controlnets[k][1]) for k, _ in nets)
         plan = Plan(sampler, start, sampler.num_steps, r.mode, r.guided, r.clip_skip, latent_shape,
-                    output, loop, r.latents is not None)
+                    output, loop, r.latents is not None, nets, r.guess_mode and bool(nets))
         return r, plan
 
     def _inputs(self, plan: Plan, requests: Sequence[GenerationRequest]) -> dict:
@@ -343,6 +394,17 @@ class StableDiffusionPipeline:
             batch["image"] = np.stack(_load_each([r.image for r in requests], requests[0].height, requests[0].width))
         if plan.mode == "inpaint":
             batch["mask"] = np.stack(_load_each([r.mask for r in requests], requests[0].height, requests[0].width, 1))
+        if plan.controlnets:
+            h, w, done = requests[0].height, requests[0].width, {}
+            for k in range(len(plan.controlnets)):
+                ims = [r.control[k].image for r in requests]
+                for im in ims:  # each distinct image read and resized once
+                    if id(im) not in done:
+                        done[id(im)] = load_control_image(im, h, w)
+                batch[f"control_{k}"] = np.stack([done[id(im)] for im in ims])
+            batch["control_scale"] = np.asarray([[c.scale for c in r.control] for r in requests], np.float32)
+            batch["control_keep"] = np.asarray([[keep_table(c.start, c.end, plan.start, plan.sampler.num_steps)
+                                                 for c in r.control] for r in requests], np.float32)
         return batch
 
     def _executable(self, plan: Plan, batch):
@@ -383,8 +445,12 @@ class StableDiffusionPipeline:
 
     def requests(self, prompt, negative_prompt=None, *, seed=0, num_inference_steps=30, guidance_scale=7.5,
                  guidance_rescale=0.0, height=None, width=None, scheduler=None, clip_skip=None, image=None,
-                 mask_image=None, strength=0.8, latents=None, num_images_per_prompt=1) -> list[GenerationRequest]:
+                 mask_image=None, strength=0.8, latents=None, num_images_per_prompt=1, control_image=None,
+                 controlnet=None, controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
+                 control_guidance_end=1.0, guess_mode=False) -> list[GenerationRequest]:
         """The diffusers-style arguments of :meth:`__call__` as one request per image."""
+        controls = self.controls(control_image, controlnet, controlnet_conditioning_scale, control_guidance_start,
+                                 control_guidance_end)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise RequestError("no prompt given")
@@ -410,8 +476,30 @@ class StableDiffusionPipeline:
                     image=_to_list(images, n, "image"), mask=_to_list(masks, n, "mask_image"))
         return [GenerationRequest(prompts[i], steps=num_inference_steps, width=width, height=height,
                                   scheduler=scheduler, clip_skip=clip_skip, strength=strength,
-                                  latents=None if latents is None else latents[i],
-                                  **{c: v[i] for c, v in cols.items()}) for i in range(n)]
+                                  latents=None if latents is None else latents[i], control=controls,
+                                  guess_mode=guess_mode, **{c: v[i] for c, v in cols.items()}) for i in range(n)]
+
+    def controls(self, control_image, controlnet=None, scale=1.0, start=0.0, end=1.0) -> tuple:
+        """diffusers' ControlNet arguments -> :class:`~sd_jax.request.Control` entries: one image
+        per ControlNet (``controlnet``: names or indices; default: every loaded one, in order);
+        ``scale``, ``start``, ``end``: one for all or one per ControlNet."""
+        if control_image is None:
+            if controlnet is not None:
+                raise RequestError("controlnet= needs control_image= (one image per ControlNet)")
+            return ()
+        if controlnet is None:
+            if not self.controlnets:
+                raise RequestError("control_image= given but no ControlNet is loaded; load one with "
+                                   "pipe.load_controlnet(path) (CLI: --controlnet PATH)")
+            nets = list(range(len(self.controlnets)))
+        else:
+            nets = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
+        images = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
+        if len(images) != len(nets):
+            raise RequestError(f"{len(images)} control image(s) for {len(nets)} ControlNet(s); give one per ControlNet")
+        per = lambda x, what: _to_list(x, len(nets), what)  # noqa: E731
+        return tuple(Control(*c) for c in zip(nets, images, per(scale, "controlnet_conditioning_scale"),
+                                             per(start, "control_guidance_start"), per(end, "control_guidance_end")))
 
     # ------------------------------------------------------------------ generation
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
@@ -419,7 +507,9 @@ class StableDiffusionPipeline:
                  guidance_rescale: float | Sequence[float] = 0.0, height: int | None = None, width: int | None = None,
                  scheduler: str | None = None, clip_skip: int | None = None, image=None, mask_image=None,
                  strength: float = 0.8, latents=None, num_images_per_prompt: int = 1, output_type: str = "pil",
-                 batch_size: int | None = None, loop: str = "scan"):
+                 batch_size: int | None = None, loop: str = "scan", control_image=None, controlnet=None,
+                 controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
+                 guess_mode: bool = False):
         """Generate images.
 
         Args:
@@ -440,6 +530,11 @@ class StableDiffusionPipeline:
             ``"uint8"`` (uint8 [B, H, W, 3], rounded on the devices: the least to copy back).
           batch_size: images per device call (default: all at once).
           loop: ``"scan"`` (compiled, default), ``"python"`` (compiled, unrolled) or ``"debug"`` (eager).
+          control_image: ControlNet control image(s), one per ControlNet (``load_controlnet``),
+            resized to the output size; controlnet: their names or indices (default: all loaded).
+          controlnet_conditioning_scale, control_guidance_start, control_guidance_end: as
+            diffusers, one for all or one per ControlNet (traced: no recompilation).
+          guess_mode: as diffusers (the ControlNets see no prompt difference; static).
         """
         output = {"pil": "uint8", "np": "float32", "uint8": "uint8", "latent": "latent"}.get(output_type)
         if output is None:
@@ -448,7 +543,10 @@ class StableDiffusionPipeline:
                                  guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height,
                                  width=width, scheduler=scheduler, clip_skip=clip_skip, image=image,
                                  mask_image=mask_image, strength=strength, latents=latents,
-                                 num_images_per_prompt=num_images_per_prompt)
+                                 num_images_per_prompt=num_images_per_prompt, control_image=control_image,
+                                 controlnet=controlnet, controlnet_conditioning_scale=controlnet_conditioning_scale,
+                                 control_guidance_start=control_guidance_start,
+                                 control_guidance_end=control_guidance_end, guess_mode=guess_mode)
         images = np.stack(Dispatcher(self, batch_size=batch_size, output=output, loop=loop).generate(requests))
         if output_type != "pil":
             return images
