@@ -86,7 +86,7 @@ def pipes(tiny):
     parts = dict(vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=ref.tokenizer, unet=ref.unet,
                  scheduler=ref.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     one = diffusers.StableDiffusionControlNetPipeline(controlnet=cn_a, **parts)
-    two = diffusers.StableDiffusionControlNetPipeline(controlnet=[cn_a, cn_b], **parts)
+    two = diffusers.StableDiffusionControlNetImg2ImgPipeline(controlnet=[cn_a, cn_b], **parts)
     for p in (one, two):
         p.set_progress_bar_config(disable=True)
     return pipe, one, two
@@ -124,14 +124,57 @@ def test_txt2img_matches_diffusers_and_scale_is_traced(pipes):
     assert np.abs(outs[0][0] - outs[1][0]).max() > 10 * IMG_TOL  # and they change the image
 
 
-def test_two_controlnets_guess_mode_match_diffusers(pipes):
+def test_two_controlnets_guess_mode_img2img_match_diffusers(pipes, monkeypatch):
+    """Two ControlNets (0.5, 0.8) in guess mode, img2img, a guidance window: the window is over
+    the steps that run (3 of 5 at strength 0.6), as in diffusers."""
+    from diffusers.models.autoencoders import vae as dvae
+    from diffusers.pipelines.controlnet import pipeline_controlnet_img2img as mod
     pipe, _, two = pipes
+    # sd-jax encodes init images to the posterior mean; so does the reference here.
+    monkeypatch.setattr(dvae.DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    noise = _latents(1)
+    monkeypatch.setattr(mod, "randn_tensor", lambda shape, **kw: nchw(noise))
+    init = (np.random.RandomState(2).rand(SIZE, SIZE, 3) * 255).astype(np.uint8)
     imgs = [_control_image(6), _control_image(7, size=48)]   # the second is resized to the output size
-    lat = _latents(1)
     with torch.no_grad():
-        want = two(PROMPT, image=imgs, latents=nchw(lat), num_inference_steps=STEPS, guidance_scale=5.0, height=SIZE,
-                   width=SIZE, controlnet_conditioning_scale=[0.5, 0.8], guess_mode=True, output_type="np").images
-    got = pipe(PROMPT, latents=lat, num_inference_steps=STEPS, guidance_scale=5.0, height=SIZE, width=SIZE,
-               scheduler="ddim", output_type="np", control_image=imgs, controlnet_conditioning_scale=[0.5, 0.8],
+        want = two(PROMPT, image=torch.from_numpy(init[None].transpose(0, 3, 1, 2) / 127.5 - 1).float(),
+                   control_image=imgs, strength=0.6, num_inference_steps=STEPS, guidance_scale=5.0, height=SIZE,
+                   width=SIZE, controlnet_conditioning_scale=[0.5, 0.8], control_guidance_start=0.1,
+                   control_guidance_end=0.8, guess_mode=True, output_type="np").images
+    got = pipe(PROMPT, image=init, strength=0.6, latents=noise, num_inference_steps=STEPS, guidance_scale=5.0,
+               height=SIZE, width=SIZE, scheduler="ddim", output_type="np", control_image=imgs,
+               controlnet_conditioning_scale=[0.5, 0.8], control_guidance_start=0.1, control_guidance_end=0.8,
                guess_mode=True)
     _compare(got, want)
+
+
+def test_bad_input_is_one_clear_line(tiny, pipes, tmp_path):
+    from sd_jax.request import RequestError
+    root, ref, _, _ = tiny
+    pipe = pipes[0]
+    kw = dict(num_inference_steps=2, height=SIZE, width=SIZE, scheduler="ddim")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    cases = [
+        (dict(control_image=str(text), controlnet="cn_a"), "control image .*notes.txt' is not a readable image"),
+        (dict(control_image=_control_image(1), controlnet="cn_a", controlnet_conditioning_scale="strong"),
+         "controlnet_conditioning_scale must be a number, got 'strong'"),
+        (dict(control_image=_control_image(1), controlnet="cn_a", control_guidance_start=0.6,
+              control_guidance_end=0.6),
+         r"control_guidance_start \(0.6\) must be below control_guidance_end \(0.6\)"),
+        (dict(control_image=[_control_image(1)]), "1 control image.* for 2 ControlNet"),
+        (dict(control_image=_control_image(1), controlnet="canny"), "no ControlNet 'canny' is loaded"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(RequestError, match=message) as e:
+            pipe(PROMPT, **kw, **extra)
+        assert "\n" not in str(e.value)
+    # A ControlNet made for another base model (a 64-wide cross-attention) is refused at load.
+    other = diffusers.ControlNetModel.from_unet(ref.unet, conditioning_embedding_out_channels=(8, 16))
+    cfg = dict(other.config)
+    cfg["cross_attention_dim"] = 64
+    diffusers.ControlNetModel.from_config(cfg).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="ControlNet other does not fit this model: its cross-attention width "
+                                         "is 64, the model's 32") as e:
+        pipe.load_controlnet(str(tmp_path / "other"))
+    assert "\n" not in str(e.value) and len(pipe.controlnets) == 2
