@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per device call over all devices (default: 1 per device); --num runs in "
                         "batches of this size, each written as it is done")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="a diffusers ControlNetModel folder (repeatable; the Nth steers with the Nth --control)")
+    g.add_argument("--control", action="append", default=[], metavar="KIND:IMAGE[:SCALE]",
+                   help="control image for the matching --controlnet: canny (edges computed, needs "
+                        "sd-jax[canny]) or pose/depth/normal/scribble/tile/... (used as given); SCALE default 1")
+    g.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode (as diffusers)")
     _add_model_args(g)
 
     b = sub.add_parser("batch", help="generate every row of a prompt file (.txt, .jsonl, .csv), resumably")

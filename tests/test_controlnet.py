@@ -8,6 +8,8 @@ initialisation a ControlNet changes nothing and a comparison would prove nothing
 Tolerances: residuals <= 1e-4 (measured ~1e-6); images within 2/255 as the issue asks
 (measured: a few 1e-6, float32 on both sides).
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -178,3 +180,46 @@ def test_bad_input_is_one_clear_line(tiny, pipes, tmp_path):
                                          "is 64, the model's 32") as e:
         pipe.load_controlnet(str(tmp_path / "other"))
     assert "\n" not in str(e.value) and len(pipe.controlnets) == 2
+
+
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "sd-jax-shapes")
+
+
+def test_cli_canny_control_and_metadata(tmp_path, capsys):
+    """``sd-jax generate --controlnet PATH --control canny:IMAGE:SCALE`` on the shipped model
+    (in-process): the edges are computed with OpenCV, the PNG's A1111 parameters name the
+    ControlNet; a --control without its --controlnet is one clear line."""
+    from sd_jax import cli
+    from sd_jax.images import read_metadata
+    unet = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(SHIPPED, "unet"))
+    torch.manual_seed(0)
+    diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16)).save_pretrained(
+        tmp_path / "cn_shapes")
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[16:48, 16:48] = 255
+    from PIL import Image
+    Image.fromarray(img).save(tmp_path / "square.png")
+    out = tmp_path / "out.png"
+    common = ["generate", "a red circle", "--model", SHIPPED, "--size", "64x64", "--steps", "2", "-o", str(out),
+              "--no-progress"]
+    assert cli.main(common + ["--control", f"canny:{tmp_path / 'square.png'}:0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("sd-jax: error: 0 --controlnet and 1 --control given")
+    assert cli.main(common + ["--controlnet", str(tmp_path / "cn_shapes"),
+                              "--control", f"canny:{tmp_path / 'square.png'}:0.5"]) == 0
+    with Image.open(out) as im:
+        params = im.text["parameters"]
+    assert 'ControlNet 0: "Module: canny, Model: cn_shapes, Weight: 0.5, Guidance Start: 0.0, Guidance End: 1.0"' \
+        in params
+    assert read_metadata(str(out))["controlnets"][0]["model"] == "cn_shapes"
+
+
+def test_canny_is_opencv_canny():
+    import cv2
+
+    from sd_jax.control import canny, parse_control
+    img = np.asarray(_control_image(3, size=40))
+    edges = np.asarray(canny(img))
+    assert edges.shape == (40, 40, 3) and (edges[..., 0] == cv2.Canny(img, 100, 200)).all() and edges.any()
+    assert parse_control("depth:a:b.png:0.25") == ("depth", "a:b.png", 0.25)
+    assert parse_control("pose:x.png") == ("pose", "x.png", 1.0)
