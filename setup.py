@@ -30,9 +30,9 @@ setup(
             "nbformat>=5.10,<6",
             "ipykernel>=6.29,<8",
             "matplotlib>=3.8,<4",
-            "opencv-python-headless>=4.8,<5",
+            "opencv-python-headless>=4.8,<6",
         ],
-        "canny": ["opencv-python-headless>=4.8,<5"],  # ControlNet canny control images
+        "canny": ["opencv-python-headless>=4.8,<6"],  # ControlNet canny control images
         "train": ["matplotlib>=3.8,<4"],  # loss.png
         "gpu": ["jax[cuda12]>=0.8,<0.11"],
     },
