@@ -223,3 +223,22 @@ def test_canny_is_opencv_canny():
     assert edges.shape == (40, 40, 3) and (edges[..., 0] == cv2.Canny(img, 100, 200)).all() and edges.any()
     assert parse_control("depth:a:b.png:0.25") == ("depth", "a:b.png", 0.25)
     assert parse_control("pose:x.png") == ("pose", "x.png", 1.0)
+
+
+def test_sd15_full_width_key_mapping():
+    """SD 1.5's ControlNet (lllyasviel/sd-controlnet-*: 320..1280 wide, 768 context, 361M
+    parameters): every diffusers key maps to a parameter of the model's own shape and none is
+    left over (a forward pass at this width is not run here: test_residuals_match_diffusers
+    covers the arithmetic on the same code)."""
+    from sd_jax.models.controlnet import ControlNetConfig, ControlNetModel
+    from sd_jax.models.unet import UNetConfig
+    from sd_jax.weights.convert import flatten, state_dict_to_params
+    with torch.device("meta"):
+        cn = diffusers.ControlNetModel(cross_attention_dim=768)
+    cfg = ControlNetConfig.from_dict(dict(cn.config))
+    assert cfg.mismatch(UNetConfig.sd15(), 4) is None and cfg.mismatch(UNetConfig.sd21(), 4)
+    shapes = ControlNetModel(cfg).param_shapes()
+    sd = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in cn.state_dict().items()}
+    params = state_dict_to_params(sd, shapes, what="controlnet", dtype=np.bool_)  # 1 byte a value: 361 MB
+    n = sum(int(np.prod(v.shape)) for v in flatten(params).values())
+    assert len(flatten(params)) == len(sd) and n == sum(int(np.prod(v.shape)) for v in sd.values()) > 3.6e8
