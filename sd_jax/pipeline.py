@@ -295,12 +295,13 @@ class StableDiffusionPipeline:
     def load_controlnet(self, path: str, name: str | None = None, *, variant: str | None = None,
                         allow_pickle: bool = False) -> str:
         """Load a diffusers ``ControlNetModel`` folder (``config.json`` + safetensors; ``variant``
-        e.g. ``"fp16"``) to steer generations with (``control_image=``); returns its name (default:
+        e.g. ``"fp16"``) or an original-layout ``.safetensors`` file to steer generations with (``control_image=``); returns its name (default:
         the folder's name), by which a call picks it (``controlnet=``).  Raises ``ValueError``
         (one line) when it does not fit this model (cross-attention width, channels)."""
         policy = self.models.unet.policy
-        model, params = controlnet_model.load(path, policy=policy, variant=variant, allow_pickle=allow_pickle)
-        name = name or os.path.basename(os.path.normpath(path))
+        model, params = controlnet_model.load(path, policy=policy, variant=variant, allow_pickle=allow_pickle,
+                                              base=self.models.unet.config)
+        name = name or os.path.basename(os.path.normpath(path)).removesuffix(".safetensors")
         why = model.config.mismatch(self.models.unet.config, self.latent_channels)
         if why:
             raise ValueError(f"ControlNet {name} does not fit this model: {why} (a ControlNet for another base model?)")

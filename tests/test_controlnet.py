@@ -242,3 +242,53 @@ def test_sd15_full_width_key_mapping():
     params = state_dict_to_params(sd, shapes, what="controlnet", dtype=np.bool_)  # 1 byte a value: 361 MB
     n = sum(int(np.prod(v.shape)) for v in flatten(params).values())
     assert len(flatten(params)) == len(sd) and n == sum(int(np.prod(v.shape)) for v in sd.values()) > 3.6e8
+
+
+def test_sdxl_controlnet_matches_diffusers(tmp_path):
+    """An SDXL ControlNet (text-time conditioning: the pooled embedding and the time ids reach
+    the ControlNet too) against StableDiffusionXLControlNetPipeline, scale 0.7."""
+    from test_sdxl_pipeline import build_tiny_sdxl
+
+    from sd_jax.pipeline import StableDiffusionPipeline
+    ref = build_tiny_sdxl(str(tmp_path / "sdxl"))
+    cn = _torch_controlnet(ref.unet, 3, str(tmp_path / "cn_xl"))
+    xl = diffusers.StableDiffusionXLControlNetPipeline(controlnet=cn, add_watermarker=False, **ref.components)
+    xl.set_progress_bar_config(disable=True)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "sdxl"))
+    pipe.load_controlnet(str(tmp_path / "cn_xl"))
+    img, lat = _control_image(8), _latents(2)
+    with torch.no_grad():
+        want = xl(PROMPT, negative_prompt="a green square", image=img, latents=nchw(lat), num_inference_steps=STEPS,
+                  guidance_scale=5.0, height=SIZE, width=SIZE, controlnet_conditioning_scale=0.7,
+                  output_type="np").images
+    got = pipe(PROMPT, "a green square", latents=lat, num_inference_steps=STEPS, guidance_scale=5.0, height=SIZE,
+               width=SIZE, output_type="np", control_image=img, controlnet_conditioning_scale=0.7)
+    _compare(got, want)
+
+
+def test_single_file_layout_equals_folder(tiny, tmp_path):
+    """The original layout (``control_model.*``: ``input_hint_block``, ``zero_convs``,
+    ``middle_block_out``): written from a diffusers ControlNet by inverting sd-jax's table,
+    checked to be what diffusers' own converter reads back to the same weights, then loaded by
+    sd-jax: the same config and parameters as the diffusers folder."""
+    import jax
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    from sd_jax.models import controlnet
+    from sd_jax.models.unet import UNetConfig
+    from sd_jax.weights.safetensors_io import save_file
+    from sd_jax.weights.single_file import _INV_SUBMAPS, _invert, _rename
+    _, ref, _, _ = tiny
+    torch.manual_seed(4)
+    cn = diffusers.ControlNetModel.from_unet(ref.unet)  # the original's 8-conv hint block (indices 0..14)
+    cn.save_pretrained(tmp_path / "folder")
+    sd = {k: v.numpy() for k, v in cn.state_dict().items()}
+    table = _invert(controlnet.single_file_table(3, 1, [True, True, False], list(range(0, 15, 2))))
+    original = {"control_model." + _rename(k, table, _INV_SUBMAPS)[0]: v for k, v in sd.items()}
+    back = convert_controlnet_checkpoint({k: torch.from_numpy(v) for k, v in original.items()}, dict(cn.config))
+    assert sorted(back) == sorted(sd) and all(np.array_equal(back[k].numpy(), sd[k]) for k in sd)
+    save_file(original, str(tmp_path / "cn.safetensors"))
+    m1, p1 = controlnet.load(str(tmp_path / "cn.safetensors"), base=UNetConfig.tiny())
+    m2, p2 = controlnet.load(str(tmp_path / "folder"))
+    assert m1.config == m2.config, (m1.config, m2.config)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), p1, p2))

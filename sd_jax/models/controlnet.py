@@ -15,6 +15,7 @@ by the generic table in :mod:`sd_jax.weights.convert` (:func:`load`).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import flax.linen as nn
@@ -26,7 +27,8 @@ from sd_jax.models.policy import Policy
 from sd_jax.models.unet import UNetConfig, UNetEncoder, _tup
 from sd_jax.weights.convert import state_dict_to_params
 from sd_jax.weights.diffusers import read_config, read_state_dict
-from sd_jax.weights.safetensors_io import CheckpointError
+from sd_jax.weights.safetensors_io import CheckpointError, load_file
+from sd_jax.weights.single_file import _SUBMAPS, _indices, _one, _rename, _unet_table
 
 # config.json keys of a ControlNetModel that its UNet-like encoder does not have.
 _OWN = ("conditioning_channels", "conditioning_embedding_out_channels",
@@ -180,16 +182,97 @@ class ControlNetModel(UNetEncoder, nn.Module):
         return jax.eval_shape(lambda: self.init(jax.random.PRNGKey(0), *self.dummy_inputs()))["params"]
 
 
-def load(folder: str, *, policy: Policy | None = None, variant: str | None = None, allow_pickle: bool = False):
+# ------------------------------------------------------------------ the original (single-file) layout
+SINGLE_FILE_PREFIX = "control_model."
+
+
+def single_file_table(n_levels: int, layers: int, down_attn: list, hint: list) -> dict:
+    """{original prefix: (diffusers prefix, kind)} of a ControlNet checkpoint in the original
+    layout (lllyasviel's ``cldm``): the UNet encoder's names (as the SD single file's UNet),
+    ``input_hint_block.N`` (the conv layers of a Sequential with SiLUs between them: indices
+    ``hint``), ``zero_convs.N.0`` and ``middle_block_out.0``."""
+    t = {k: v for k, v in _unet_table(n_levels, layers, down_attn, [False] * n_levels).items()
+         if not k.startswith(("output_blocks", "out."))}
+    t["label_emb.0.0"] = ("add_embedding.linear_1", "same")
+    t["label_emb.0.2"] = ("add_embedding.linear_2", "same")
+    t[f"input_hint_block.{hint[0]}"] = ("controlnet_cond_embedding.conv_in", "same")
+    for k, i in enumerate(hint[1:-1]):
+        t[f"input_hint_block.{i}"] = (f"controlnet_cond_embedding.blocks.{k}", "same")
+    t[f"input_hint_block.{hint[-1]}"] = ("controlnet_cond_embedding.conv_out", "same")
+    for i in range(1 + n_levels * layers + n_levels - 1):
+        t[f"zero_convs.{i}.0"] = (f"controlnet_down_blocks.{i}", "same")
+    t["middle_block_out.0"] = ("controlnet_mid_block", "same")
+    return t
+
+
+def convert_single_file(sd, base: UNetConfig, where: str = "checkpoint") -> tuple[dict, dict]:
+    """A ControlNet in the original layout (keys ``control_model.*``, or without the prefix)
+    -> (diffusers ``config.json`` dict, diffusers-named state dict).
+
+    The shapes come from the weights; what the weights do not hold (attention heads, norm
+    groups, attention upcasting, SDXL's time-id width) from ``base``, the UNet it is for."""
+    u = {k[len(SINGLE_FILE_PREFIX):]: v for k, v in sd.items() if k.startswith(SINGLE_FILE_PREFIX)} or dict(sd)
+    if "input_hint_block.0.weight" not in u or "time_embed.0.weight" not in u:
+        raise CheckpointError(f"{where} is not a ControlNet checkpoint (no control_model.input_hint_block)")
+    keys = list(u)
+    n_in = len(_indices(keys, "input_blocks."))
+    ops = [i for i in _indices(keys, "input_blocks.") if f"input_blocks.{i}.0.op.weight" in u]
+    layers = ops[0] - 1 if ops else n_in - 1
+    n_levels = len(ops) + 1
+    first = [1 + b * (layers + 1) for b in range(n_levels)]
+    widths = [int(u[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0]) for i in first]
+    down_attn = [f"input_blocks.{i}.1.proj_in.weight" in u for i in first]
+    depth = [len(_indices(keys, f"input_blocks.{i}.1.transformer_blocks.")) if a else 1
+             for i, a in zip(first, down_attn)]
+    mid = "middle_block.1"
+    cross = int(u[f"{mid}.transformer_blocks.0.attn2.to_k.weight"].shape[1])
+    hint = _indices(keys, "input_hint_block.")
+    hint_ch = [int(u[f"input_hint_block.{i}.weight"].shape[0]) for i in hint]
+    config = {
+        "_class_name": "ControlNetModel", "in_channels": int(u["input_blocks.0.0.weight"].shape[1]),
+        "conditioning_channels": int(u["input_hint_block.0.weight"].shape[1]),
+        "conditioning_embedding_out_channels": [hint_ch[0]] + hint_ch[2:-1:2],
+        "block_out_channels": widths, "layers_per_block": layers, "cross_attention_dim": cross,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attn],
+        "transformer_layers_per_block": depth if any(d != depth[0] for d in depth) else depth[0],
+        "attention_head_dim": _one(list(base.heads)), "use_linear_projection": u[f"{mid}.proj_in.weight"].ndim == 2,
+        "upcast_attention": base.upcast_attention, "norm_num_groups": base.norm_num_groups,
+    }
+    if "label_emb.0.0.weight" in u:  # SDXL
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=base.addition_time_embed_dim,
+                      projection_class_embeddings_input_dim=int(u["label_emb.0.0.weight"].shape[1]))
+    table = single_file_table(n_levels, layers, down_attn, hint)
+    out, bad = {}, []
+    for k, v in u.items():
+        hit = _rename(k, table, _SUBMAPS)
+        if hit is None:
+            bad.append(SINGLE_FILE_PREFIX + k)
+        else:
+            out[hit[0]] = v
+    if bad:
+        raise CheckpointError(f"{where}: {len(bad)} ControlNet keys not understood ({', '.join(sorted(bad)[:3])})")
+    return config, out
+
+
+def load(path: str, *, policy: Policy | None = None, variant: str | None = None, allow_pickle: bool = False,
+         base: UNetConfig | None = None):
     """Read a diffusers ``ControlNetModel`` folder (``config.json`` + safetensors, or the
-    ``variant``'s, e.g. ``"fp16"``) -> ``(model, params)``; every key is checked against the
-    model's own shapes (``CheckpointError`` naming what differs)."""
+    ``variant``'s, e.g. ``"fp16"``), or a ``.safetensors`` file in the original layout (then
+    ``base``, the UNet it is for, gives what the weights do not: :func:`convert_single_file`),
+    -> ``(model, params)``; every key is checked against the model's own shapes
+    (``CheckpointError`` naming what differs)."""
     policy = policy or Policy()
-    config = ControlNetConfig.from_dict(read_config(folder))
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise CheckpointError(f"{path}: a single-file ControlNet must be a .safetensors file")
+        cfg, sd = convert_single_file(load_file(path), base or UNetConfig.sd15(), where=path)
+        config = ControlNetConfig.from_dict(cfg)
+    else:
+        config = ControlNetConfig.from_dict(read_config(path))
+        sd = read_state_dict(path, variant=variant, allow_pickle=allow_pickle)
     model = ControlNetModel(config, policy=policy)
-    sd = read_state_dict(folder, variant=variant, allow_pickle=allow_pickle)
     params = state_dict_to_params(sd, model.param_shapes(), what="controlnet", dtype=policy.param_dtype)
     return model, jax.tree.map(jnp.asarray, params)
 
 
-__all__ = ["ControlNetConfig", "ControlNetModel", "ControlNetConditioningEmbedding", "load"]
+__all__ = ["ControlNetConfig", "ControlNetModel", "ControlNetConditioningEmbedding", "convert_single_file", "load"]
