@@ -82,7 +82,7 @@ def bench_torch(args, x, t, ctx, img):
     import torch
 
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel().eval()                 # SD 1.5's config
+    unet = diffusers.UNet2DConditionModel(cross_attention_dim=768).eval()  # SD 1.5's config
     cn = diffusers.ControlNetModel(cross_attention_dim=768).eval()  # lllyasviel/sd-controlnet-*'s
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
     it = torch.from_numpy(img.transpose(0, 3, 1, 2).copy())
