@@ -268,9 +268,9 @@ def _check_controls(args) -> list:
         raise UsageError("--guess-mode needs --controlnet and --control")
     out = []
     for path, spec in zip(args.controlnet, args.control):
-        if not os.path.isdir(path):
-            raise UsageError(f"--controlnet {path!r}: no such folder; give a diffusers ControlNetModel folder "
-                             f"(config.json + diffusion_pytorch_model.safetensors)")
+        if not (os.path.isdir(path) or os.path.isfile(path) and path.endswith(".safetensors")):
+            raise UsageError(f"--controlnet {path!r}: not found; give a diffusers ControlNetModel folder "
+                             f"(config.json + diffusion_pytorch_model.safetensors) or an original .safetensors")
         try:
             kind, image, scale = parse_control(spec)
             if not os.path.isfile(image):
