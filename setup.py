@@ -39,6 +39,9 @@ setup(
             "invisible-watermark>=0.2,<0.3",   # the reference for sd_jax.watermark (pulls opencv, pywavelets)
         ],
         "serve": ["fastapi>=0.110,<1", "uvicorn>=0.29,<1"],
+            "opencv-python-headless>=4.8,<6",
+        ],
+        "canny": ["opencv-python-headless>=4.8,<6"],  # ControlNet canny control images
         "train": ["matplotlib>=3.8,<4"],  # loss.png
         "gpu": ["jax[cuda12]>=0.8,<0.11"],
     },

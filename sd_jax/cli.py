@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-syntax", choices=["a1111", "plain"], default="a1111",
                    help="a1111 (default): (word:1.2), [word], BREAK, prompts of any length in 75-token chunks; "
                         "plain: the text as diffusers reads it, truncated at 77 tokens")
+    g.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="a diffusers ControlNetModel folder (repeatable; the Nth steers with the Nth --control)")
+    g.add_argument("--control", action="append", default=[], metavar="KIND:IMAGE[:SCALE]",
+                   help="control image for the matching --controlnet: canny (edges computed, needs "
+                        "sd-jax[canny]) or pose/depth/normal/scribble/tile/... (used as given); SCALE default 1")
+    g.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode (as diffusers)")
     _add_model_args(g)
     _add_lora_args(g)
 

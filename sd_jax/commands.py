@@ -285,6 +285,47 @@ def _check_inputs(args) -> dict:
     return images
 
 
+def _check_controls(args) -> list:
+    """``--controlnet``/``--control`` checked before the model load: [(kind, image, scale)], the
+    image a path, or for ``canny`` the computed edges."""
+    from sd_jax.control import control_image, parse_control
+    from sd_jax.request import RequestError
+    if len(args.control) != len(args.controlnet):
+        raise UsageError(f"{len(args.controlnet)} --controlnet and {len(args.control)} --control given; "
+                         f"give one --control KIND:IMAGE[:SCALE] per --controlnet PATH")
+    if args.guess_mode and not args.controlnet:
+        raise UsageError("--guess-mode needs --controlnet and --control")
+    out = []
+    for path, spec in zip(args.controlnet, args.control):
+        if not (os.path.isdir(path) or os.path.isfile(path) and path.endswith(".safetensors")):
+            raise UsageError(f"--controlnet {path!r}: not found; give a diffusers ControlNetModel folder "
+                             f"(config.json + diffusion_pytorch_model.safetensors) or an original .safetensors")
+        try:
+            kind, image, scale = parse_control(spec)
+            if not os.path.isfile(image):
+                raise UsageError(f"--control {spec!r}: no such file {image!r}")
+            _image_size(image, "--control")
+            out.append((kind, control_image(kind, image), scale))
+        except RequestError as e:
+            raise UsageError(str(e)) from None
+    return out
+
+
+def _load_controlnets(pipe, args, controls) -> list:
+    """Load each ``--controlnet``; [(Control, kind)] for the requests and the metadata."""
+    from sd_jax.request import Control
+    out = []
+    for path, (kind, image, scale) in zip(args.controlnet, controls):
+        try:
+            name = pipe.load_controlnet(path)
+        except NotImplementedError as e:
+            raise UsageError(f"--controlnet {path}: {_one_line(e)}") from None
+        except ValueError as e:
+            raise UsageError(_one_line(e)) from None
+        out.append((Control(name, image, scale), kind))
+    return out
+
+
 def _strength(args) -> float:
     return 0.8 if args.strength is None else args.strength
 
@@ -312,10 +353,12 @@ def generate(args) -> int:
         raise UsageError(f"--output {args.output!r} is a folder; give a file name ending in .png")
     check_generation_args(args)
     images = _check_inputs(args)
+    controls = _check_controls(args)
     _check_writable(args.output, "--output")
     loras = check_loras(args)
     pipe = load(args)
     apply_loras(pipe, loras, args)
+    controls = _load_controlnets(pipe, args, controls)
     pipe.memory_check = not args.no_memory_check
     if pipe.models.unet.config.in_channels == 9 and not args.mask:
         raise UsageError(f"{args.model or 'the model'} is an inpainting model (9 input channels): "
@@ -335,7 +378,7 @@ def generate(args) -> int:
                                   guidance=s["guidance"], guidance_rescale=s["guidance_rescale"],
                                   width=s["width"], height=s["height"], scheduler=s["scheduler"],
                                   clip_skip=s["clip_skip"], image=args.init_image, mask=args.mask,
-                                  strength=strength, prompt_syntax=args.prompt_syntax)
+                                  strength=strength, prompt_syntax=args.prompt_syntax, control=tuple(c for c, _ in controls), guess_mode=args.guess_mode)
                 for i in range(args.num)]
 
     def write(i: int, img) -> None:
@@ -348,6 +391,9 @@ def generate(args) -> int:
         if args.init_image:
             meta["strength"] = strength
             meta["mode"] = "inpaint" if args.mask else "img2img"
+        if controls:
+            meta["controlnets"] = [{"module": kind, "model": c.controlnet, "weight": c.scale, "guidance_start": c.start,
+                                    "guidance_end": c.end} for c, kind in controls]
         save_png(path, img, meta)
         print(path, flush=True)
 

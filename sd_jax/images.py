@@ -58,11 +58,19 @@ def a1111_parameters(meta: dict) -> str:
               ("Size", f"{meta['width']}x{meta['height']}" if "width" in meta and "height" in meta else None),
               ("Model", meta.get("model") or None), ("Denoising strength", meta.get("strength")),
               ("Clip skip", a1111_clip_skip(meta.get("clip_skip"))), ("CFG Rescale", meta.get("guidance_rescale") or None),
-              ("Version", "sd-jax")]
+              *a1111_controlnets(meta.get("controlnets")), ("Version", "sd-jax")]
     text = meta.get("prompt", "")
     if meta.get("negative_prompt"):
         text += f"\nNegative prompt: {meta['negative_prompt']}"
     return text + "\n" + ", ".join(f"{k}: {_quote(v)}" for k, v in fields if v is not None)
+
+
+def a1111_controlnets(controlnets) -> list:
+    """The ControlNet extension's fields, ``ControlNet 0: "Module: canny, Model: NAME, Weight: 1.0,
+    Guidance Start: 0.0, Guidance End: 1.0"``, from sd-jax's ``controlnets`` metadata."""
+    return [(f"ControlNet {i}", f"Module: {c['module']}, Model: {c['model']}, Weight: {c['weight']}, "
+                                f"Guidance Start: {c['guidance_start']}, Guidance End: {c['guidance_end']}")
+            for i, c in enumerate(controlnets or [])]
 
 
 def _umask() -> int:

@@ -30,13 +30,15 @@ import numpy as np
 
 from sd_jax import families, memory, sharding
 from sd_jax.lora import LoraSet
-from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, unet_denoiser
+from sd_jax.control import keep_table, load_control_image
+from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, controlnet_residuals, unet_denoiser
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
 from sd_jax.diffusion.sampling import sample
 from sd_jax.families import Models  # noqa: F401  (re-exported: the pipeline's networks)
+from sd_jax.models import controlnet as controlnet_model
 from sd_jax.prompts import editing, embeddings
 from sd_jax.prompts.chunks import count_chunks, prompt_arrays
-from sd_jax.request import Dispatcher, GenerationRequest, RequestError
+from sd_jax.request import Control, Dispatcher, GenerationRequest, RequestError
 from sd_jax.tokenizer import tokenize
 from sd_jax.watermark import apply_watermark, applies as watermark_applies
 from sd_jax.weights import loader
@@ -72,6 +74,8 @@ class Plan:
     emphasis: A1111 emphasis weights are applied (``prompt_syntax="a1111"``; traced weights).
     prompt_variants: texts per prompt from prompt editing / alternation (``[a:b:5]``, ``[a|b]``),
       all encoded; a traced per-step index picks one (:mod:`sd_jax.prompts.editing`).
+    controlnets: the ControlNets that steer it, ``(index in pipe.controlnets, ControlNetConfig)``
+      each, in the order their residuals are summed; guess_mode: diffusers' ``guess_mode``.
     """
     sampler: Any
     start: int
@@ -87,6 +91,8 @@ class Plan:
     prompt_chunks: int = 1
     emphasis: bool = False
     prompt_variants: int = 1
+    controlnets: tuple = ()
+    guess_mode: bool = False
 
 
 def encode_prompt(models: Models, encoding: families.PromptEncoding, params, ids, clip_skip, time_ids=None,
@@ -217,7 +223,17 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
                 known = jnp.where(i < n - 1, sampler.add_noise(image_latents, noise0, nxt), image_latents)
                 return (1 - mask_lat) * known + mask_lat * x
 
-    make = lambda c: unet_denoiser(models.unet, params["unet"], c)
+    residuals = None
+    if plan.controlnets:  # diffusers' StableDiffusion(XL)ControlNet*Pipeline
+        control = {"image": tuple(batch[f"control_{j}"] for j in range(len(plan.controlnets))),
+                   "scale": batch["control_scale"], "keep": batch["control_keep"]}
+        cond = cond.replace(control=control)
+        if uncond is not None:  # guess mode: the ControlNets steer the conditional half only
+            uncond = uncond.replace(control={**control, "scale": control["scale"] * (0.0 if plan.guess_mode else 1.0)})
+        nets = [controlnet_model.ControlNetModel(cfg, policy=models.unet.policy) for _, cfg in plan.controlnets]
+        residuals = controlnet_residuals(nets, [params["controlnets"][j] for j, _ in plan.controlnets],
+                                         plan.guess_mode)
+    make = lambda c: unet_denoiser(models.unet, params["unet"], c, residuals)  # noqa: E731
     guided = lambda c, u: (classifier_free_guidance(make, c, u, batch["guidance"], batch["rescale"])  # noqa: E731
                            if plan.guidance else make(c))
     model_fn = (guided(cond, uncond) if k == 1 else
@@ -305,6 +321,7 @@ class StableDiffusionPipeline:
         # SDXL's invisible watermark, on by default as in diffusers (images >= 256 px wide); settable.
         self.watermark = self.family.watermark
         self.embeddings: dict[str, int] = {}  # textual-inversion tokens: name -> vectors (load_embeddings)
+        self.controlnets: list = []  # (name, ControlNetConfig) of each load_controlnet, in order
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -356,9 +373,40 @@ class StableDiffusionPipeline:
         if format not in ("orbax", "diffusers", "single-file"):
             raise ValueError(f"unknown format {format!r}; use 'orbax', 'diffusers' or 'single-file'")
         family = self.family
-        model = loader.LoadedModel(family, self.models, self.params, self.tokenizers,
+        params = {k: v for k, v in self.params.items() if k != "controlnets"}  # not part of the model
+        model = loader.LoadedModel(family, self.models, params, self.tokenizers,
                                    self.scheduler_config.to_dict(), self.scheduler_name, self.source, self.options)
         loader.save(model, path, format)
+
+    def load_controlnet(self, path: str, name: str | None = None, *, variant: str | None = None,
+                        allow_pickle: bool = False) -> str:
+        """Load a diffusers ``ControlNetModel`` folder (``config.json`` + safetensors; ``variant``
+        e.g. ``"fp16"``) or an original-layout ``.safetensors`` file to steer generations with (``control_image=``); returns its name (default:
+        the folder's name), by which a call picks it (``controlnet=``).  Raises ``ValueError``
+        (one line) when it does not fit this model (cross-attention width, channels)."""
+        policy = self.models.unet.policy
+        model, params = controlnet_model.load(path, policy=policy, variant=variant, allow_pickle=allow_pickle,
+                                              base=self.models.unet.config)
+        name = name or os.path.basename(os.path.normpath(path)).removesuffix(".safetensors")
+        why = model.config.mismatch(self.models.unet.config, self.latent_channels)
+        if why:
+            raise ValueError(f"ControlNet {name} does not fit this model: {why} (a ControlNet for another base model?)")
+        if name in [n for n, _ in self.controlnets]:
+            raise ValueError(f"a ControlNet named {name!r} is loaded already; pass another name=")
+        self.controlnets.append((name, model.config))
+        self.params = {**self.params, "controlnets": tuple(self.params.get("controlnets", ()))
+                       + (sharding.replicate(params, self.mesh),)}
+        self._compiled.clear()  # the parameter tree changed: compiled calls take the old one
+        return name
+
+    def _controlnet_index(self, key) -> int:
+        names = [n for n, _ in self.controlnets]
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool) and 0 <= key < len(names):
+            return int(key)
+        if key in names:
+            return names.index(key)
+        loaded = ", ".join(names) if names else "none; load one with pipe.load_controlnet(path) or --controlnet"
+        raise RequestError(f"no ControlNet {key!r} is loaded (loaded: {loaded})")
 
     @property
     def latent_channels(self) -> int:
@@ -430,10 +478,15 @@ class StableDiffusionPipeline:
             k = max(len(texts) for texts in sides)
             chunks = max(count_chunks(self.tokenizers[t], text, r.prompt_syntax, self._groups(t))
                          for t in self.family.prompt.tokenizers for texts in sides for text in texts)
+        nets = tuple((self._controlnet_index(c.controlnet), None) for c in r.control)
+        if len({j for j, _ in nets}) != len(nets):
+            raise RequestError("each ControlNet can be given once per image")
+        nets = tuple((j, self.controlnets[j][1]) for j, _ in nets)
         plan = Plan(sampler, start, sampler.num_steps, r.mode, r.guided, r.clip_skip, latent_shape,
                     output, loop, r.latents is not None,
                     watermark=bool(self.watermark) and output != "latent" and watermark_applies(height, width),
-                    prompt_chunks=chunks, emphasis=r.prompt_syntax != "plain", prompt_variants=k)
+                    prompt_chunks=chunks, emphasis=r.prompt_syntax != "plain", prompt_variants=k,
+                    controlnets=nets, guess_mode=r.guess_mode and bool(nets))
         return r, plan
 
     def _groups(self, tokenizer: str) -> dict:
@@ -483,6 +536,17 @@ class StableDiffusionPipeline:
             batch["image"] = np.stack(_load_each([r.image for r in requests], requests[0].height, requests[0].width))
         if plan.mode == "inpaint":
             batch["mask"] = np.stack(_load_each([r.mask for r in requests], requests[0].height, requests[0].width, 1))
+        if plan.controlnets:
+            h, w, done = requests[0].height, requests[0].width, {}
+            for k in range(len(plan.controlnets)):
+                ims = [r.control[k].image for r in requests]
+                for im in ims:  # each distinct image read and resized once
+                    if id(im) not in done:
+                        done[id(im)] = load_control_image(im, h, w)
+                batch[f"control_{k}"] = np.stack([done[id(im)] for im in ims])
+            batch["control_scale"] = np.asarray([[c.scale for c in r.control] for r in requests], np.float32)
+            batch["control_keep"] = np.asarray([[keep_table(c.start, c.end, plan.start, plan.sampler.num_steps)
+                                                 for c in r.control] for r in requests], np.float32)
         return batch
 
     def _executable(self, plan: Plan, batch):
@@ -524,8 +588,12 @@ class StableDiffusionPipeline:
     def requests(self, prompt, negative_prompt=None, *, seed=0, num_inference_steps=30, guidance_scale=7.5,
                  guidance_rescale=0.0, height=None, width=None, scheduler=None, clip_skip=None, image=None,
                  mask_image=None, strength=0.8, latents=None, num_images_per_prompt=1,
-                 prompt_syntax="a1111") -> list[GenerationRequest]:
+                 prompt_syntax="a1111", control_image=None,
+                 controlnet=None, controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
+                 control_guidance_end=1.0, guess_mode=False) -> list[GenerationRequest]:
         """The diffusers-style arguments of :meth:`__call__` as one request per image."""
+        controls = self.controls(control_image, controlnet, controlnet_conditioning_scale, control_guidance_start,
+                                 control_guidance_end)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise RequestError("no prompt given")
@@ -551,8 +619,30 @@ class StableDiffusionPipeline:
                     image=_to_list(images, n, "image"), mask=_to_list(masks, n, "mask_image"))
         return [GenerationRequest(prompts[i], steps=num_inference_steps, width=width, height=height,
                                   scheduler=scheduler, clip_skip=clip_skip, strength=strength,
-                                  latents=None if latents is None else latents[i], prompt_syntax=prompt_syntax,
-                                  **{c: v[i] for c, v in cols.items()}) for i in range(n)]
+                                  latents=None if latents is None else latents[i], prompt_syntax=prompt_syntax, control=controls,
+                                  guess_mode=guess_mode, **{c: v[i] for c, v in cols.items()}) for i in range(n)]
+
+    def controls(self, control_image, controlnet=None, scale=1.0, start=0.0, end=1.0) -> tuple:
+        """diffusers' ControlNet arguments -> :class:`~sd_jax.request.Control` entries: one image
+        per ControlNet (``controlnet``: names or indices; default: every loaded one, in order);
+        ``scale``, ``start``, ``end``: one for all or one per ControlNet."""
+        if control_image is None:
+            if controlnet is not None:
+                raise RequestError("controlnet= needs control_image= (one image per ControlNet)")
+            return ()
+        if controlnet is None:
+            if not self.controlnets:
+                raise RequestError("control_image= given but no ControlNet is loaded; load one with "
+                                   "pipe.load_controlnet(path) (CLI: --controlnet PATH)")
+            nets = list(range(len(self.controlnets)))
+        else:
+            nets = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
+        images = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
+        if len(images) != len(nets):
+            raise RequestError(f"{len(images)} control image(s) for {len(nets)} ControlNet(s); give one per ControlNet")
+        per = lambda x, what: _to_list(x, len(nets), what)  # noqa: E731
+        return tuple(Control(*c) for c in zip(nets, images, per(scale, "controlnet_conditioning_scale"),
+                                             per(start, "control_guidance_start"), per(end, "control_guidance_end")))
 
     # ------------------------------------------------------------------ generation
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
@@ -560,7 +650,10 @@ class StableDiffusionPipeline:
                  guidance_rescale: float | Sequence[float] = 0.0, height: int | None = None, width: int | None = None,
                  scheduler: str | None = None, clip_skip: int | None = None, image=None, mask_image=None,
                  strength: float = 0.8, latents=None, num_images_per_prompt: int = 1, output_type: str = "pil",
-                 batch_size: int | None = None, loop: str = "scan", prompt_syntax: str = "a1111"):
+                 batch_size: int | None = None, loop: str = "scan", prompt_syntax: str = "a1111",
+                 control_image=None, controlnet=None,
+                 controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
+                 guess_mode: bool = False):
         """Generate images.
 
         Args:
@@ -583,6 +676,11 @@ class StableDiffusionPipeline:
           loop: ``"scan"`` (compiled, default), ``"python"`` (compiled, unrolled) or ``"debug"`` (eager).
           prompt_syntax: ``"a1111"`` (default: ``(word:1.2)``, ``[word]``, ``BREAK``, prompts of
             any length in 75-token chunks) or ``"plain"`` (diffusers: truncated at 77 tokens).
+          control_image: ControlNet control image(s), one per ControlNet (``load_controlnet``),
+            resized to the output size; controlnet: their names or indices (default: all loaded).
+          controlnet_conditioning_scale, control_guidance_start, control_guidance_end: as
+            diffusers, one for all or one per ControlNet (traced: no recompilation).
+          guess_mode: as diffusers (the ControlNets see no prompt difference; static).
         """
         output = {"pil": "uint8", "np": "float32", "uint8": "uint8", "latent": "latent"}.get(output_type)
         if output is None:
@@ -591,7 +689,11 @@ class StableDiffusionPipeline:
                                  guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height,
                                  width=width, scheduler=scheduler, clip_skip=clip_skip, image=image,
                                  mask_image=mask_image, strength=strength, latents=latents,
-                                 num_images_per_prompt=num_images_per_prompt, prompt_syntax=prompt_syntax)
+                                 num_images_per_prompt=num_images_per_prompt, prompt_syntax=prompt_syntax,
+                                 control_image=control_image,
+                                 controlnet=controlnet, controlnet_conditioning_scale=controlnet_conditioning_scale,
+                                 control_guidance_start=control_guidance_start,
+                                 control_guidance_end=control_guidance_end, guess_mode=guess_mode)
         images = np.stack(Dispatcher(self, batch_size=batch_size, output=output, loop=loop).generate(requests))
         if output_type != "pil":
             return images

@@ -82,6 +82,34 @@ def _integer(value, what: str) -> int:
     return int(value)
 
 
+# ----------------------------------------------------------------------------- ControlNet
+@dataclasses.dataclass(frozen=True)
+class Control:
+    """One ControlNet's part in a request: ``controlnet`` names a ControlNet loaded into the
+    pipeline (``pipe.load_controlnet``; its name or index), ``image`` is its control image (a
+    path, PIL image or HxWxC array, resized to the output size), ``scale`` diffusers'
+    ``controlnet_conditioning_scale``, ``start``/``end`` its ``control_guidance_start``/``_end``
+    (fractions of the steps).  The numbers are traced: changing them does not recompile."""
+    controlnet: Any
+    image: Any = dataclasses.field(compare=False)
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self):
+        if self.image is None:
+            raise RequestError(f"ControlNet {self.controlnet!r} needs a control image")
+        object.__setattr__(self, "scale", _number(self.scale, "controlnet_conditioning_scale"))
+        start = _number(self.start, "control_guidance_start")
+        end = _number(self.end, "control_guidance_end")
+        if start >= end:
+            raise RequestError(f"control_guidance_start ({start}) must be below control_guidance_end ({end})")
+        if start < 0.0 or end > 1.0:
+            raise RequestError(f"the control guidance window must lie in [0, 1], got {start}..{end}")
+        object.__setattr__(self, "start", start)
+        object.__setattr__(self, "end", end)
+
+
 # ----------------------------------------------------------------------------- the request
 @dataclasses.dataclass(frozen=True)
 class GenerationRequest:
@@ -109,6 +137,8 @@ class GenerationRequest:
     strength: float = 0.8
     latents: Any = dataclasses.field(default=None, compare=False, repr=False)
     prompt_syntax: str = "a1111"
+    control: tuple = dataclasses.field(default=(), compare=False)  # Control entries (ControlNets)
+    guess_mode: bool = False
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -156,6 +186,11 @@ class GenerationRequest:
         if self.prompt_syntax not in ("a1111", "plain"):
             raise RequestError(f"prompt_syntax must be 'a1111' (emphasis, BREAK, long prompts) or 'plain' "
                                f"(diffusers: truncated at 77 tokens), got {self.prompt_syntax!r}")
+        control = tuple(self.control or ())
+        if not all(isinstance(c, Control) for c in control):
+            raise RequestError("control must be a sequence of sd_jax.request.Control entries")
+        set_("control", control)
+        set_("guess_mode", bool(self.guess_mode))
 
     @property
     def mode(self) -> str:

@@ -62,16 +62,44 @@ def concat_batches(*conds: Conditioning) -> Conditioning:
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *conds)
 
 
-def unet_denoiser(unet, params, cond: Conditioning) -> ModelFn:
-    """The UNet (a Flax module and its parameters) as a model function under ``cond``."""
+def unet_denoiser(unet, params, cond: Conditioning, residuals: Callable | None = None) -> ModelFn:
+    """The UNet (a Flax module and its parameters) as a model function under ``cond``.
+
+    residuals: optional ``(x, t, i, cond) -> (down, mid)`` added to the UNet's skip
+    connections and mid block (ControlNets: :func:`controlnet_residuals`)."""
     def model_fn(x, t, i):
-        del i  # the plain UNet does not depend on the step index (prompt editing would)
+        extra = {}
+        if residuals is not None:  # on the latents alone, before any concatenated channels
+            down, mid = residuals(x, t, i, cond)
+            extra = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
         if cond.concat is not None:
             x = jnp.concatenate([x, cond.concat.astype(x.dtype)], axis=-1)
         out = unet.apply({"params": params}, x.astype(unet.dtype), t, cond.context.astype(unet.dtype),
-                         added_cond_kwargs=cond.added_cond_kwargs())
+                         added_cond_kwargs=cond.added_cond_kwargs(), **extra)
         return out.astype(jnp.float32)
     return model_fn
+
+
+def controlnet_residuals(controlnets, params, guess_mode: bool = False) -> Callable:
+    """Several ControlNets' summed residuals, as diffusers' ``MultiControlNetModel``.
+
+    controlnets: the Flax modules (static); params: one parameter tree each.  Reads
+    ``cond.control``: ``{"image": (one float32 [B, H, W, C] in [0, 1] per ControlNet),
+    "scale": float32 [B, K], "keep": float32 [B, K, steps]}``; ControlNet k acts at step i
+    with ``scale[:, k] * keep[:, k, i]`` (diffusers' ``cond_scale``: a guidance window's
+    steps outside it get 0).  Classifier-free guidance doubles the batch with the images;
+    guess mode's negative half has scale 0, so its residuals are zeros as in diffusers."""
+    def residuals(x, t, i, cond):
+        c = cond.control
+        down = mid = None
+        for k, (net, p) in enumerate(zip(controlnets, params)):
+            scale = c["scale"][:, k] * c["keep"][:, k, i]
+            d, m = net.apply({"params": p}, x.astype(net.dtype), t, cond.context.astype(net.dtype), c["image"][k],
+                             scale, guess_mode, cond.added_cond_kwargs())
+            down = d if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        return down, mid
+    return residuals
 
 
 def classifier_free_guidance(make_model_fn: Callable[[Conditioning], ModelFn], cond: Conditioning,

@@ -468,17 +468,16 @@ class MidBlock(nn.Module):
         return res(1)(x, temb)
 
 
-class UNet2DConditionModel(PolicyReads, nn.Module):
-    """The conditional denoiser.
+class UNetEncoder(PolicyReads):
+    """The UNet's time embedding, down path and mid block, shared by the UNet and the
+    ControlNet (:mod:`sd_jax.models.controlnet`), which has the same encoder under the same
+    parameter names.  A mixin for a flax module with a ``policy`` whose ``encoder_config``
+    is a :class:`UNetConfig`; the methods create submodules, so they are called from the
+    module's compact ``__call__``."""
 
-    ``policy`` (:class:`sd_jax.models.policy.Policy`): how it computes.  A bfloat16
-    ``dtype`` works (norms, softmax and the timestep embedding stay float32); ``attention``
-    names a :mod:`sd_jax.models.attention` implementation; ``conv_impl`` the convolutions'
-    lowering (:class:`sd_jax.models.layers.Conv2D`; "auto" is right unless measuring).
-    ``dtype``, ``param_dtype`` and ``attention`` read through to the policy.
-    """
-    config: UNetConfig
-    policy: Policy = Policy()
+    @property
+    def encoder_config(self) -> UNetConfig:
+        return self.config
 
     def _added_embedding(self, emb, added_cond_kwargs):
         """``emb`` [B, time_embed_dim] plus the ``addition_embed_type`` embedding.
@@ -490,7 +489,7 @@ class UNet2DConditionModel(PolicyReads, nn.Module):
         after ``text_embeds`` [B, P] and projected by ``add_embedding`` (linear_1, SiLU,
         linear_2) to ``time_embed_dim``; the sum is what the resnets see.
         """
-        cfg = self.config
+        cfg = self.encoder_config
         if cfg.addition_embed_type is None:
             return emb
         missing = [k for k in ("text_embeds", "time_ids")
@@ -521,13 +520,62 @@ class UNet2DConditionModel(PolicyReads, nn.Module):
             add.astype(emb.dtype))
         return emb + aug
 
+    def embed_time(self, timesteps, b, added_cond_kwargs):
+        """timesteps [B] or scalar -> the embedding the resnets see, [B, time_embed_dim]."""
+        cfg, p = self.encoder_config, self.policy
+        t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (b,))
+        t_emb = get_timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        emb = TimestepEmbedding(cfg.time_embed_dim, policy=p, name="time_embedding")(t_emb.astype(p.dtype))
+        return self._added_embedding(emb, added_cond_kwargs)
+
+    def down_path(self, x, emb, context):
+        """The down blocks on ``x`` (after ``conv_in``) -> (x, skips: ``x`` and every block state)."""
+        cfg, p = self.encoder_config, self.policy
+        skips = [x]
+        groups, eps, heads = cfg.norm_num_groups, cfg.norm_eps, cfg.heads
+        for i, kind in enumerate(cfg.down_block_types):
+            x, states = DownBlock(
+                cfg.block_out_channels[i], cfg.layers[i],
+                cfg.down_transformer_layers(i) if kind == "CrossAttnDownBlock2D" else None,
+                heads[i], add_downsample=i < cfg.n_blocks - 1,
+                downsample_padding=cfg.downsample_padding, groups=groups, eps=eps,
+                use_linear_projection=cfg.use_linear_projection, policy=p,
+                name=f"down_blocks_{i}")(x, emb, context)
+            skips += states
+        return x, skips
+
+    def mid(self, x, emb, context):
+        """The mid block (the identity where ``mid_block_type`` is None)."""
+        cfg = self.encoder_config
+        if cfg.mid_block_type is None:
+            return x
+        return MidBlock(cfg.block_out_channels[-1], cfg.mid_transformer_layers(), cfg.heads[-1],
+                        cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor,
+                        cfg.use_linear_projection, policy=self.policy, name="mid_block")(x, emb, context)
+
+
+class UNet2DConditionModel(UNetEncoder, nn.Module):
+    """The conditional denoiser.
+
+    ``policy`` (:class:`sd_jax.models.policy.Policy`): how it computes.  A bfloat16
+    ``dtype`` works (norms, softmax and the timestep embedding stay float32); ``attention``
+    names a :mod:`sd_jax.models.attention` implementation; ``conv_impl`` the convolutions'
+    lowering (:class:`sd_jax.models.layers.Conv2D`; "auto" is right unless measuring).
+    ``dtype``, ``param_dtype`` and ``attention`` read through to the policy.
+    """
+    config: UNetConfig
+    policy: Policy = Policy()
+
     @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None):
+    def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None,
+                 down_block_additional_residuals=None, mid_block_additional_residual=None):
         """sample [B, H, W, in_channels] (NHWC); timesteps [B] or scalar, int or float;
         encoder_hidden_states [B, L, cross_attention_dim]; added_cond_kwargs: SDXL's
         ``{"text_embeds": [B, P], "time_ids": [B, K]}`` (required when the config has
-        ``addition_embed_type``, ignored otherwise).  Returns [B, H, W, out_channels]
-        in ``dtype``.  Any H and W: where a level's size is odd, upsampling goes back to the
+        ``addition_embed_type``, ignored otherwise).  down_block_additional_residuals (a
+        sequence, one [B, h, w, C] per skip connection) and mid_block_additional_residual
+        ([B, h, w, C]): a ControlNet's, added to the skips and the mid block's output.
+        Returns [B, H, W, out_channels] in ``dtype``.  Any H and W: where a level's size is odd, upsampling goes back to the
         skip connection's size (diffusers' ``upsample_size``)."""
         cfg, p = self.config, self.policy
         d, pd = p.dtype, p.param_dtype
@@ -540,29 +588,18 @@ class UNet2DConditionModel(PolicyReads, nn.Module):
         x = sample.astype(d)
         context = encoder_hidden_states.astype(d)
 
-        # time
-        t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (b,))
-        t_emb = get_timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        emb = TimestepEmbedding(cfg.time_embed_dim, policy=p, name="time_embedding")(t_emb.astype(d))
-        emb = self._added_embedding(emb, added_cond_kwargs)
-
+        emb = self.embed_time(timesteps, b, added_cond_kwargs)
         x = conv2d(cfg.block_out_channels[0], "conv_in", p)(x)
-        skips = [x]
+        x, skips = self.down_path(x, emb, context)
+        if down_block_additional_residuals is not None:  # a ControlNet's, added as diffusers does
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"{len(down_block_additional_residuals)} down_block_additional_residuals "
+                                 f"for {len(skips)} skip connections")
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals)]
+        x = self.mid(x, emb, context)
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual.astype(x.dtype)
         groups, eps, heads = cfg.norm_num_groups, cfg.norm_eps, cfg.heads
-        for i, kind in enumerate(cfg.down_block_types):
-            x, states = DownBlock(
-                cfg.block_out_channels[i], cfg.layers[i],
-                cfg.down_transformer_layers(i) if kind == "CrossAttnDownBlock2D" else None,
-                heads[i], add_downsample=i < cfg.n_blocks - 1,
-                downsample_padding=cfg.downsample_padding, groups=groups, eps=eps,
-                use_linear_projection=cfg.use_linear_projection, policy=p,
-                name=f"down_blocks_{i}")(x, emb, context)
-            skips += states
-
-        if cfg.mid_block_type is not None:
-            x = MidBlock(cfg.block_out_channels[-1], cfg.mid_transformer_layers(), heads[-1], groups,
-                         eps, cfg.mid_block_scale_factor, cfg.use_linear_projection, policy=p,
-                         name="mid_block")(x, emb, context)
 
         rev_ch, rev_heads, rev_layers = (cfg.block_out_channels[::-1], heads[::-1], cfg.layers[::-1])
         for i, kind in enumerate(cfg.up_block_types):
