@@ -64,10 +64,13 @@ def score_bytes(lowering: str, batch_heads: int, lq: int, lk: int, dtype_bytes: 
 
     ``lowering``: ``"xla"`` (the full [B, H, Lq, Lk] float32 scores plus their softmax in the
     compute dtype), ``"blocked"`` (XLA on CPU: one block of rows at a time), ``"chunked"``
-    (1024 query rows at a time) or ``"cudnn"`` (fused flash attention: no score matrix).
+    (1024 query rows at a time), ``"pallas"`` (the TPU flash kernel: one block) or ``"cudnn"``
+    (fused flash attention: no score matrix).
     """
     if lowering == "cudnn":
         return 0
+    if lowering == "pallas":  # flash attention: one float32 block of scores and its exp
+        return 512 * 512 * 4 * 2
     if lowering == "blocked":
         rows = max(16, _CPU_BLOCK_BYTES // (4 * lk))
         rows = 1 << (rows.bit_length() - 1)
@@ -167,6 +170,8 @@ def available(device) -> tuple[int, str, bool] | None:
 def _lowering(impl: str, backend: str, dtype, head_dim: int) -> str:
     """Which lowering :func:`sd_jax.models.attention.dot_product_attention` will run."""
     import jax.numpy as jnp
+    if impl == "auto" and backend == "tpu":
+        return "pallas"
     if impl == "auto":
         cudnn = (backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
                  and head_dim <= 128)
