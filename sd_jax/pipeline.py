@@ -32,6 +32,7 @@ from sd_jax import families, memory, sharding
 from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, unet_denoiser
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
 from sd_jax.diffusion.sampling import sample
+from sd_jax.models import vae_tiling
 from sd_jax.families import Models  # noqa: F401  (re-exported: the pipeline's networks)
 from sd_jax.request import Dispatcher, GenerationRequest, RequestError
 from sd_jax.tokenizer import tokenize
@@ -64,6 +65,8 @@ class Plan:
       (the final latents [B, h, w, C], not decoded: for a second model to continue from).
     loop: ``"scan"``, ``"python"`` (compiled, unrolled) or ``"debug"`` (not compiled).
     given_noise: the initial noise comes with the request (``latents``) instead of its seed.
+    vae_tile: the VAE decodes/encodes in tiles of this many latents (None: untiled); set per
+      batch size from ``pipe.vae_tiling`` (:func:`sd_jax.memory.pipeline_vae_tile`).
     """
     sampler: Any
     start: int
@@ -75,6 +78,7 @@ class Plan:
     output: str = "uint8"
     loop: str = "scan"
     given_noise: bool = False
+    vae_tile: int | None = None
 
 
 def encode_prompt(models: Models, encoding: families.PromptEncoding, params, ids, clip_skip, time_ids=None,
@@ -104,18 +108,24 @@ def _batch_ids(encoding: families.PromptEncoding, batch, negative: bool = False)
     return batch[keys[0]] if len(keys) == 1 else tuple(batch[k] for k in keys)
 
 
-def vae_encode(models: Models, params, images):
-    """float32 [B, H, W, 3] in [-1, 1] -> latents in the diffusion model's space.
+def vae_encode(models: Models, params, images, tile: int | None = None):
+    """float32 [B, H, W, 3] in [-1, 1] -> latents in the diffusion model's space (in tiles of
+    ``tile`` latents: :mod:`sd_jax.models.vae_tiling`).
 
     The distribution's mean, not a sample: a trained VAE's std is ~1e-3 of the latent scale."""
-    mean, _ = models.vae.apply({"params": params["vae"]}, images.astype(models.vae.dtype), method="encode")
+    if tile:
+        mean, _ = vae_tiling.encode(models.vae, params["vae"], images.astype(models.vae.dtype), tile)
+    else:
+        mean, _ = models.vae.apply({"params": params["vae"]}, images.astype(models.vae.dtype), method="encode")
     return models.vae.config.scale_latents(mean.astype(jnp.float32))
 
 
-def vae_decode(models: Models, params, latents, output: str = "float32"):
-    """Latents [B, h, w, C] -> images [B, H, W, 3]: float32 in [0, 1], or uint8 (``output="uint8"``)."""
+def vae_decode(models: Models, params, latents, output: str = "float32", tile: int | None = None):
+    """Latents [B, h, w, C] -> images [B, H, W, 3]: float32 in [0, 1], or uint8 (``output="uint8"``);
+    in tiles of ``tile`` latents (:mod:`sd_jax.models.vae_tiling`) when given."""
     z = models.vae.config.unscale_latents(latents).astype(models.vae.dtype)
-    img = models.vae.apply({"params": params["vae"]}, z, method="decode")
+    img = (vae_tiling.decode(models.vae, params["vae"], z, tile) if tile else
+           models.vae.apply({"params": params["vae"]}, z, method="decode"))
     img = jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
     return jnp.round(img * 255).astype(jnp.uint8) if output == "uint8" else img
 
@@ -147,7 +157,7 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
     if plan.mode == "txt2img":
         x = noise0 * sampler.init_noise_sigma
     else:
-        image_latents = vae_encode(models, params, batch["image"])
+        image_latents = vae_encode(models, params, batch["image"], plan.vae_tile)
         if plan.mode == "inpaint" and plan.start == 0:
             x = noise0 * sampler.init_noise_sigma
         else:
@@ -158,7 +168,7 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
         # diffusers resizes the mask with nearest-neighbour interpolation to the latent grid.
         mask_lat = m[:, ::m.shape[1] // h, ::m.shape[2] // w, :]
         if models.unet.config.in_channels == 9:  # the inpainting UNet sees mask and masked image
-            masked = vae_encode(models, params, batch["image"] * (m < 0.5))
+            masked = vae_encode(models, params, batch["image"] * (m < 0.5), plan.vae_tile)
             extra = jnp.concatenate([mask_lat, masked], axis=-1).astype(models.unet.dtype)
             cond = cond.replace(concat=extra)
             uncond = uncond.replace(concat=extra) if uncond is not None else None
@@ -177,7 +187,7 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
                   post_step=blend, loop="python" if plan.loop == "debug" else plan.loop)
     if plan.output == "latent":
         return x
-    return vae_decode(models, params, x, plan.output)
+    return vae_decode(models, params, x, plan.output, plan.vae_tile)
 
 
 def img2img_start(num_inference_steps: int, strength: float, order: int = 1) -> int:
@@ -252,6 +262,7 @@ class StableDiffusionPipeline:
         self.source = source
         self._compiled: dict = {}
         self.compilations = 0  # programs compiled by this pipeline (tests, metrics)
+        self.vae_tiling = "auto"  # "on", "off", "auto" (:func:`sd_jax.memory.vae_tile`)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -346,10 +357,11 @@ class StableDiffusionPipeline:
         return batch
 
     def _executable(self, plan: Plan, batch):
-        key = (plan, tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items())))
+        tiled = self._vae_tiled(plan, batch["seeds"].shape[0])
+        key = (plan, tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items())), tiled.vae_tile)
         fn = self._compiled.get(key)
         if fn is None:
-            f = functools.partial(_generate, self.models, self.family.prompt, plan)
+            f = functools.partial(_generate, self.models, self.family.prompt, tiled)
             if plan.loop == "debug":
                 fn = f
             else:
@@ -360,6 +372,12 @@ class StableDiffusionPipeline:
                 self.compilations += 1
             self._compiled[key] = fn
         return fn
+
+    def _vae_tiled(self, plan: Plan, rows: int) -> Plan:
+        """``plan`` with the VAE tiling :attr:`vae_tiling` asks for at ``rows`` images per call."""
+        f = self.models.vae_scale
+        return dataclasses.replace(plan, vae_tile=memory.pipeline_vae_tile(
+            self, rows, plan.latent_shape[0] * f, plan.latent_shape[1] * f))
 
     def compiled_sizes(self, plan: Plan) -> set[int]:
         """The call sizes (rows) ``plan`` is compiled for in this pipeline."""
@@ -478,5 +496,5 @@ class StableDiffusionPipeline:
         size = sharding.padded_size(batch_size, self.mesh)
         batch = sharding.shard_batch({k: sharding.pad_batch(v, size) for k, v in self._inputs(plan, [r]).items()},
                                      self.mesh)
-        return jax.jit(functools.partial(_generate, self.models, self.family.prompt, plan),
+        return jax.jit(functools.partial(_generate, self.models, self.family.prompt, self._vae_tiled(plan, size)),
                        out_shardings=sharding.batch_sharded(self.mesh)).lower(self.params, batch)
