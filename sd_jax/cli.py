@@ -23,6 +23,21 @@ def _size_arg(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _shapes_arg(text: str) -> list[tuple[int, int, int]]:
+    """``"512x512:20,1024x1024:30"`` -> [(width, height, steps), ...] (steps default 30)."""
+    shapes = []
+    for item in text.split(","):
+        size, _, steps = item.strip().partition(":")
+        try:
+            shapes.append((*parse_size(size), int(steps or 30)))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r}: {e}" if steps.strip().isdigit() or not steps
+                                             else f"{item.strip()!r}: steps {steps!r} is not a number") from None
+        if shapes[-1][2] < 1:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r}: steps must be at least 1")
+    return shapes
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line: ``sd-jax: error: ...`` (exit status 2)."""
 
@@ -37,6 +52,8 @@ def _add_model_args(p):
                                                  "(default: $SD_JAX_MODEL, else the model in checkpoints/)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (bf16 on GPU/TPU)")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "chunked"])
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="JAX's persistent compilation cache (default: $SD_JAX_CACHE, else ~/.cache/sd_jax/xla)")
 
 
 def _add_gen_args(p):
@@ -51,6 +68,8 @@ def _add_gen_args(p):
     p.add_argument("--clip-skip", type=int, default=None)
     p.add_argument("--no-memory-check", action="store_true",
                    help="skip the check that the size and batch fit in memory (refused before compiling)")
+    p.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto",
+                   help="decode/encode the image in overlapping tiles (auto: when the VAE would not fit)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace DEST if it is a model (sd-jax checkpoint or diffusers folder) or an empty folder")
 
     sub.add_parser("info", help="devices, backend, default model, compilation cache")
+
+    pc = sub.add_parser("precompile", help="compile generation programs into the persistent compilation cache, "
+                                           "so later generate/batch processes start without compiling")
+    pc.add_argument("--shapes", type=_shapes_arg, required=True,
+                    help="WxH:STEPS,... e.g. 512x512:20,1024x1024:30 (steps default 30)")
+    pc.add_argument("--batch-size", type=int, default=None,
+                    help="the --batch-size generate/batch will use (default: 1 per device); every call size "
+                         "up to it is compiled")
+    pc.add_argument("--scheduler", default=None, help="as generate's (default: the model's own)")
+    pc.add_argument("--guidance", type=float, default=None, help="as generate's: <= 1 compiles the unguided program")
+    pc.add_argument("--clip-skip", type=int, default=None)
+    pc.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto")
+    pc.add_argument("--no-memory-check", action="store_true")
+    _add_model_args(pc)
 
     from sd_jax.train.cli import RECIPES, recipes_help  # no jax import: cheap
     t = sub.add_parser("train", help="train or fine-tune (see README)", epilog=recipes_help(),
