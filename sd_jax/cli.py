@@ -23,6 +23,21 @@ def _size_arg(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _shapes_arg(text: str) -> list[tuple[int, int, int]]:
+    """``"512x512:20,1024x1024:30"`` -> [(width, height, steps), ...] (steps default 30)."""
+    shapes = []
+    for item in text.split(","):
+        size, _, steps = item.strip().partition(":")
+        try:
+            shapes.append((*parse_size(size), int(steps or 30)))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r}: {e}" if steps.strip().isdigit() or not steps
+                                             else f"{item.strip()!r}: steps {steps!r} is not a number") from None
+        if shapes[-1][2] < 1:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r}: steps must be at least 1")
+    return shapes
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line: ``sd-jax: error: ...`` (exit status 2)."""
 
@@ -42,6 +57,8 @@ def _add_model_args(p):
     p.add_argument("--unet", default=None, metavar="FILE",
                    help="UNet-only .safetensors replacing the model's UNet weights (e.g. SDXL-Lightning's "
                         "sdxl_lightning_4step_unet.safetensors with SDXL base)")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="JAX's persistent compilation cache (default: $SD_JAX_CACHE, else ~/.cache/sd_jax/xla)")
 
 
 def _add_gen_args(p):
@@ -70,6 +87,8 @@ def _add_lora_args(p):
     p.add_argument("--lora-dir", default=None, help="folder of LoRAs that --lora names are looked up in")
     p.add_argument("--lora-partial", action="store_true",
                    help="load a LoRA even if some of its keys match no layer of the model (they are ignored)")
+    p.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto",
+                   help="decode/encode the image in overlapping tiles (auto: when the VAE would not fit)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-token", default=None, help="a bearer token clients must send")
     s.add_argument("--models-dir", default=None, help="folder of models /sdapi/v1/options can switch among")
     s.add_argument("--no-memory-check", action="store_true", help="skip the check that a size fits in memory")
+
+    pc = sub.add_parser("precompile", help="compile generation programs into the persistent compilation cache, "
+                                           "so later generate/batch processes start without compiling")
+    pc.add_argument("--shapes", type=_shapes_arg, required=True,
+                    help="WxH:STEPS,... e.g. 512x512:20,1024x1024:30 (steps default 30)")
+    pc.add_argument("--batch-size", type=int, default=None,
+                    help="the --batch-size generate/batch will use (default: 1 per device); every call size "
+                         "up to it is compiled")
+    pc.add_argument("--scheduler", default=None, help="as generate's (default: the model's own)")
+    pc.add_argument("--guidance", type=float, default=None, help="as generate's: <= 1 compiles the unguided program")
+    pc.add_argument("--clip-skip", type=int, default=None)
+    pc.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto")
+    pc.add_argument("--no-memory-check", action="store_true")
+    _add_model_args(pc)
 
     from sd_jax.train.cli import RECIPES, recipes_help  # no jax import: cheap
     t = sub.add_parser("train", help="train or fine-tune (see README)", epilog=recipes_help(),

@@ -161,7 +161,7 @@ def load(args, mesh=None):
     if getattr(args, "unet", None) and not os.path.isfile(args.unet):   # before the (slow) model load
         raise UsageError(f"--unet {args.unet!r} not found")
     _maybe_initialize_distributed()
-    enable_compilation_cache()
+    enable_compilation_cache(getattr(args, "compile_cache", None))
     pipe = load_model(path, dtype=args.dtype, attention=args.attention, mesh=mesh, unet=getattr(args, "unet", None))
     if getattr(args, "no_watermark", False):
         pipe.watermark = False
@@ -360,6 +360,7 @@ def generate(args) -> int:
     apply_loras(pipe, loras, args)
     controls = _load_controlnets(pipe, args, controls)
     pipe.memory_check = not args.no_memory_check
+    pipe.vae_tiling = args.vae_tiling
     if pipe.models.unet.config.in_channels == 9 and not args.mask:
         raise UsageError(f"{args.model or 'the model'} is an inpainting model (9 input channels): "
                          f"pass --init-image and --mask")
@@ -453,6 +454,7 @@ def batch(args) -> int:
                          f"batch does text-to-image only")
     rows = batch_lib.make_rows(raw, settings(args, pipe), args.prompts)
     pipe.memory_check = not args.no_memory_check
+    pipe.vae_tiling = args.vae_tiling
     ndev = pipe.mesh.devices.size
     per_device = -(-(args.batch_size or ndev) // ndev)
     seen = set()
@@ -569,3 +571,31 @@ def train(args) -> int:
         raise UsageError("training from the command line is not available in this version; "
                          "use the sd_jax.train Python API") from None
     return train_cli.run(args.recipe, args.rest)
+
+
+def precompile(args) -> int:
+    """``sd-jax precompile``: compile the programs ``generate``/``batch`` will run for each of
+    ``--shapes`` (every call size up to ``--batch-size``) into the persistent compilation cache."""
+    import jax
+
+    from sd_jax.request import Dispatcher, GenerationRequest
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    pipe = load(args)
+    pipe.memory_check = not args.no_memory_check
+    pipe.vae_tiling = args.vae_tiling
+    ndev = pipe.mesh.devices.size
+    chunk = -(-(args.batch_size or ndev) // ndev) * ndev
+    guidance = args.guidance if args.guidance is not None else 7.5
+    for w, h, steps in args.shapes:
+        check_size(pipe, w, h, "--shapes")
+    t0 = time.perf_counter()
+    for w, h, steps in args.shapes:
+        t = time.perf_counter()
+        request = GenerationRequest("", steps=steps, guidance=guidance, width=w, height=h,
+                                    scheduler=args.scheduler or pipe.scheduler_name, clip_skip=args.clip_skip)
+        n = Dispatcher(pipe, batch_size=chunk, output="uint8").precompile([request])
+        print(f"{w}x{h}:{steps}: {n} program(s) compiled in {time.perf_counter() - t:.1f}s", flush=True)
+    print(f"compilation cache: {jax.config.jax_compilation_cache_dir} "
+          f"({time.perf_counter() - t0:.1f}s in all)", file=sys.stderr)
+    return 0

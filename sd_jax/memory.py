@@ -64,10 +64,13 @@ def score_bytes(lowering: str, batch_heads: int, lq: int, lk: int, dtype_bytes: 
 
     ``lowering``: ``"xla"`` (the full [B, H, Lq, Lk] float32 scores plus their softmax in the
     compute dtype), ``"blocked"`` (XLA on CPU: one block of rows at a time), ``"chunked"``
-    (1024 query rows at a time) or ``"cudnn"`` (fused flash attention: no score matrix).
+    (1024 query rows at a time), ``"pallas"`` (the TPU flash kernel: one block) or ``"cudnn"``
+    (fused flash attention: no score matrix).
     """
     if lowering == "cudnn":
         return 0
+    if lowering == "pallas":  # flash attention: one float32 block of scores and its exp
+        return 512 * 512 * 4 * 2
     if lowering == "blocked":
         rows = max(16, _CPU_BLOCK_BYTES // (4 * lk))
         rows = 1 << (rows.bit_length() - 1)
@@ -78,11 +81,13 @@ def score_bytes(lowering: str, batch_heads: int, lq: int, lk: int, dtype_bytes: 
 
 
 def estimate(unet, vae, *, batch: int, height: int, width: int, dtype_bytes: int = 4,
-             unet_attention: str = "xla", vae_attention: str = "xla", guidance: bool = True) -> Estimate:
+             unet_attention: str = "xla", vae_attention: str = "xla", guidance: bool = True,
+             vae_tile: int | None = None) -> Estimate:
     """Peak activation bytes of generating ``batch`` images of ``width x height`` on one device.
 
     ``unet``, ``vae``: :class:`~sd_jax.models.unet.UNetConfig`, :class:`~sd_jax.models.vae.VAEConfig`
     (any objects with their fields).  ``*_attention``: the lowering that runs (see :func:`score_bytes`).
+    ``vae_tile``: the VAE runs in tiles of this many latents (:mod:`sd_jax.models.vae_tiling`).
     """
     f = 2 ** (len(vae.block_out_channels) - 1)
     b2 = batch * (2 if guidance else 1)
@@ -111,13 +116,52 @@ def estimate(unet, vae, *, batch: int, height: int, width: int, dtype_bytes: int
     terms["UNet resnet activations"] = b2 * tokens[0] * chans[0] * 6 * dtype_bytes
     unet_total = sum(terms.values())
 
-    vchans = tuple(vae.block_out_channels)[::-1]
-    c_in = vchans[-2] if len(vchans) > 1 else vchans[-1]  # the upsampled tensor entering the last block
-    vae_terms = {"VAE decoder at full resolution": batch * height * width * (2 * c_in + 2 * vchans[-1]) * dtype_bytes}
-    if getattr(vae, "mid_block_add_attention", True):
-        vae_terms["VAE attention scores"] = score_bytes(vae_attention, batch, tokens[0], tokens[0], dtype_bytes)
+    if vae_tile is None:
+        vae_terms = vae_decode_terms(vae, batch, height, width, dtype_bytes, vae_attention)
+    else:  # one tile at a time, and the float32 image it is blended into
+        th, tw = min(vae_tile * f, height), min(vae_tile * f, width)
+        tile_terms = vae_decode_terms(vae, batch, th, tw, dtype_bytes, vae_attention)
+        vae_terms = {"VAE decoder in tiles": max(tile_terms.values()) + batch * height * width * 3 * 4}
     terms.update(vae_terms)
     return Estimate(max(unet_total, max(vae_terms.values())), terms)
+
+
+def vae_decode_terms(vae, batch: int, height: int, width: int, dtype_bytes: int = 4,
+                     vae_attention: str = "xla") -> dict:
+    """The untiled VAE decoder's largest terms (name -> bytes) for ``batch`` images of ``width x height``."""
+    f = 2 ** (len(vae.block_out_channels) - 1)
+    tokens = math.ceil(height / f) * math.ceil(width / f)
+    vchans = tuple(vae.block_out_channels)[::-1]
+    c_in = vchans[-2] if len(vchans) > 1 else vchans[-1]  # the upsampled tensor entering the last block
+    terms = {"VAE decoder at full resolution": batch * height * width * (2 * c_in + 2 * vchans[-1]) * dtype_bytes}
+    if getattr(vae, "mid_block_add_attention", True):
+        terms["VAE attention scores"] = score_bytes(vae_attention, batch, tokens, tokens, dtype_bytes)
+    return terms
+
+
+VAE_TILING = ("auto", "on", "off")
+
+
+def vae_tile(mode: str, vae, *, batch: int, height: int, width: int, dtype_bytes: int,
+             available_bytes: int | None, vae_attention: str = "xla") -> int | None:
+    """The tile side (latents) for the VAE to decode/encode ``batch`` images of ``width x height``
+    on one device, or None for untiled.
+
+    ``mode``: ``"on"``, ``"off"``, or ``"auto"``: tiled when the image is larger than one tile
+    and the untiled decoder's estimated activations (:func:`vae_decode_terms`) exceed half of
+    ``available_bytes`` (None: unknown, untiled).  The tile is diffusers' ``sample_size / f``.
+    """
+    if mode not in VAE_TILING:
+        raise ValueError(f"VAE tiling {mode!r}: choose one of {', '.join(VAE_TILING)}")
+    f = 2 ** (len(vae.block_out_channels) - 1)
+    size = vae.sample_size[0] if isinstance(vae.sample_size, (list, tuple)) else vae.sample_size
+    tile = max(1, int(size) // f)  # diffusers' tile_latent_min_size
+    if mode == "off" or max(height, width) <= tile * f:
+        return None
+    if mode == "on":
+        return tile
+    need = max(vae_decode_terms(vae, batch, height, width, dtype_bytes, vae_attention).values())
+    return tile if available_bytes is not None and need > available_bytes // 2 else None
 
 
 # ----------------------------------------------------------------------------- what is available
@@ -167,6 +211,8 @@ def available(device) -> tuple[int, str, bool] | None:
 def _lowering(impl: str, backend: str, dtype, head_dim: int) -> str:
     """Which lowering :func:`sd_jax.models.attention.dot_product_attention` will run."""
     import jax.numpy as jnp
+    if impl == "auto" and backend == "tpu":
+        return "pallas"
     if impl == "auto":
         cudnn = (backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
                  and head_dim <= 128)
@@ -176,6 +222,29 @@ def _lowering(impl: str, backend: str, dtype, head_dim: int) -> str:
     if impl == "xla" and backend == "cpu":
         return "blocked"
     return impl
+
+
+def _setting(pipe, batch: int):
+    """(devices, per-device batch, backend, compute dtype) of ``pipe`` for ``batch`` images."""
+    devices = list(pipe.mesh.devices.flat)
+    return devices, -(-batch // len(devices)), devices[0].platform, pipe.models.unet.dtype
+
+
+def pipeline_vae_tile(pipe, batch: int, height: int, width: int) -> int | None:
+    """:func:`vae_tile` for ``pipe`` (its ``vae_tiling`` mode, default "auto") at ``batch`` images;
+    decided once per mode and shape (free memory changes, the program should not)."""
+    import numpy as np
+    mode = getattr(pipe, "vae_tiling", "auto")
+    decided = pipe.__dict__.setdefault("_vae_tiles", {})
+    if (mode, batch, height, width) not in decided:
+        devices, per_device, backend, dtype = _setting(pipe, batch)
+        vae = pipe.models.vae
+        avail = available(devices[0])
+        decided[mode, batch, height, width] = vae_tile(
+            mode, vae.config, batch=per_device, height=height, width=width,
+            dtype_bytes=np.dtype(vae.dtype).itemsize, available_bytes=None if avail is None else avail[0],
+            vae_attention=_lowering(vae.attention, backend, dtype, vae.config.block_out_channels[-1]))
+    return decided[mode, batch, height, width]
 
 
 def check_generation(pipe, batch: int, height: int, width: int) -> None:
@@ -188,16 +257,14 @@ def check_generation(pipe, batch: int, height: int, width: int) -> None:
     if not getattr(pipe, "memory_check", True) or (batch, height, width) in checked:
         return  # once per shape: later, the previous batch's buffers would count against the next
     models = pipe.models
-    devices = list(pipe.mesh.devices.flat)
-    per_device = -(-batch // len(devices))
-    backend = devices[0].platform
-    dtype = models.unet.dtype
+    devices, per_device, backend, dtype = _setting(pipe, batch)
     unet_head = min(c // h for c, h in zip(models.unet.config.block_out_channels, models.unet.config.heads))
     est = estimate(models.unet.config, models.vae.config, batch=per_device, height=height, width=width,
                    dtype_bytes=np.dtype(dtype).itemsize,
                    unet_attention=_lowering(models.unet.attention, backend, dtype, unet_head),
                    vae_attention=_lowering(models.vae.attention, backend, dtype,
-                                           models.vae.config.block_out_channels[-1]))
+                                           models.vae.config.block_out_channels[-1]),
+                   vae_tile=pipeline_vae_tile(pipe, batch, height, width))
     avail = available(devices[0])
     if avail is None:
         return

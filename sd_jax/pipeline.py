@@ -34,6 +34,7 @@ from sd_jax.control import keep_table, load_control_image
 from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, controlnet_residuals, unet_denoiser
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
 from sd_jax.diffusion.sampling import sample
+from sd_jax.models import vae_tiling
 from sd_jax.families import Models  # noqa: F401  (re-exported: the pipeline's networks)
 from sd_jax.models import controlnet as controlnet_model
 from sd_jax.prompts import editing, embeddings
@@ -76,6 +77,8 @@ class Plan:
       all encoded; a traced per-step index picks one (:mod:`sd_jax.prompts.editing`).
     controlnets: the ControlNets that steer it, ``(index in pipe.controlnets, ControlNetConfig)``
       each, in the order their residuals are summed; guess_mode: diffusers' ``guess_mode``.
+    vae_tile: the VAE decodes/encodes in tiles of this many latents (None: untiled); set per
+      batch size from ``pipe.vae_tiling`` (:func:`sd_jax.memory.pipeline_vae_tile`).
     """
     sampler: Any
     start: int
@@ -93,6 +96,7 @@ class Plan:
     prompt_variants: int = 1
     controlnets: tuple = ()
     guess_mode: bool = False
+    vae_tile: int | None = None
 
 
 def encode_prompt(models: Models, encoding: families.PromptEncoding, params, ids, clip_skip, time_ids=None,
@@ -140,19 +144,26 @@ def _batch_ids(encoding: families.PromptEncoding, batch, negative: bool = False,
     return batch[keys[0]] if len(keys) == 1 else tuple(batch[k] for k in keys)
 
 
-def vae_encode(models: Models, params, images):
-    """float32 [B, H, W, 3] in [-1, 1] -> latents in the diffusion model's space.
+def vae_encode(models: Models, params, images, tile: int | None = None):
+    """float32 [B, H, W, 3] in [-1, 1] -> latents in the diffusion model's space (in tiles of
+    ``tile`` latents: :mod:`sd_jax.models.vae_tiling`).
 
     The distribution's mean, not a sample: a trained VAE's std is ~1e-3 of the latent scale."""
-    mean, _ = models.vae.apply({"params": params["vae"]}, images.astype(models.vae.dtype), method="encode")
+    if tile:
+        mean, _ = vae_tiling.encode(models.vae, params["vae"], images.astype(models.vae.dtype), tile)
+    else:
+        mean, _ = models.vae.apply({"params": params["vae"]}, images.astype(models.vae.dtype), method="encode")
     return models.vae.config.scale_latents(mean.astype(jnp.float32))
 
 
-def vae_decode(models: Models, params, latents, output: str = "float32", watermark: bool = False):
+def vae_decode(models: Models, params, latents, output: str = "float32", watermark: bool = False,
+               tile: int | None = None):
     """Latents [B, h, w, C] -> images [B, H, W, 3]: float32 in [0, 1], or uint8 (``output="uint8"``);
-    ``watermark``: marked as diffusers' SDXL pipelines do (:func:`sd_jax.watermark.apply_watermark`)."""
+    ``watermark``: marked as diffusers' SDXL pipelines do (:func:`sd_jax.watermark.apply_watermark`);
+    in tiles of ``tile`` latents (:mod:`sd_jax.models.vae_tiling`) when given."""
     z = models.vae.config.unscale_latents(latents).astype(models.vae.dtype)
-    img = models.vae.apply({"params": params["vae"]}, z, method="decode")
+    img = (vae_tiling.decode(models.vae, params["vae"], z, tile) if tile else
+           models.vae.apply({"params": params["vae"]}, z, method="decode"))
     if watermark:
         img = apply_watermark(img)
     img = jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
@@ -200,7 +211,7 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
     if plan.mode == "txt2img":
         x = noise0 * sampler.init_noise_sigma
     else:
-        image_latents = vae_encode(models, params, batch["image"])
+        image_latents = vae_encode(models, params, batch["image"], plan.vae_tile)
         if plan.mode == "inpaint" and plan.start == 0:
             x = noise0 * sampler.init_noise_sigma
         else:
@@ -211,7 +222,7 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
         # diffusers resizes the mask with nearest-neighbour interpolation to the latent grid.
         mask_lat = m[:, ::m.shape[1] // h, ::m.shape[2] // w, :]
         if models.unet.config.in_channels == 9:  # the inpainting UNet sees mask and masked image
-            masked = vae_encode(models, params, batch["image"] * (m < 0.5))
+            masked = vae_encode(models, params, batch["image"] * (m < 0.5), plan.vae_tile)
             extra = jnp.concatenate([mask_lat, masked], axis=-1).astype(models.unet.dtype)
             cond = cond.replace(concat=extra)
             uncond = uncond.replace(concat=extra) if uncond is not None else None
@@ -242,7 +253,7 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
                   post_step=blend, loop="python" if plan.loop == "debug" else plan.loop)
     if plan.output == "latent":
         return x
-    return vae_decode(models, params, x, plan.output, plan.watermark)
+    return vae_decode(models, params, x, plan.output, plan.watermark, plan.vae_tile)
 
 
 def img2img_start(num_inference_steps: int, strength: float, order: int = 1) -> int:
@@ -322,6 +333,7 @@ class StableDiffusionPipeline:
         self.watermark = self.family.watermark
         self.embeddings: dict[str, int] = {}  # textual-inversion tokens: name -> vectors (load_embeddings)
         self.controlnets: list = []  # (name, ControlNetConfig) of each load_controlnet, in order
+        self.vae_tiling = "auto"  # "on", "off", "auto" (:func:`sd_jax.memory.vae_tile`)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -550,10 +562,11 @@ class StableDiffusionPipeline:
         return batch
 
     def _executable(self, plan: Plan, batch):
-        key = (plan, tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items())))
+        tiled = self._vae_tiled(plan, batch["seeds"].shape[0])
+        key = (plan, tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items())), tiled.vae_tile)
         fn = self._compiled.get(key)
         if fn is None:
-            f = functools.partial(_generate, self.models, self.family.prompt, plan)
+            f = functools.partial(_generate, self.models, self.family.prompt, tiled)
             if plan.loop == "debug":
                 fn = f
             else:
@@ -564,6 +577,12 @@ class StableDiffusionPipeline:
                 self.compilations += 1
             self._compiled[key] = fn
         return fn
+
+    def _vae_tiled(self, plan: Plan, rows: int) -> Plan:
+        """``plan`` with the VAE tiling :attr:`vae_tiling` asks for at ``rows`` images per call."""
+        f = self.models.vae_scale
+        return dataclasses.replace(plan, vae_tile=memory.pipeline_vae_tile(
+            self, rows, plan.latent_shape[0] * f, plan.latent_shape[1] * f))
 
     def compiled_sizes(self, plan: Plan) -> set[int]:
         """The call sizes (rows) ``plan`` is compiled for in this pipeline."""
@@ -723,5 +742,5 @@ class StableDiffusionPipeline:
         size = sharding.padded_size(batch_size, self.mesh)
         batch = sharding.shard_batch({k: sharding.pad_batch(v, size) for k, v in self._inputs(plan, [r]).items()},
                                      self.mesh)
-        return jax.jit(functools.partial(_generate, self.models, self.family.prompt, plan),
+        return jax.jit(functools.partial(_generate, self.models, self.family.prompt, self._vae_tiled(plan, size)),
                        out_shardings=sharding.batch_sharded(self.mesh)).lower(self.params, batch)

@@ -10,15 +10,23 @@ Modules call :func:`dot_product_attention` with the implementation named by thei
                flash attention on NVIDIA GPUs (fp16/bf16 only).
 ``"chunked"``  queries processed in chunks with ``lax.map`` so the score matrix
                never exceeds ``chunk x Lk`` per head: memory-saving for large images.
-``"auto"``     ``"cudnn"`` on GPU for unmasked fp16/bf16 attention with a head size cuDNN
-               takes (a multiple of 8, at most 128), else ``"xla"``.
+``"pallas"``   flash attention as a Pallas TPU kernel of our own
+               (:mod:`sd_jax.models.pallas_attention`): any head size (zero-padded to a
+               multiple of 128) and key count (padded to a block, masked); masked or causal
+               attention goes to ``"xla"``.  Off a TPU it runs in Pallas interpret mode:
+               exact but slow, for tests.
+``"auto"``     ``"pallas"`` on TPU for unmasked attention; ``"cudnn"`` on GPU for unmasked
+               fp16/bf16 attention with a head size cuDNN takes (a multiple of 8, at most
+               128); else ``"xla"``.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked")
+from sd_jax.models.pallas_attention import flash_attention
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked", "pallas")
 
 # CPU blocking.  Materialising [B, H, Lq, Lk] float32 scores (1 GiB for SD's 4096-token
 # self-attention at batch 2) makes every softmax pass a trip to DRAM, and each fresh
@@ -129,9 +137,12 @@ def _chunked(q, k, v, mask, scale, chunk):
     return out.swapaxes(0, 1).reshape(q.shape[:2] + v.shape[2:])
 
 
-def _resolve(impl: str, dtype, head_dim: int, masked: bool) -> str:
+def _resolve(impl: str, dtype, head_dim: int, masked: bool, causal: bool = False) -> str:
     if impl != "auto":
         return impl
+    # TPUs have no fused attention in XLA; the Pallas kernel never materialises the scores.
+    if jax.default_backend() == "tpu" and not (masked or causal):
+        return "pallas"
     # cuDNN's fused kernels take half-precision head sizes that are multiples of 8 up to 128
     # (the VAE's single 512-wide head is not one of them); masks other than causal go to XLA.
     if (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and not masked
@@ -156,10 +167,12 @@ def dot_product_attention(q, k, v, *, impl: str = "xla", mask=None, causal: bool
       [B, Lq, H, D].
     """
     scale = q.shape[-1] ** -0.5
-    impl = _resolve(check_impl(impl), q.dtype, q.shape[-1], mask is not None)
+    impl = _resolve(check_impl(impl), q.dtype, q.shape[-1], mask is not None, causal)
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                             implementation="cudnn")
+    if impl == "pallas" and mask is None and not causal:
+        return flash_attention(q, k, v)
     if causal:
         cm = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
         mask = cm if mask is None else jnp.logical_and(mask, cm)

@@ -151,8 +151,10 @@ def kl_divergence(mean, logvar):
 
 def _attention_impl(impl: str, head_dim: int) -> str:
     # The VAE attends with one head of dim = channels (512 for SD); cuDNN's fused kernel takes
-    # head dims <= 128 (256 on Hopper), so "auto"/"cudnn" fall back to XLA here.
-    if impl in ("auto", "cudnn") and head_dim > 128:
+    # head dims <= 128 (256 on Hopper), so "auto"/"cudnn" fall back to XLA here (on TPU "auto"
+    # stays: the Pallas kernel takes any head size).
+    tpu_auto = impl == "auto" and jax.default_backend() == "tpu"
+    if impl in ("auto", "cudnn") and head_dim > 128 and not tpu_auto:
         return "xla"
     return impl
 
