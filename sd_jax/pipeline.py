@@ -33,6 +33,8 @@ from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, u
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
 from sd_jax.diffusion.sampling import sample
 from sd_jax.families import Models  # noqa: F401  (re-exported: the pipeline's networks)
+from sd_jax.models import safety_checker as safety
+from sd_jax.models.policy import Policy
 from sd_jax.request import Dispatcher, GenerationRequest, RequestError
 from sd_jax.tokenizer import tokenize
 from sd_jax.weights import loader
@@ -64,6 +66,9 @@ class Plan:
       (the final latents [B, h, w, C], not decoded: for a second model to continue from).
     loop: ``"scan"``, ``"python"`` (compiled, unrolled) or ``"debug"`` (not compiled).
     given_noise: the initial noise comes with the request (``latents``) instead of its seed.
+    safety: the safety checker run on the decoded images, with its action on flagged ones
+      (:class:`sd_jax.models.safety_checker.SafetyChecker`), or None; with one, the output is
+      ``(images, nsfw bool [B])``.
     """
     sampler: Any
     start: int
@@ -75,6 +80,7 @@ class Plan:
     output: str = "uint8"
     loop: str = "scan"
     given_noise: bool = False
+    safety: Any = None
 
 
 def encode_prompt(models: Models, encoding: families.PromptEncoding, params, ids, clip_skip, time_ids=None,
@@ -177,7 +183,8 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
                   post_step=blend, loop="python" if plan.loop == "debug" else plan.loop)
     if plan.output == "latent":
         return x
-    return vae_decode(models, params, x, plan.output)
+    images = vae_decode(models, params, x, plan.output)
+    return images if plan.safety is None else plan.safety(params["safety_checker"], images)
 
 
 def img2img_start(num_inference_steps: int, strength: float, order: int = 1) -> int:
@@ -236,10 +243,14 @@ class StableDiffusionPipeline:
 
     def __init__(self, models: Models, params, tokenizer, scheduler_config: SchedulerConfig,
                  scheduler_name: str, mesh=None, source: str | None = None, family: families.Family | None = None,
-                 tokenizers: dict | None = None, options: dict | None = None):
+                 tokenizers: dict | None = None, options: dict | None = None, safety_checker=None,
+                 safety_policy: str = "black"):
         """``tokenizer``: the (first) tokenizer; ``tokenizers``: ``{folder: tokenizer}`` of every
         tokenizer of the family (SDXL has two; default: ``tokenizer`` alone); ``options``: the
-        pipeline options (:meth:`sd_jax.families.Family.pipeline_options`)."""
+        pipeline options (:meth:`sd_jax.families.Family.pipeline_options`); ``safety_checker``:
+        None or ``(SafetyChecker, params)`` (:mod:`sd_jax.models.safety_checker`), run on every
+        decoded image; ``safety_policy``: what it does to a flagged image (``"black"``,
+        ``"blur"``, ``"keep"``; an attribute, changeable between calls)."""
         self.models = models
         self.family = family or families.detect({"text_encoder": models.text_encoder.config})
         self.tokenizer = tokenizer
@@ -252,18 +263,32 @@ class StableDiffusionPipeline:
         self.source = source
         self._compiled: dict = {}
         self.compilations = 0  # programs compiled by this pipeline (tests, metrics)
+        self.safety_checker, self.safety_params = safety_checker or (None, None)
+        if self.safety_params is not None:
+            self.safety_params = sharding.replicate(self.safety_params, self.mesh)
+        self.safety_policy = safety_policy
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str, *, dtype=jnp.float32, param_dtype=None, attention: str = "xla",
-                        mesh=None, variant: str | None = None, allow_pickle: bool = False):
+                        mesh=None, variant: str | None = None, allow_pickle: bool = False,
+                        safety_checker: bool = True, safety_policy: str = "black"):
         """Load a diffusers folder (``model_index.json``), a single-file ``.safetensors`` or an
-        sd-jax checkpoint folder (:func:`sd_jax.weights.loader.load`)."""
+        sd-jax checkpoint folder (:func:`sd_jax.weights.loader.load`).
+
+        A diffusers folder's ``safety_checker/`` (with ``feature_extractor/``) is loaded and
+        run on every image unless ``safety_checker=False``; ``safety_policy``: ``"black"``
+        (diffusers'), ``"blur"`` or ``"keep"`` for flagged images."""
         mesh = mesh if mesh is not None else sharding.make_mesh()
         m = loader.load(path, dtype=dtype, param_dtype=param_dtype, attention=attention, variant=variant,
                         allow_pickle=allow_pickle, mesh=mesh)
+        checker = None
+        if safety_checker and os.path.isdir(path) and safety.present(path):
+            checker = safety.load(path, policy=Policy(dtype, param_dtype, attention), action=safety_policy,
+                                  variant=variant, allow_pickle=allow_pickle)
         return cls(m.models, m.params, m.tokenizer, m.scheduler_config, m.scheduler_name, mesh=mesh, source=m.source,
-                   family=m.family, tokenizers=m.tokenizers, options=m.options)
+                   family=m.family, tokenizers=m.tokenizers, options=m.options, safety_checker=checker,
+                   safety_policy=safety_policy)
 
     def save_pretrained(self, path: str, format: str = "orbax") -> None:
         """Save as an sd-jax orbax checkpoint (``format="orbax"``) or a diffusers folder."""
@@ -318,6 +343,12 @@ class StableDiffusionPipeline:
         r = r.replace(height=height, width=width, scheduler=scheduler)
         plan = Plan(sampler, start, sampler.num_steps, r.mode, r.guided, r.clip_skip, latent_shape,
                     output, loop, r.latents is not None)
+        if self.safety_checker is not None and output != "latent":  # diffusers: not on latents either
+            try:
+                checker = dataclasses.replace(self.safety_checker, action=self.safety_policy)
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+            plan = dataclasses.replace(plan, safety=checker)
         return r, plan
 
     def _inputs(self, plan: Plan, requests: Sequence[GenerationRequest]) -> dict:
@@ -356,7 +387,7 @@ class StableDiffusionPipeline:
                 f_ = self.models.vae_scale  # refuse what cannot fit before XLA tries (and aborts)
                 memory.check_generation(self, batch["seeds"].shape[0], plan.latent_shape[0] * f_,
                                         plan.latent_shape[1] * f_)
-                fn = jax.jit(f, out_shardings=sharding.batch_sharded(self.mesh)).lower(self.params, batch).compile()
+                fn = jax.jit(f, out_shardings=sharding.batch_sharded(self.mesh)).lower(self._params(plan), batch).compile()
                 self.compilations += 1
             self._compiled[key] = fn
         return fn
@@ -372,7 +403,11 @@ class StableDiffusionPipeline:
         size = sharding.padded_size(max(size or 0, len(requests)), self.mesh)
         batch = sharding.shard_batch({k: sharding.pad_batch(v, size) for k, v in self._inputs(plan, requests).items()},
                                      self.mesh)
-        return self._executable(plan, batch)(self.params, batch)
+        return self._executable(plan, batch)(self._params(plan), batch)
+
+    def _params(self, plan: Plan) -> dict:
+        """The parameters a compiled call of ``plan`` takes (the safety checker's with it)."""
+        return self.params if plan.safety is None else {**self.params, "safety_checker": self.safety_params}
 
     def compile(self, plan: Plan, request: GenerationRequest, size: int) -> None:
         """Compile ``plan`` for calls of ``size`` rows (the request gives example inputs)."""
@@ -449,11 +484,13 @@ class StableDiffusionPipeline:
                                  width=width, scheduler=scheduler, clip_skip=clip_skip, image=image,
                                  mask_image=mask_image, strength=strength, latents=latents,
                                  num_images_per_prompt=num_images_per_prompt)
-        images = np.stack(Dispatcher(self, batch_size=batch_size, output=output, loop=loop).generate(requests))
+        dispatcher = Dispatcher(self, batch_size=batch_size, output=output, loop=loop)
+        images = np.stack(dispatcher.generate(requests))
+        flags = None if self.safety_checker is None or output == "latent" else [bool(f) for f in dispatcher.flags]
         if output_type != "pil":
-            return images
+            return safety.FlaggedArray.of(images, flags)
         from PIL import Image
-        return [Image.fromarray(im) for im in images]
+        return safety.FlaggedList([Image.fromarray(im) for im in images], flags)
 
     def generate_async(self, prompt, negative_prompt=None, *, loop="scan", output="uint8", **kwargs):
         """Like ``__call__`` but returns at once: (output [B_padded, ...] global jax.Array, n).
@@ -479,4 +516,4 @@ class StableDiffusionPipeline:
         batch = sharding.shard_batch({k: sharding.pad_batch(v, size) for k, v in self._inputs(plan, [r]).items()},
                                      self.mesh)
         return jax.jit(functools.partial(_generate, self.models, self.family.prompt, plan),
-                       out_shardings=sharding.batch_sharded(self.mesh)).lower(self.params, batch)
+                       out_shardings=sharding.batch_sharded(self.mesh)).lower(self._params(plan), batch)

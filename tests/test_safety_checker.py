@@ -29,8 +29,8 @@ TEXT = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_lay
             bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 
-def processor(size=30):
-    return transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+def processor(size=30, crop=30):
+    return transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": crop, "width": crop})
 
 
 def clip_input(images, size=30):
@@ -186,3 +186,55 @@ def test_wrong_projection_size(tmp_path, checker):
     os.remove(tmp_path / "feature_extractor" / "preprocessor_config.json")
     with pytest.raises(CheckpointError, match="no feature_extractor.*--no-safety-checker"):
         sc.load(tmp_path)
+
+
+# ---- in the pipeline -------------------------------------------------------------------
+
+STEPS, SIZE = 3, 32      # the tiny pipeline's 32x32 images: the checker sees a 30x30 centre crop
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """A tiny SD1 folder with a tiny safety checker made to flag two of four generated images
+    (see build_checker), and diffusers' pipeline loaded from it with the checker."""
+    import diffusers
+    from tiny_models import build_tiny_pipeline, nchw
+    folder = tmp_path_factory.mktemp("sd_safety")
+    ref = build_tiny_pipeline(str(folder))
+    lat = np.random.RandomState(0).randn(4, SIZE // 2, SIZE // 2, 4).astype(np.float32)
+    kw = dict(prompt=["a red circle", "a blue square", "a green circle", "shapes"], num_inference_steps=STEPS,
+              guidance_scale=7.5, height=SIZE, width=SIZE, output_type="np")
+    with torch.no_grad():
+        plain = ref(latents=nchw(lat), **kw).images
+    build_checker(folder, np.round(plain * 255).astype(np.uint8), size=SIZE)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    checked = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    checked.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        out = checked(latents=nchw(lat), **kw)
+    return folder, lat, kw, plain, out
+
+
+def test_pipeline_flags_equal_diffusers(pipelines):
+    from sd_jax.pipeline import StableDiffusionPipeline
+    folder, lat, kw, plain, ref = pipelines
+    assert ref.nsfw_content_detected == [True, True, False, False]     # by construction
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+    assert pipe.safety_checker is not None
+    args = dict(latents=lat, num_inference_steps=STEPS, height=SIZE, width=SIZE, scheduler="ddim")
+    got = pipe(kw["prompt"], output_type="np", **args)
+    assert got.nsfw_content_detected == ref.nsfw_content_detected
+    assert np.abs(got - ref.images).max() <= 5e-6           # flagged ones black on both sides
+    assert (got[:2] == 0).all() and np.abs(got[2:] - plain[2:]).max() <= 5e-6
+    # with the flagged images kept (the flags still recorded)
+    pipe.safety_policy = "keep"
+    kept = pipe(kw["prompt"], output_type="np", **args)
+    assert kept.nsfw_content_detected == ref.nsfw_content_detected
+    assert np.abs(kept - plain).max() <= 5e-6
+    pipe.safety_policy = "pink"
+    with pytest.raises(ValueError, match="safety policy 'pink'"):
+        pipe(kw["prompt"], output_type="np", **args)
+    assert StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=False).safety_checker is None

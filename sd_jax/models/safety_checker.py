@@ -41,7 +41,7 @@ from sd_jax.models.policy import Policy
 from sd_jax.weights.diffusers import read_config, read_state_dict
 from sd_jax.weights.safetensors_io import CheckpointError
 
-__all__ = ["SafetyChecker", "ACTIONS", "load", "present", "cosine", "blur"]
+__all__ = ["SafetyChecker", "ACTIONS", "load", "present", "cosine", "blur", "FlaggedArray", "FlaggedList"]
 
 ACTIONS = ("black", "blur", "keep")
 _CONCEPT_KEYS = ("concept_embeds", "concept_embeds_weights", "special_care_embeds", "special_care_embeds_weights")
@@ -120,6 +120,31 @@ class SafetyChecker:
             return images, nsfw
         replaced = jnp.zeros_like(images) if self.action == "black" else blur(images)
         return jnp.where(nsfw[:, None, None, None], replaced, images), nsfw
+
+
+# ---- pipeline outputs -------------------------------------------------------------------
+
+class FlaggedArray(np.ndarray):
+    """A numpy array of images with diffusers' ``nsfw_content_detected``: a list of bools,
+    one per image, or None when no checker ran."""
+    nsfw_content_detected = None
+
+    @classmethod
+    def of(cls, images: np.ndarray, flags) -> "FlaggedArray":
+        out = np.asarray(images).view(cls)
+        out.nsfw_content_detected = flags
+        return out
+
+    def __array_finalize__(self, obj):
+        self.nsfw_content_detected = getattr(obj, "nsfw_content_detected", None)
+
+
+class FlaggedList(list):
+    """A list of PIL images with diffusers' ``nsfw_content_detected`` (see :class:`FlaggedArray`)."""
+
+    def __init__(self, images, flags=None):
+        super().__init__(images)
+        self.nsfw_content_detected = flags
 
 
 # ---- loading ----------------------------------------------------------------------------
