@@ -51,6 +51,10 @@ def _add_gen_args(p):
     p.add_argument("--clip-skip", type=int, default=None)
     p.add_argument("--no-memory-check", action="store_true",
                    help="skip the check that the size and batch fit in memory (refused before compiling)")
+    p.add_argument("--no-safety-checker", action="store_true",
+                   help="do not run the model's safety checker (on by default when the model has one)")
+    p.add_argument("--safety-policy", choices=["black", "blur", "keep"], default="black",
+                   help="what the safety checker does to a flagged image (keep: only record the flag)")
 
 
 def build_parser() -> argparse.ArgumentParser:

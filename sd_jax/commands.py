@@ -117,7 +117,8 @@ def _maybe_initialize_distributed() -> None:
         sharding.initialize_distributed()
 
 
-def load_model(path: str, *, dtype: str = "fp32", attention: str = "auto", mesh=None):
+def load_model(path: str, *, dtype: str = "fp32", attention: str = "auto", mesh=None, safety_checker: bool = True,
+               safety_policy: str = "black"):
     """Load a model (any format), turning every way a model can be broken into one-line errors."""
     from sd_jax.models.attention import check_impl
     from sd_jax.pipeline import StableDiffusionPipeline
@@ -127,7 +128,8 @@ def load_model(path: str, *, dtype: str = "fp32", attention: str = "auto", mesh=
     except ValueError as e:
         raise UsageError(f"--attention {attention}: {e}") from e
     try:
-        return StableDiffusionPipeline.from_pretrained(path, dtype=_dtype(dtype), attention=attention, mesh=mesh)
+        return StableDiffusionPipeline.from_pretrained(path, dtype=_dtype(dtype), attention=attention, mesh=mesh,
+                                                       safety_checker=safety_checker, safety_policy=safety_policy)
     except CheckpointError:
         raise
     except (ValueError, KeyError, IndexError, TypeError, OSError) as e:
@@ -159,7 +161,14 @@ def load(args, mesh=None):
     path = model_path(args)
     _maybe_initialize_distributed()
     enable_compilation_cache()
-    return load_model(path, dtype=args.dtype, attention=args.attention, mesh=mesh)
+    off = getattr(args, "no_safety_checker", False)
+    if off and os.path.isdir(path):
+        from sd_jax.models.safety_checker import present
+        if present(path):
+            print("sd-jax: note: the model's safety checker is off (--no-safety-checker): images are not checked "
+                  "for NSFW content", file=sys.stderr)
+    return load_model(path, dtype=args.dtype, attention=args.attention, mesh=mesh, safety_checker=not off,
+                      safety_policy=getattr(args, "safety_policy", "black"))
 
 
 def model_name(pipe) -> str:
@@ -307,9 +316,11 @@ def generate(args) -> int:
                                   strength=strength)
                 for i in range(args.num)]
 
-    def write(i: int, img) -> None:
+    def write(i: int, img, nsfw=None) -> None:
         path = args.output if args.num == 1 else f"{stem}-{i}.png"
         meta = {"prompt": args.prompt, **s, "seed": s["seed"] + i, "model": model_name(pipe), "generator": "sd-jax"}
+        if nsfw is not None:  # the safety checker ran
+            meta["nsfw_content_detected"] = nsfw
         if args.init_image:
             meta["strength"] = strength
             meta["mode"] = "inpaint" if args.mask else "img2img"
@@ -334,9 +345,10 @@ def generate(args) -> int:
         for call in Dispatcher(pipe, batch_size=chunk, output="uint8").run(requests):
             if stop:
                 break
-            for (i, _), img in zip(call.items, call.host()):
+            flags = call.host_flags()
+            for j, ((i, _), img) in enumerate(zip(call.items, call.host())):
                 if writer:
-                    write(i, img)
+                    write(i, img, None if flags is None else bool(flags[j]))
                 written += 1
             bar.update(len(call.items))
     finally:
@@ -408,7 +420,7 @@ def convert(args) -> int:
         raise UsageError(f"{args.dest} already exists; pass --overwrite to replace it, or choose another DEST")
     _check_writable(os.path.abspath(args.dest), "DEST")
     with _signals_interrupt():
-        pipe = load_model(args.source, dtype="fp32", attention="xla")
+        pipe = load_model(args.source, dtype="fp32", attention="xla", safety_checker=False)
         pipe.save_pretrained(args.dest, format="orbax" if args.to == "sd-jax" else "diffusers")
     print(f"wrote {args.to} model to {args.dest}")
     return 0

@@ -238,3 +238,37 @@ def test_pipeline_flags_equal_diffusers(pipelines):
     with pytest.raises(ValueError, match="safety policy 'pink'"):
         pipe(kw["prompt"], output_type="np", **args)
     assert StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=False).safety_checker is None
+
+
+def test_batch_records_flags(pipelines, tmp_path, capsys):
+    """``sd-jax batch`` (in process): each image's flag in the manifest and in its PNG
+    metadata, equal to the checker's verdict on the written image (``--safety-policy keep``
+    writes the image the checker saw)."""
+    from sd_jax import cli
+    from sd_jax.images import read_metadata
+    folder = pipelines[0]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "out"
+    assert cli.main(["batch", str(prompts), "--out", str(out), "--model", str(folder), "--size", "32x32",
+                     "--steps", "2", "--safety-policy", "keep", "--no-progress"]) == 0
+    entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    from PIL import Image
+    written = np.stack([np.asarray(Image.open(out / e["file"])) for e in entries])
+    checker, params = sc.load(folder)
+    want = np.asarray(jax.jit(checker.scores)(params, written)["nsfw"]).tolist()
+    assert [e["nsfw_content_detected"] for e in entries] == want
+    assert [read_metadata(out / e["file"])["nsfw_content_detected"] for e in entries] == want
+
+
+def test_no_safety_checker_notice(pipelines, capsys):
+    from sd_jax import cli, commands
+    args = cli.build_parser().parse_args(["generate", "x", "--model", str(pipelines[0]), "--no-safety-checker"])
+    assert commands.load(args).safety_checker is None
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["sd-jax: note: the model's safety checker is off (--no-safety-checker): images are not "
+                   "checked for NSFW content"]
+    args = cli.build_parser().parse_args(["generate", "x", "--model", str(pipelines[0]), "--safety-policy", "blur"])
+    pipe = commands.load(args)
+    assert pipe.safety_checker is not None and pipe.safety_policy == "blur"
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.strip()]
