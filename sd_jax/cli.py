@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("recipe", nargs="?", default=None, help=f"one of {', '.join(RECIPES)}")
     t.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    sc = sub.add_parser("score", help="CLIP score of each image in a folder against its prompt")
+    sc.add_argument("folder", help="folder of PNGs with a manifest.jsonl (sd-jax batch) or PNG metadata")
+    sc.add_argument("--clip", required=True, help="transformers CLIPModel folder (e.g. clip-vit-large-patch14)")
+    sc.add_argument("--out", default=None, help="write the scores to a .csv or .jsonl file")
+    sc.add_argument("--batch-size", type=int, default=8, help="images per device call")
     return parser
 
 

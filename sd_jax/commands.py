@@ -478,3 +478,25 @@ def train(args) -> int:
         raise UsageError("training from the command line is not available in this version; "
                          "use the sd_jax.train Python API") from None
     return train_cli.run(args.recipe, args.rest)
+
+
+def score(args) -> int:
+    """``sd-jax score FOLDER --clip PATH``: the folder and --out checked before the (slow) CLIP load."""
+    from sd_jax.score import ClipScorer, mean_ci, prompts_of_folder, score_folder, write_table
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if args.out is not None:
+        if not args.out.endswith((".csv", ".jsonl")):
+            raise UsageError(f"--out {args.out!r} must end in .csv or .jsonl")
+        _check_writable(args.out, "--out")
+    if not prompts_of_folder(args.folder):
+        raise UsageError(f"{args.folder!r}: its manifest.jsonl lists no image that exists")
+    if not os.path.exists(args.clip):
+        raise UsageError(f"--clip {args.clip!r} not found; give a transformers CLIPModel folder")
+    rows = score_folder(args.folder, ClipScorer.load(args.clip), args.batch_size)
+    if args.out:
+        write_table(rows, args.out)
+    mean, half = mean_ci([r["clip_score"] for r in rows])
+    ci = f" ± {half:.2f} (95% CI)" if half == half else ""
+    print(f"CLIP score: {mean:.2f}{ci} over {len(rows)} image(s)" + (f"; table in {args.out}" if args.out else ""))
+    return 0
