@@ -187,7 +187,17 @@ def load(model_folder: str | os.PathLike, *, policy: Policy | None = None, actio
                               f"add the model's feature_extractor/ or turn the checker off (--no-safety-checker)")
     pre = cv.PreprocessConfig.read(fe_dir)
     config = cv.CLIPVisionConfig.from_dict(read_config(sc_dir))
-    state_dict = {_rename(k): v for k, v in read_state_dict(sc_dir, variant=variant, allow_pickle=allow_pickle).items()}
+    state_dict = read_state_dict(sc_dir, variant=variant, allow_pickle=allow_pickle)
+    checker, params = from_state_dict(config, state_dict, pre, sc_dir, policy=policy, action=action)
+    return checker, jax.device_put(params)
+
+
+def from_state_dict(config: cv.CLIPVisionConfig, state_dict, preprocess: cv.PreprocessConfig, where: str, *,
+                    policy: Policy | None = None, action: str = "black") -> tuple[SafetyChecker, dict]:
+    """The checker and its host parameters from a ``StableDiffusionSafetyChecker`` state dict
+    (``config``: its vision config with ``projection_dim``; ``where`` names it in errors)."""
+    sc_dir = where
+    state_dict = {_rename(k): v for k, v in state_dict.items()}
     missing = [k for k in _CONCEPT_KEYS if k not in state_dict]
     if missing:
         raise CheckpointError(f"safety checker in {sc_dir!r} has no {', '.join(missing)}; "
@@ -203,8 +213,7 @@ def load(model_folder: str | os.PathLike, *, policy: Policy | None = None, actio
             raise CheckpointError(f"safety checker in {sc_dir!r}: {k} has shape {e.shape} and {k}_weights "
                                   f"{w.shape}, but the projection is {p} wide (wants [K, {p}] and [K]); "
                                   f"check that config.json belongs to these weights")
-    if pre.crop_size != config.image_size:
-        raise CheckpointError(f"feature_extractor crop_size {pre.crop_size} differs from the safety checker's "
-                              f"image_size {config.image_size} in {folder!r}")
-    checker = SafetyChecker(vision, pre, action)
-    return checker, jax.device_put({"vision": vparams, **concepts})
+    if preprocess.crop_size != config.image_size:
+        raise CheckpointError(f"feature_extractor crop_size {preprocess.crop_size} differs from the safety "
+                              f"checker's image_size {config.image_size} in {sc_dir!r}")
+    return SafetyChecker(vision, preprocess, action), {"vision": vparams, **concepts}
