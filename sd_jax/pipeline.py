@@ -497,7 +497,8 @@ class StableDiffusionPipeline:
 
         All images must share their static settings (one call).  The device work runs
         asynchronously (JAX dispatch), so a caller can prepare the next batch or write the
-        previous one's files meanwhile; rows ``n:`` are padding.
+        previous one's files meanwhile; rows ``n:`` are padding.  With a safety checker the
+        output is ``(images, nsfw bool [B_padded])``.
         """
         requests = self.requests(prompt, negative_prompt, **kwargs)
         planned = Dispatcher(self, output=output, loop=loop).plan(requests)
