@@ -229,11 +229,8 @@ def test_pipeline_flags_equal_diffusers(pipelines):
     assert got.nsfw_content_detected == ref.nsfw_content_detected
     assert np.abs(got - ref.images).max() <= 5e-6           # flagged ones black on both sides
     assert (got[:2] == 0).all() and np.abs(got[2:] - plain[2:]).max() <= 5e-6
-    # with the flagged images kept (the flags still recorded)
-    pipe.safety_policy = "keep"
-    kept = pipe(kw["prompt"], output_type="np", **args)
-    assert kept.nsfw_content_detected == ref.nsfw_content_detected
-    assert np.abs(kept - plain).max() <= 5e-6
+    # (the other policies, on the same checker outside the pipeline: test_actions; one
+    # compilation of the pipeline is the test's cost)
     pipe.safety_policy = "pink"
     with pytest.raises(ValueError, match="safety policy 'pink'"):
         pipe(kw["prompt"], output_type="np", **args)

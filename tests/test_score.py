@@ -7,15 +7,12 @@ preprocessing is bit-equal and only float error differs: scores (0..100) within 
 """
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from cli_helpers import cli_env
 from sd_jax.score import ClipScorer, mean_ci, prompts_of_folder
 
 PROMPTS = ["a red circle", "a blue square on green", "two yellow triangles", "shapes", "a circle", "grey"]
@@ -156,38 +153,24 @@ def test_errors(clip_dir, tmp_path, capsys):
     assert ".csv or .jsonl" in _one_error_line(capsys)
 
 
-SHARDED = r"""
-import json, sys
-import jax, numpy as np
-from sd_jax import sharding
-from sd_jax.score import ClipScorer
-from sd_jax.models import safety_checker as sc
-clip_dir, model_dir, images_path = sys.argv[1:4]
-x = np.load(images_path)
-prompts = ["a red circle", "a blue square", "grey", "shapes"] * 2
-one, eight = sharding.make_mesh(jax.devices()[:1]), sharding.make_mesh()
-assert len(eight.devices.flat) == 8
-out = {"scores": [ClipScorer.load(clip_dir, mesh=m).score(x, prompts).tolist() for m in (one, eight)]}
-checker, params = sc.load(model_dir)
-for m in (one, eight):
-    r = jax.jit(checker.scores)(sharding.replicate(params, m), sharding.shard_batch(x, m))
-    out.setdefault("nsfw", []).append(np.asarray(r["nsfw"]).tolist())
-    out.setdefault("concept", []).append(np.asarray(r["concept_scores"]).tolist())
-print(json.dumps(out))
-"""
-
-
 def test_sharded_equals_one_device(clip_dir, tmp_path):
-    """Over 8 fake CPU devices: CLIP scores and safety flags equal one device's (a subprocess,
-    as the device count is fixed when JAX starts)."""
+    """Over the test session's 8 fake CPU devices (conftest): CLIP scores and safety flags
+    equal one device's."""
+    import jax
+
+    from sd_jax import sharding
+    from sd_jax.models import safety_checker as sc
     from test_safety_checker import build_checker
     x = images(8, seed=2)
     build_checker(tmp_path, x, size=32)      # flags images 0 and 1 by construction
-    np.save(tmp_path / "x.npy", x)
-    p = subprocess.run([sys.executable, "-c", SHARDED, str(clip_dir[0]), str(tmp_path), str(tmp_path / "x.npy")],
-                       capture_output=True, text=True, env=cli_env(8), timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    r = json.loads(p.stdout.strip().splitlines()[-1])
-    assert np.abs(np.subtract(*r["scores"])).max() <= 1e-4
-    assert r["nsfw"][0] == r["nsfw"][1] and r["nsfw"][0][:3] == [True, True, False]
-    assert np.abs(np.subtract(*r["concept"])).max() <= 1e-3 + 1e-6
+    one, eight = sharding.make_mesh(jax.devices()[:1]), sharding.make_mesh()
+    assert eight.devices.size == 8
+    prompts = ["a red circle", "a blue square", "grey", "shapes"] * 2
+    s1, s8 = (ClipScorer.load(clip_dir[0], mesh=m).score(x, prompts) for m in (one, eight))
+    assert np.abs(s1 - s8).max() <= 1e-4
+    checker, params = sc.load(tmp_path)
+    r1, r8 = (jax.jit(checker.scores)(sharding.replicate(params, m), sharding.shard_batch(x, m)) for m in (one, eight))
+    assert len(r8["nsfw"].sharding.device_set) == 8
+    assert np.asarray(r1["nsfw"]).tolist() == np.asarray(r8["nsfw"]).tolist()
+    assert np.asarray(r1["nsfw"]).tolist()[:3] == [True, True, False]
+    assert np.abs(np.asarray(r1["concept_scores"]) - np.asarray(r8["concept_scores"])).max() <= 1e-3 + 1e-6
