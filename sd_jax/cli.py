@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--replace", action="store_true",
                    help="--out holds a job with other settings: make it this job's, generating the changed "
                         "images again (by default a changed job is refused)")
+    b.add_argument("--score-with", default=None, metavar="CLIP",
+                   help="after the job, CLIP-score every image with this CLIPModel folder: OUT/clip_scores.jsonl")
     _add_model_args(b)
 
     c = sub.add_parser("convert", help="convert a model: diffusers folder / single-file .safetensors / "

@@ -378,10 +378,17 @@ def batch(args) -> int:
     from sd_jax.images import model_name as name_of
     job = batch_lib.job_of_args(args, name_of(model_path(args)), raw)
     batch_lib.check_out(args.out, job, args.replace)  # and so does a folder that cannot be used
+    if args.score_with and not os.path.isdir(args.score_with):
+        raise UsageError(f"--score-with {args.score_with!r} not found; give a transformers CLIPModel folder")
     pipe = load(args)
     if pipe.models.unet.config.in_channels == 9:
         raise UsageError(f"{args.model or 'the model'} is an inpainting model (9 input channels); "
                          f"batch does text-to-image only")
+    scorer = None
+    if args.score_with and jax.process_index() == 0:  # loaded before the job: a bad folder fails early
+        from sd_jax import sharding
+        from sd_jax.score import ClipScorer
+        scorer = ClipScorer.load(args.score_with, mesh=sharding.make_mesh(jax.local_devices()))
     rows = batch_lib.make_rows(raw, settings(args, pipe), args.prompts)
     pipe.memory_check = not args.no_memory_check
     ndev = pipe.mesh.devices.size
@@ -404,6 +411,11 @@ def batch(args) -> int:
         print(f"{s['generated']} generated, {s['skipped']} already done, {s['rows']} rows in {args.out}; "
               f"{s['seconds']:.1f}s{first}, {rate} on {ndev} device(s), batches of {s['batch_size']}",
               file=sys.stderr)
+    if scorer is not None:
+        from sd_jax.score import score_folder, summary, write_table
+        scored = score_folder(args.out, scorer)
+        write_table(scored, os.path.join(args.out, "clip_scores.jsonl"))
+        print(f"{summary(scored)}; table in {os.path.join(args.out, 'clip_scores.jsonl')}", file=sys.stderr)
     return 0
 
 
@@ -482,7 +494,7 @@ def train(args) -> int:
 
 def score(args) -> int:
     """``sd-jax score FOLDER --clip PATH``: the folder and --out checked before the (slow) CLIP load."""
-    from sd_jax.score import ClipScorer, mean_ci, prompts_of_folder, score_folder, write_table
+    from sd_jax.score import ClipScorer, prompts_of_folder, score_folder, summary, write_table
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     if args.out is not None:
@@ -496,7 +508,5 @@ def score(args) -> int:
     rows = score_folder(args.folder, ClipScorer.load(args.clip), args.batch_size)
     if args.out:
         write_table(rows, args.out)
-    mean, half = mean_ci([r["clip_score"] for r in rows])
-    ci = f" ± {half:.2f} (95% CI)" if half == half else ""
-    print(f"CLIP score: {mean:.2f}{ci} over {len(rows)} image(s)" + (f"; table in {args.out}" if args.out else ""))
+    print(summary(rows) + (f"; table in {args.out}" if args.out else ""))
     return 0

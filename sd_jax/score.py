@@ -199,6 +199,13 @@ def mean_ci(scores) -> tuple[float, float]:
     return float(x.mean()), float(half)
 
 
+def summary(rows: list[dict]) -> str:
+    """``CLIP score: 31.20 ± 0.40 (95% CI) over 100 image(s)`` for :func:`score_folder`'s rows."""
+    mean, half = mean_ci([r["clip_score"] for r in rows])
+    ci = f" ± {half:.2f} (95% CI)" if half == half else ""
+    return f"CLIP score: {mean:.2f}{ci} over {len(rows)} image(s)"
+
+
 def score_folder(folder: str, scorer: ClipScorer, batch_size: int = 8) -> list[dict]:
     """``[{"file", "prompt", "clip_score"}]`` for every image of ``folder`` (images grouped by size)."""
     from PIL import Image

@@ -240,15 +240,19 @@ def test_pipeline_flags_equal_diffusers(pipelines):
 def test_batch_records_flags(pipelines, tmp_path, capsys):
     """``sd-jax batch`` (in process): each image's flag in the manifest and in its PNG
     metadata, equal to the checker's verdict on the written image (``--safety-policy keep``
-    writes the image the checker saw)."""
+    writes the image the checker saw); ``--score-with``: the CLIP scores of the written images."""
     from sd_jax import cli
     from sd_jax.images import read_metadata
+    from sd_jax.score import ClipScorer
+    from test_score import build_clip
     folder = pipelines[0]
+    build_clip(tmp_path / "clip")
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\n")
     out = tmp_path / "out"
     assert cli.main(["batch", str(prompts), "--out", str(out), "--model", str(folder), "--size", "32x32",
-                     "--steps", "2", "--safety-policy", "keep", "--no-progress"]) == 0
+                     "--steps", "2", "--safety-policy", "keep", "--no-progress",
+                     "--score-with", str(tmp_path / "clip")]) == 0
     entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     from PIL import Image
     written = np.stack([np.asarray(Image.open(out / e["file"])) for e in entries])
@@ -256,6 +260,11 @@ def test_batch_records_flags(pipelines, tmp_path, capsys):
     want = np.asarray(jax.jit(checker.scores)(params, written)["nsfw"]).tolist()
     assert [e["nsfw_content_detected"] for e in entries] == want
     assert [read_metadata(out / e["file"])["nsfw_content_detected"] for e in entries] == want
+    scores = [json.loads(line) for line in (out / "clip_scores.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["prompt"]) for r in scores] == [(e["file"], e["prompt"]) for e in entries]
+    ref = ClipScorer.load(tmp_path / "clip").score(written, [e["prompt"] for e in entries])
+    assert np.abs(np.asarray([r["clip_score"] for r in scores]) - ref).max() <= 1e-4
+    assert "CLIP score: " in capsys.readouterr().err
 
 
 def test_no_safety_checker_notice(pipelines, capsys):

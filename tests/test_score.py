@@ -19,10 +19,10 @@ PROMPTS = ["a red circle", "a blue square on green", "two yellow triangles", "sh
 ATOL = 1e-3
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
+def build_clip(folder):
+    """Save a tiny random transformers CLIPModel, its tokenizer and a preprocessor (32 px,
+    centre crop 30) in ``folder``; returns (the model, a CLIPProcessor)."""
     from sd_jax.data.tokenizer import write_tokenizer
-    folder = tmp_path_factory.mktemp("clip")
     tok_dir = folder / "_tok"
     vocab = write_tokenizer(str(tok_dir))
     tok = transformers.CLIPTokenizer.from_pretrained(str(tok_dir))
@@ -38,7 +38,18 @@ def clip_dir(tmp_path_factory):
     tok.save_pretrained(folder)
     proc = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 30, "width": 30})
     proc.save_pretrained(folder)
-    return folder, model, transformers.CLIPProcessor(image_processor=proc, tokenizer=tok)
+    return model, transformers.CLIPProcessor(image_processor=proc, tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clip")
+    return (folder, *build_clip(folder))
+
+
+@pytest.fixture(scope="module")
+def scorer(clip_dir):
+    return ClipScorer.load(clip_dir[0])
 
 
 def images(n=6, seed=0):
@@ -63,7 +74,7 @@ class Features(torch.nn.Module):
         return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
 
-def test_scores_equal_torchmetrics(clip_dir):
+def test_scores_equal_torchmetrics(clip_dir, scorer):
     from torchmetrics.multimodal.clip_score import CLIPScore
     folder, model, processor = clip_dir
     x = images()
@@ -73,7 +84,7 @@ def test_scores_equal_torchmetrics(clip_dir):
         metric.reset()
         metric.update(torch.from_numpy(img.transpose(2, 0, 1).copy()), prompt)
         want.append(float(metric.compute()))
-    got = ClipScorer.load(folder).score(x, PROMPTS, batch_size=4)
+    got = scorer.score(x, PROMPTS)
     assert got.shape == (6,) and got.dtype == np.float32
     assert np.abs(got - np.asarray(want)).max() <= ATOL, (got, want)
     assert (got > 0).any() and len(set(np.round(got, 3))) > 2     # a spread, not all clamped
@@ -85,7 +96,7 @@ def test_mean_ci():
     assert np.isnan(mean_ci([5.0])[1])
 
 
-def test_cli_score(clip_dir, tmp_path, capsys):
+def test_cli_score(clip_dir, scorer, tmp_path, capsys):
     """``sd-jax score`` in process: prompts from PNG metadata, then from a manifest; the table
     holds the Python API's scores."""
     from PIL import Image
@@ -101,7 +112,7 @@ def test_cli_score(clip_dir, tmp_path, capsys):
     assert [p for _, p in prompts_of_folder(str(out))] == prompts
     assert cli.main(["score", str(out), "--clip", str(folder), "--out", str(tmp_path / "s.csv")]) == 0
     printed = capsys.readouterr().out
-    want = ClipScorer.load(folder).score(x, prompts)
+    want = scorer.score(x, prompts)
     import csv
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
     assert [r["prompt"] for r in rows] == prompts
@@ -114,7 +125,7 @@ def test_cli_score(clip_dir, tmp_path, capsys):
     assert cli.main(["score", str(out), "--clip", str(folder), "--out", str(tmp_path / "s.jsonl")]) == 0
     rows = [json.loads(line) for line in open(tmp_path / "s.jsonl")]
     assert [(r["file"], r["prompt"]) for r in rows] == [("0.png", "grey"), ("2.png", "a red circle")]
-    want = ClipScorer.load(folder).score(x[[0, 2]], ["grey", "a red circle"])
+    want = scorer.score(x[[0, 2]], ["grey", "a red circle"])
     assert np.abs(np.asarray([r["clip_score"] for r in rows]) - want).max() <= 1e-4
 
 
