@@ -724,11 +724,13 @@ def _generate(pipe, rows, out, model, per_device, progress, write_threads, t_sta
     writes: collections.deque = collections.deque()  # futures of PNG writes, oldest first
     max_pending = max(2 * batch_size, write_threads)  # bounds the host memory held by images to write
 
-    def write(row: Row, img: np.ndarray, seconds: float, batch_index: int, batch_size: int) -> dict:
+    def write(row: Row, img: np.ndarray, seconds: float, batch_index: int, batch_size: int, nsfw=None) -> dict:
         path = os.path.join(out, row.name)
+        # the safety checker's flag, where it ran: in the PNG's metadata and the manifest
+        meta = _meta(row, model) if nsfw is None else {**_meta(row, model), "nsfw_content_detected": nsfw}
         with _writing(path):
-            save_png(path, img, _meta(row, model))
-        return {"file": row.name, "row": row.index, **_meta(row, model), "seconds": round(seconds, 4),
+            save_png(path, img, meta)
+        return {"file": row.name, "row": row.index, **meta, "seconds": round(seconds, 4),
                 "batch": batch_index, "batch_size": batch_size}
 
     def record(limit: int) -> None:
@@ -746,6 +748,7 @@ def _generate(pipe, rows, out, model, per_device, progress, write_threads, t_sta
         nonlocal last_ready, first_batch_seconds
         brows = [todo[i] for i, _ in call.items]
         idx, data = sharding.local_rows(call.out)  # blocks until this call is computed
+        flags = None if call.flags is None else sharding.local_rows(call.flags)[1]
         t_ready = time.perf_counter()
         busy = t_ready - max(call.dispatched_at, last_ready)  # device time of this call (it queued behind the last)
         last_ready = t_ready
@@ -753,7 +756,8 @@ def _generate(pipe, rows, out, model, per_device, progress, write_threads, t_sta
             first_batch_seconds = t_ready - t0  # includes compilation
         for j, i in enumerate(idx):
             if i < len(brows):
-                writes.append(pool.submit(write, brows[i], data[j], busy / len(brows), k, call.size))
+                writes.append(pool.submit(write, brows[i], data[j], busy / len(brows), k, call.size,
+                                          None if flags is None else bool(flags[j])))
         bar.update(len(brows))
         shapes.add((call.plan, call.size))
 

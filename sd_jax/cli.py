@@ -89,6 +89,10 @@ def _add_lora_args(p):
                    help="load a LoRA even if some of its keys match no layer of the model (they are ignored)")
     p.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto",
                    help="decode/encode the image in overlapping tiles (auto: when the VAE would not fit)")
+    p.add_argument("--no-safety-checker", action="store_true",
+                   help="do not run the model's safety checker (on by default when the model has one)")
+    p.add_argument("--safety-policy", choices=["black", "blur", "keep"], default="black",
+                   help="what the safety checker does to a flagged image (keep: only record the flag)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--replace", action="store_true",
                    help="--out holds a job with other settings: make it this job's, generating the changed "
                         "images again (by default a changed job is refused)")
+    b.add_argument("--score-with", default=None, metavar="CLIP",
+                   help="after the job, CLIP-score every image with this CLIPModel folder: OUT/clip_scores.jsonl")
     _add_model_args(b)
 
     c = sub.add_parser("convert", help="convert a model: diffusers folder / single-file .safetensors / "
@@ -186,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("recipe", nargs="?", default=None, help=f"one of {', '.join(RECIPES)}")
     t.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    sc = sub.add_parser("score", help="CLIP score of each image in a folder against its prompt")
+    sc.add_argument("folder", help="folder of PNGs with a manifest.jsonl (sd-jax batch) or PNG metadata")
+    sc.add_argument("--clip", required=True, help="transformers CLIPModel folder (e.g. clip-vit-large-patch14)")
+    sc.add_argument("--out", default=None, help="write the scores to a .csv or .jsonl file")
+    sc.add_argument("--batch-size", type=int, default=8, help="images per device call")
     return parser
 
 

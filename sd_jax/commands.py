@@ -117,7 +117,8 @@ def _maybe_initialize_distributed() -> None:
         sharding.initialize_distributed()
 
 
-def load_model(path: str, *, dtype: str = "fp32", attention: str = "auto", mesh=None, unet: str | None = None):
+def load_model(path: str, *, dtype: str = "fp32", attention: str = "auto", mesh=None, unet: str | None = None,
+               safety_checker: bool = True, safety_policy: str = "black"):
     """Load a model (any format), turning every way a model can be broken into one-line errors."""
     from sd_jax.models.attention import check_impl
     from sd_jax.pipeline import StableDiffusionPipeline
@@ -128,7 +129,8 @@ def load_model(path: str, *, dtype: str = "fp32", attention: str = "auto", mesh=
         raise UsageError(f"--attention {attention}: {e}") from e
     try:
         return StableDiffusionPipeline.from_pretrained(path, dtype=_dtype(dtype), attention=attention, mesh=mesh,
-                                                       unet=unet)
+                                                       unet=unet, safety_checker=safety_checker,
+                                                       safety_policy=safety_policy)
     except CheckpointError:
         raise
     except (ValueError, KeyError, IndexError, TypeError, OSError) as e:
@@ -162,7 +164,14 @@ def load(args, mesh=None):
         raise UsageError(f"--unet {args.unet!r} not found")
     _maybe_initialize_distributed()
     enable_compilation_cache(getattr(args, "compile_cache", None))
-    pipe = load_model(path, dtype=args.dtype, attention=args.attention, mesh=mesh, unet=getattr(args, "unet", None))
+    off = getattr(args, "no_safety_checker", False)
+    if off and os.path.isdir(path):
+        from sd_jax.models.safety_checker import present
+        if present(path):
+            print("sd-jax: note: the model's safety checker is off (--no-safety-checker): images are not checked "
+                  "for NSFW content", file=sys.stderr)
+    pipe = load_model(path, dtype=args.dtype, attention=args.attention, mesh=mesh, unet=getattr(args, "unet", None),
+                      safety_checker=not off, safety_policy=getattr(args, "safety_policy", "black"))
     if getattr(args, "no_watermark", False):
         pipe.watermark = False
     if getattr(args, "embeddings_dir", None):
@@ -382,13 +391,15 @@ def generate(args) -> int:
                                   strength=strength, prompt_syntax=args.prompt_syntax, control=tuple(c for c, _ in controls), guess_mode=args.guess_mode)
                 for i in range(args.num)]
 
-    def write(i: int, img) -> None:
+    def write(i: int, img, nsfw=None) -> None:
         path = args.output if args.num == 1 else f"{stem}-{i}.png"
         meta = {"prompt": args.prompt, **s, "seed": s["seed"] + i, "model": model_name(pipe), "generator": "sd-jax"}
         if pipe.loras.weights:
             meta["loras"] = pipe.loras.weights
         if args.prompt_syntax != "a1111":  # the A1111 parameters read the prompt as A1111 syntax
             meta["prompt_syntax"] = args.prompt_syntax
+        if nsfw is not None:  # the safety checker ran
+            meta["nsfw_content_detected"] = nsfw
         if args.init_image:
             meta["strength"] = strength
             meta["mode"] = "inpaint" if args.mask else "img2img"
@@ -416,9 +427,10 @@ def generate(args) -> int:
         for call in Dispatcher(pipe, batch_size=chunk, output="uint8").run(requests):
             if stop:
                 break
-            for (i, _), img in zip(call.items, call.host()):
+            flags = call.host_flags()
+            for j, ((i, _), img) in enumerate(zip(call.items, call.host())):
                 if writer:
-                    write(i, img)
+                    write(i, img, None if flags is None else bool(flags[j]))
                 written += 1
             bar.update(len(call.items))
     finally:
@@ -448,10 +460,17 @@ def batch(args) -> int:
     from sd_jax.images import model_name as name_of
     job = batch_lib.job_of_args(args, name_of(model_path(args)), raw)
     batch_lib.check_out(args.out, job, args.replace)  # and so does a folder that cannot be used
+    if args.score_with and not os.path.isdir(args.score_with):
+        raise UsageError(f"--score-with {args.score_with!r} not found; give a transformers CLIPModel folder")
     pipe = load(args)
     if pipe.models.unet.config.in_channels == 9:
         raise UsageError(f"{args.model or 'the model'} is an inpainting model (9 input channels); "
                          f"batch does text-to-image only")
+    scorer = None
+    if args.score_with and jax.process_index() == 0:  # loaded before the job: a bad folder fails early
+        from sd_jax import sharding
+        from sd_jax.score import ClipScorer
+        scorer = ClipScorer.load(args.score_with, mesh=sharding.make_mesh(jax.local_devices()))
     rows = batch_lib.make_rows(raw, settings(args, pipe), args.prompts)
     pipe.memory_check = not args.no_memory_check
     pipe.vae_tiling = args.vae_tiling
@@ -475,6 +494,11 @@ def batch(args) -> int:
         print(f"{s['generated']} generated, {s['skipped']} already done, {s['rows']} rows in {args.out}; "
               f"{s['seconds']:.1f}s{first}, {rate} on {ndev} device(s), batches of {s['batch_size']}",
               file=sys.stderr)
+    if scorer is not None:
+        from sd_jax.score import score_folder, summary, write_table
+        scored = score_folder(args.out, scorer)
+        write_table(scored, os.path.join(args.out, "clip_scores.jsonl"))
+        print(f"{summary(scored)}; table in {os.path.join(args.out, 'clip_scores.jsonl')}", file=sys.stderr)
     return 0
 
 
@@ -498,7 +522,7 @@ def convert(args) -> int:
         raise UsageError(f"{args.dest} already exists; pass --overwrite to replace it, or choose another DEST")
     _check_writable(os.path.abspath(args.dest), "DEST")
     with _signals_interrupt():
-        pipe = load_model(args.source, dtype="fp32", attention="xla")
+        pipe = load_model(args.source, dtype="fp32", attention="xla", safety_checker=False)
         pipe.save_pretrained(args.dest, format={"sd-jax": "orbax"}.get(args.to, args.to))
     print(f"wrote {args.to} model to {args.dest}")
     return 0
@@ -598,4 +622,24 @@ def precompile(args) -> int:
         print(f"{w}x{h}:{steps}: {n} program(s) compiled in {time.perf_counter() - t:.1f}s", flush=True)
     print(f"compilation cache: {jax.config.jax_compilation_cache_dir} "
           f"({time.perf_counter() - t0:.1f}s in all)", file=sys.stderr)
+    return 0
+
+
+def score(args) -> int:
+    """``sd-jax score FOLDER --clip PATH``: the folder and --out checked before the (slow) CLIP load."""
+    from sd_jax.score import ClipScorer, prompts_of_folder, score_folder, summary, write_table
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if args.out is not None:
+        if not args.out.endswith((".csv", ".jsonl")):
+            raise UsageError(f"--out {args.out!r} must end in .csv or .jsonl")
+        _check_writable(args.out, "--out")
+    if not prompts_of_folder(args.folder):
+        raise UsageError(f"{args.folder!r}: its manifest.jsonl lists no image that exists")
+    if not os.path.exists(args.clip):
+        raise UsageError(f"--clip {args.clip!r} not found; give a transformers CLIPModel folder")
+    rows = score_folder(args.folder, ClipScorer.load(args.clip), args.batch_size)
+    if args.out:
+        write_table(rows, args.out)
+    print(summary(rows) + (f"; table in {args.out}" if args.out else ""))
     return 0

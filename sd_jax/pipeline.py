@@ -40,6 +40,8 @@ from sd_jax.models import controlnet as controlnet_model
 from sd_jax.prompts import editing, embeddings
 from sd_jax.prompts.chunks import count_chunks, prompt_arrays
 from sd_jax.request import Control, Dispatcher, GenerationRequest, RequestError
+from sd_jax.models import safety_checker as safety
+from sd_jax.models.policy import Policy
 from sd_jax.tokenizer import tokenize
 from sd_jax.watermark import apply_watermark, applies as watermark_applies
 from sd_jax.weights import loader
@@ -79,6 +81,9 @@ class Plan:
       each, in the order their residuals are summed; guess_mode: diffusers' ``guess_mode``.
     vae_tile: the VAE decodes/encodes in tiles of this many latents (None: untiled); set per
       batch size from ``pipe.vae_tiling`` (:func:`sd_jax.memory.pipeline_vae_tile`).
+    safety: the safety checker run on the decoded images, with its action on flagged ones
+      (:class:`sd_jax.models.safety_checker.SafetyChecker`), or None; with one, the output is
+      ``(images, nsfw bool [B])``.
     """
     sampler: Any
     start: int
@@ -97,6 +102,7 @@ class Plan:
     controlnets: tuple = ()
     guess_mode: bool = False
     vae_tile: int | None = None
+    safety: Any = None
 
 
 def encode_prompt(models: Models, encoding: families.PromptEncoding, params, ids, clip_skip, time_ids=None,
@@ -253,7 +259,8 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
                   post_step=blend, loop="python" if plan.loop == "debug" else plan.loop)
     if plan.output == "latent":
         return x
-    return vae_decode(models, params, x, plan.output, plan.watermark, plan.vae_tile)
+    images = vae_decode(models, params, x, plan.output, plan.watermark, plan.vae_tile)
+    return images if plan.safety is None else plan.safety(params["safety_checker"], images)
 
 
 def img2img_start(num_inference_steps: int, strength: float, order: int = 1) -> int:
@@ -312,10 +319,14 @@ class StableDiffusionPipeline:
 
     def __init__(self, models: Models, params, tokenizer, scheduler_config: SchedulerConfig,
                  scheduler_name: str, mesh=None, source: str | None = None, family: families.Family | None = None,
-                 tokenizers: dict | None = None, options: dict | None = None):
+                 tokenizers: dict | None = None, options: dict | None = None, safety_checker=None,
+                 safety_policy: str = "black"):
         """``tokenizer``: the (first) tokenizer; ``tokenizers``: ``{folder: tokenizer}`` of every
         tokenizer of the family (SDXL has two; default: ``tokenizer`` alone); ``options``: the
-        pipeline options (:meth:`sd_jax.families.Family.pipeline_options`)."""
+        pipeline options (:meth:`sd_jax.families.Family.pipeline_options`); ``safety_checker``:
+        None or ``(SafetyChecker, params)`` (:mod:`sd_jax.models.safety_checker`), run on every
+        decoded image; ``safety_policy``: what it does to a flagged image (``"black"``,
+        ``"blur"``, ``"keep"``; an attribute, changeable between calls)."""
         self.models = models
         self.family = family or families.detect({"text_encoder": models.text_encoder.config})
         self.tokenizer = tokenizer
@@ -334,26 +345,40 @@ class StableDiffusionPipeline:
         self.embeddings: dict[str, int] = {}  # textual-inversion tokens: name -> vectors (load_embeddings)
         self.controlnets: list = []  # (name, ControlNetConfig) of each load_controlnet, in order
         self.vae_tiling = "auto"  # "on", "off", "auto" (:func:`sd_jax.memory.vae_tile`)
+        self.safety_checker, self.safety_params = safety_checker or (None, None)
+        if self.safety_params is not None:
+            self.safety_params = sharding.replicate(self.safety_params, self.mesh)
+        self.safety_policy = safety_policy
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str, *, dtype=jnp.float32, param_dtype=None, attention: str = "xla",
                         mesh=None, variant: str | None = None, allow_pickle: bool = False,
                         watermark: bool | None = None, unet: str | None = None,
-                        embeddings_dir: str | None = None):
+                        embeddings_dir: str | None = None, safety_checker: bool = True,
+                        safety_policy: str = "black"):
         """Load a diffusers folder (``model_index.json``), a single-file ``.safetensors`` or an
         sd-jax checkpoint folder (:func:`sd_jax.weights.loader.load`).  ``watermark``: mark
         the images with SDXL's invisible watermark (None: the family's default, on for SDXL).
         ``unet``: a UNet-only ``.safetensors`` whose weights replace the model's
         (:func:`sd_jax.weights.loader.with_unet`; SDXL-Lightning).  ``embeddings_dir``: a
-        folder of textual-inversion embeddings to add (:meth:`load_embeddings`)."""
+        folder of textual-inversion embeddings to add (:meth:`load_embeddings`).
+
+        A diffusers folder's ``safety_checker/`` (with ``feature_extractor/``) is loaded and
+        run on every image unless ``safety_checker=False``; ``safety_policy``: ``"black"``
+        (diffusers'), ``"blur"`` or ``"keep"`` for flagged images."""
         mesh = mesh if mesh is not None else sharding.make_mesh()
         m = loader.load(path, dtype=dtype, param_dtype=param_dtype, attention=attention, variant=variant,
                         allow_pickle=allow_pickle, mesh=mesh)
         if unet is not None:
             m = loader.with_unet(m, unet)
+        checker = None
+        if safety_checker and os.path.isdir(path) and safety.present(path):
+            checker = safety.load(path, policy=Policy(dtype, param_dtype, attention), action=safety_policy,
+                                  variant=variant, allow_pickle=allow_pickle)
         pipe = cls(m.models, m.params, m.tokenizer, m.scheduler_config, m.scheduler_name, mesh=mesh, source=m.source,
-                   family=m.family, tokenizers=m.tokenizers, options=m.options)
+                   family=m.family, tokenizers=m.tokenizers, options=m.options, safety_checker=checker,
+                   safety_policy=safety_policy)
         if watermark is not None:
             pipe.watermark = bool(watermark)
         if embeddings_dir is not None:
@@ -499,6 +524,12 @@ class StableDiffusionPipeline:
                     watermark=bool(self.watermark) and output != "latent" and watermark_applies(height, width),
                     prompt_chunks=chunks, emphasis=r.prompt_syntax != "plain", prompt_variants=k,
                     controlnets=nets, guess_mode=r.guess_mode and bool(nets))
+        if self.safety_checker is not None and output != "latent":  # diffusers: not on latents either
+            try:
+                checker = dataclasses.replace(self.safety_checker, action=self.safety_policy)
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+            plan = dataclasses.replace(plan, safety=checker)
         return r, plan
 
     def _groups(self, tokenizer: str) -> dict:
@@ -573,7 +604,7 @@ class StableDiffusionPipeline:
                 f_ = self.models.vae_scale  # refuse what cannot fit before XLA tries (and aborts)
                 memory.check_generation(self, batch["seeds"].shape[0], plan.latent_shape[0] * f_,
                                         plan.latent_shape[1] * f_)
-                fn = jax.jit(f, out_shardings=sharding.batch_sharded(self.mesh)).lower(self.params, batch).compile()
+                fn = jax.jit(f, out_shardings=sharding.batch_sharded(self.mesh)).lower(self._params(plan), batch).compile()
                 self.compilations += 1
             self._compiled[key] = fn
         return fn
@@ -595,7 +626,11 @@ class StableDiffusionPipeline:
         size = sharding.padded_size(max(size or 0, len(requests)), self.mesh)
         batch = sharding.shard_batch({k: sharding.pad_batch(v, size) for k, v in self._inputs(plan, requests).items()},
                                      self.mesh)
-        return self._executable(plan, batch)(self.params, batch)
+        return self._executable(plan, batch)(self._params(plan), batch)
+
+    def _params(self, plan: Plan) -> dict:
+        """The parameters a compiled call of ``plan`` takes (the safety checker's with it)."""
+        return self.params if plan.safety is None else {**self.params, "safety_checker": self.safety_params}
 
     def compile(self, plan: Plan, request: GenerationRequest, size: int) -> None:
         """Compile ``plan`` for calls of ``size`` rows (the request gives example inputs)."""
@@ -713,18 +748,21 @@ class StableDiffusionPipeline:
                                  controlnet=controlnet, controlnet_conditioning_scale=controlnet_conditioning_scale,
                                  control_guidance_start=control_guidance_start,
                                  control_guidance_end=control_guidance_end, guess_mode=guess_mode)
-        images = np.stack(Dispatcher(self, batch_size=batch_size, output=output, loop=loop).generate(requests))
+        dispatcher = Dispatcher(self, batch_size=batch_size, output=output, loop=loop)
+        images = np.stack(dispatcher.generate(requests))
+        flags = None if self.safety_checker is None or output == "latent" else [bool(f) for f in dispatcher.flags]
         if output_type != "pil":
-            return images
+            return safety.FlaggedArray.of(images, flags)
         from PIL import Image
-        return [Image.fromarray(im) for im in images]
+        return safety.FlaggedList([Image.fromarray(im) for im in images], flags)
 
     def generate_async(self, prompt, negative_prompt=None, *, loop="scan", output="uint8", **kwargs):
         """Like ``__call__`` but returns at once: (output [B_padded, ...] global jax.Array, n).
 
         All images must share their static settings (one call).  The device work runs
         asynchronously (JAX dispatch), so a caller can prepare the next batch or write the
-        previous one's files meanwhile; rows ``n:`` are padding.
+        previous one's files meanwhile; rows ``n:`` are padding.  With a safety checker the
+        output is ``(images, nsfw bool [B_padded])``.
         """
         requests = self.requests(prompt, negative_prompt, **kwargs)
         planned = Dispatcher(self, output=output, loop=loop).plan(requests)
@@ -743,4 +781,4 @@ class StableDiffusionPipeline:
         batch = sharding.shard_batch({k: sharding.pad_batch(v, size) for k, v in self._inputs(plan, [r]).items()},
                                      self.mesh)
         return jax.jit(functools.partial(_generate, self.models, self.family.prompt, self._vae_tiled(plan, size)),
-                       out_shardings=sharding.batch_sharded(self.mesh)).lower(self.params, batch)
+                       out_shardings=sharding.batch_sharded(self.mesh)).lower(self._params(plan), batch)

@@ -221,17 +221,24 @@ class Chunk:
     """One device call: ``items`` are (index in the submitted list, request); ``out`` holds
     ``len(items)`` results followed by padding rows up to ``size`` (a batch-sharded global
     jax.Array); ``plan`` is the static plan it ran; ``dispatched_at``: ``time.perf_counter()``
-    when it was handed to the devices."""
+    when it was handed to the devices; ``flags``: the safety checker's bool [size] (a global
+    jax.Array like ``out``) when the plan ran one, else None."""
     items: list
     out: Any
     plan: Any = None
     size: int = 0
     dispatched_at: float = 0.0
+    flags: Any = None
 
     def host(self) -> np.ndarray:
         """The results of this chunk on this host (all rows, gathered across hosts)."""
         from sd_jax import sharding
         return sharding.to_host(self.out)[: len(self.items)]
+
+    def host_flags(self) -> Optional[np.ndarray]:
+        """The safety checker's flags of this chunk's images (bool [len(items)]), or None."""
+        from sd_jax import sharding
+        return None if self.flags is None else sharding.to_host(self.flags)[: len(self.items)]
 
 
 class Dispatcher:
@@ -278,19 +285,24 @@ class Dispatcher:
         for plan, group in planned:
             for items, size in self._chunks(plan, group):
                 out = self.pipe.dispatch(plan, [r for _, r in items], size)
-                pending.append(Chunk(items, out, plan, size, time.perf_counter()))
+                out, flags = out if isinstance(out, tuple) else (out, None)  # a plan with a safety checker
+                pending.append(Chunk(items, out, plan, size, time.perf_counter(), flags))
                 while len(pending) > 1:
                     yield pending.popleft()
         while pending:
             yield pending.popleft()
 
     def generate(self, requests: Iterable[GenerationRequest]) -> list:
-        """Every request's result, in the order given (numpy arrays)."""
+        """Every request's result, in the order given (numpy arrays); the safety checker's flag
+        of each (or None where none ran) is left in ``self.flags``."""
         requests = list(requests)
         out: list = [None] * len(requests)
+        self.flags: list = [None] * len(requests)
         for chunk in self.run(requests):
-            for (i, _), x in zip(chunk.items, chunk.host()):
+            flags = chunk.host_flags()
+            for j, ((i, _), x) in enumerate(zip(chunk.items, chunk.host())):
                 out[i] = x
+                self.flags[i] = None if flags is None else bool(flags[j])
         return out
 
     def precompile(self, requests: Iterable[GenerationRequest], sizes: Optional[Iterable[int]] = None) -> int:

@@ -249,3 +249,31 @@ def test_preprocessor_config_forms(tmp_path):
         cv.PreprocessConfig.from_dict({**SD15_FEATURE_EXTRACTOR, "crop_size": {"height": 224, "width": 200}})
     with pytest.raises(CheckpointError, match="not found"):
         cv.PreprocessConfig.read(tmp_path / "nowhere")
+
+
+def test_vit_l14_real_config_parity():
+    """OpenAI CLIP ViT-L/14 at its real size (24 layers, width 1024, 224 px, 257 tokens):
+    random transformers weights converted in memory (loading is tested at the tiny config),
+    one image.  Max abs diff <= 1e-4 (measured ~7e-6 on values up to ~6).  ~10 s, ~2.5 GB:
+    the torch model is dropped before the Flax parameters go to the device."""
+    import gc
+
+    from sd_jax.weights.convert import state_dict_to_params
+    c = cv.CLIPVisionConfig.vit_l14()
+    assert (c.hidden_size, c.num_hidden_layers, c.patch_size, c.image_size, c.projection_dim) == \
+        (1024, 24, 14, 224, 768)
+    torch.manual_seed(0)
+    hf = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        **{k: v for k, v in c.to_dict().items() if k not in ("architectures", "model_type")})).eval()
+    x = np.random.RandomState(0).randn(1, 224, 224, 3).astype(np.float32)
+    with torch.no_grad():
+        ref = hf(torch.tensor(x.transpose(0, 3, 1, 2)))
+    model = cv.CLIPVisionModel(c)
+    params = state_dict_to_params({k: v.numpy() for k, v in hf.state_dict().items()}, model.param_shapes(),
+                                  what="ViT-L/14", rename=cv._canonical_key)
+    del hf
+    gc.collect()
+    out = jax.jit(model.apply)({"params": params}, x)
+    assert out["last_hidden_state"].shape == (1, 257, 1024)
+    assert maxdiff(out["last_hidden_state"], ref.last_hidden_state) <= ATOL
+    assert maxdiff(out["image_embeds"], ref.image_embeds) <= ATOL

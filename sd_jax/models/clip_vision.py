@@ -271,6 +271,16 @@ def load(folder: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, atte
         raise CheckpointError(f"CLIP vision folder {folder!r} not found")
     config = CLIPVisionConfig.from_dict(read_config(folder))
     state_dict = read_state_dict(folder, variant=variant, allow_pickle=allow_pickle)
+    model, params = params_from_state_dict(config, state_dict, folder, policy)
+    return model, jax.device_put(params)
+
+
+def params_from_state_dict(config: CLIPVisionConfig, state_dict, folder: str, policy: Policy = Policy()
+                           ) -> tuple[CLIPVisionModel, dict]:
+    """The model and (host) parameters of a vision tower's state dict (any key form
+    :func:`load` reads; no other keys).  ``config.projection_dim`` is taken from
+    ``visual_projection.weight`` when the config did not say; one that disagrees with it
+    raises CheckpointError (one line, naming both)."""
     if not any(k.startswith("vision_model.") or k.startswith("embeddings.patch_embedding")
                for k in state_dict):
         raise CheckpointError(f"{folder!r} holds no CLIP vision model weights "
@@ -289,7 +299,7 @@ def load(folder: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, atte
     params = state_dict_to_params(state_dict, model.param_shapes(),
                                   what=f"CLIP vision model ({folder})",
                                   rename=_canonical_key, dtype=policy.param_dtype)
-    return model, jax.device_put(params)
+    return model, params
 
 
 # ---- preprocessing --------------------------------------------------------------------
