@@ -31,13 +31,18 @@ import numpy as np
 from sd_jax import families, memory, sharding
 from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, unet_denoiser
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
-from sd_jax.diffusion.sampling import sample
+from sd_jax.diffusion.sampling import sample, step_range
 from sd_jax.families import Models  # noqa: F401  (re-exported: the pipeline's networks)
+from sd_jax.micro_conditioning import add_time_ids, time_id_rows
 from sd_jax.request import Dispatcher, GenerationRequest, RequestError
 from sd_jax.tokenizer import tokenize
 from sd_jax.weights import loader
 
 OUTPUTS = ("uint8", "float32", "latent")
+# GenerationRequest fields that __call__ takes by their diffusers names, the same for every image
+SDXL_ARGUMENTS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                  "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
+                  "negative_aesthetic_score", "denoising_start", "denoising_end")
 
 def enable_compilation_cache(path: str | None = None) -> str:
     """Turn on JAX's persistent compilation cache so a second process starts fast."""
@@ -64,6 +69,10 @@ class Plan:
       (the final latents [B, h, w, C], not decoded: for a second model to continue from).
     loop: ``"scan"``, ``"python"`` (compiled, unrolled) or ``"debug"`` (not compiled).
     given_noise: the initial noise comes with the request (``latents``) instead of its seed.
+    add_noise: img2img noises the image's latents to step ``start`` (strength); False: they are
+      taken as they are (diffusers' ``denoising_start``: latents handed over part-denoised).
+    image_latents: the init image comes as latents (``batch["image_latents"]``, a base
+      model's output in an ensemble) instead of pixels to encode.
     """
     sampler: Any
     start: int
@@ -75,6 +84,8 @@ class Plan:
     output: str = "uint8"
     loop: str = "scan"
     given_noise: bool = False
+    add_noise: bool = True
+    image_latents: bool = False
 
 
 def encode_prompt(models: Models, encoding: families.PromptEncoding, params, ids, clip_skip, time_ids=None,
@@ -125,7 +136,8 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
 
     batch (all leading dim B, batch-sharded):
       ids, neg_ids: int32 [B, 77] (neg_ids only with guidance);  ids_2, neg_ids_2: the second
-      tokenizer's (SDXL);  time_ids: float32 [B, 6] (SDXL's micro-conditioning, both sides);
+      tokenizer's (SDXL);  time_ids, neg_time_ids: float32 [B, K] (SDXL's micro-conditioning;
+      neg_time_ids with guidance);
       neg_zero: bool [B] (SDXL, ``force_zeros_for_empty_prompt``: a zero negative conditioning);
       seeds: uint32 [B];
       guidance, rescale: float32 [B];  latents: optional float32 [B, h, w, C] initial noise
@@ -140,16 +152,20 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
 
     time_ids = batch.get("time_ids")
     cond = encode_prompt(models, encoding, params, _batch_ids(encoding, batch), plan.clip_skip, time_ids)
-    uncond = (encode_prompt(models, encoding, params, _batch_ids(encoding, batch, negative=True), plan.clip_skip,
-                            time_ids, batch.get("neg_zero")) if plan.guidance else None)
+    # diffusers applies clip_skip to the prompt only, not to the negative prompt
+    uncond = (encode_prompt(models, encoding, params, _batch_ids(encoding, batch, negative=True), None,
+                            batch.get("neg_time_ids", time_ids), batch.get("neg_zero")) if plan.guidance else None)
 
     blend = None  # (x, i) -> x after each step: inpainting with an ordinary UNet
     if plan.mode == "txt2img":
         x = noise0 * sampler.init_noise_sigma
     else:
-        image_latents = vae_encode(models, params, batch["image"])
+        image_latents = (batch["image_latents"].astype(jnp.float32) if plan.image_latents
+                         else vae_encode(models, params, batch["image"]))
         if plan.mode == "inpaint" and plan.start == 0:
             x = noise0 * sampler.init_noise_sigma
+        elif not plan.add_noise:
+            x = image_latents
         else:
             x = sampler.add_noise(image_latents, noise0, plan.start)
     if plan.mode == "inpaint":
@@ -231,6 +247,13 @@ def load_image(image, height: int, width: int, channels: int = 3) -> np.ndarray:
     return arr[..., :3] * 2.0 - 1.0
 
 
+def _prompt(r: GenerationRequest, i: int, negative: bool = False) -> str:
+    """The text tokenizer ``i`` reads: the prompt, or for the second tokenizer ``prompt_2``
+    (diffusers: ``prompt_2 or prompt``; a refiner's one tokenizer reads ``prompt``)."""
+    first, second = (r.negative_prompt, r.negative_prompt_2) if negative else (r.prompt, r.prompt_2)
+    return (second or first) if i == 1 else first
+
+
 class StableDiffusionPipeline:
     """Text-to-image (and img2img / inpainting) with a Stable Diffusion checkpoint."""
 
@@ -306,19 +329,40 @@ class StableDiffusionPipeline:
         sampler = self.sampler(scheduler, r.steps)
         if self.models.unet.config.in_channels == 9 and r.mode != "inpaint":
             raise RequestError("this is an inpainting model: pass image= and mask_image=")
-        start = 0
-        if r.mode == "img2img" or (r.mode == "inpaint" and r.strength < 1.0):
+        start, end = 0, sampler.num_steps
+        if r.denoising_start is not None or r.denoising_end is not None:
+            start, end = step_range(sampler, denoising_start=r.denoising_start, denoising_end=r.denoising_end)
+        if r.denoising_start is None and (r.mode == "img2img" or (r.mode == "inpaint" and r.strength < 1.0)):
             start = img2img_start(r.steps, r.strength, sampler.order)
-            if start >= sampler.num_steps:
+            if start >= end:
                 raise RequestError(f"strength {r.strength} with {r.steps} steps leaves no denoising step; "
                                    f"raise one of them")
         latent_shape = (height // f, width // f, self.latent_channels)
         if r.latents is not None and np.shape(r.latents) != latent_shape:
             raise RequestError(f"latents must have shape {latent_shape} per image, got {np.shape(r.latents)}")
         r = r.replace(height=height, width=width, scheduler=scheduler)
-        plan = Plan(sampler, start, sampler.num_steps, r.mode, r.guided, r.clip_skip, latent_shape,
-                    output, loop, r.latents is not None)
+        self._check_time_ids(r)
+        plan = Plan(sampler, start, end, r.mode, r.guided, r.clip_skip, latent_shape,
+                    output, loop, r.latents is not None, add_noise=r.denoising_start is None)
         return r, plan
+
+    def _time_id_rules(self, mode: str) -> tuple[str, bool]:
+        """(mode whose diffusers rules apply, aesthetic score) for :func:`time_id_rows`: a
+        refiner (``requires_aesthetics_score``) is an img2img pipeline whatever it does."""
+        aesthetic = bool(self.options.get("requires_aesthetics_score", False))
+        return ("img2img" if aesthetic else mode), aesthetic
+
+    def _check_time_ids(self, r: GenerationRequest) -> None:
+        """A RequestError unless the UNet's added embedding takes this many time ids (diffusers' check)."""
+        cfg = self.models.unet.config
+        if cfg.addition_embed_type != "text_time":
+            return
+        pooled = self.models.text_encoder_2.config.projection_dim
+        want = (cfg.projection_class_embeddings_input_dim - pooled) // cfg.addition_time_embed_dim
+        got = len(add_time_ids(r, *self._time_id_rules(r.mode))[0])
+        if got != want:
+            raise RequestError(f"this UNet takes {want} micro-conditioning ids but the model makes {got}; "
+                               f"set requires_aesthetics_score to {want == 5} in its model_index.json")
 
     def _inputs(self, plan: Plan, requests: Sequence[GenerationRequest]) -> dict:
         """The host arrays of one call (leading axis = the requests)."""
@@ -327,19 +371,17 @@ class StableDiffusionPipeline:
                  "rescale": np.asarray([r.guidance_rescale for r in requests], np.float32)}
         for i, name in enumerate(self.family.prompt.tokenizers):
             tok = self.tokenizers[name]
-            batch[ids_key(i)] = tokenize(tok, [r.prompt for r in requests])
+            batch[ids_key(i)] = tokenize(tok, [_prompt(r, i) for r in requests])
             if plan.guidance:
-                batch[ids_key(i, negative=True)] = tokenize(tok, [r.negative_prompt for r in requests])
+                batch[ids_key(i, negative=True)] = tokenize(tok, [_prompt(r, i, negative=True) for r in requests])
         if self.models.unet.config.addition_embed_type == "text_time":
-            # SDXL's micro-conditioning as diffusers' defaults: original size = target size =
-            # the image's, no crop; the negative side gets the same.
-            batch["time_ids"] = np.asarray([[r.height, r.width, 0, 0, r.height, r.width] for r in requests],
-                                           np.float32)
+            # SDXL's micro-conditioning (sd_jax.micro_conditioning: diffusers' rules per pipeline)
+            batch.update(time_id_rows(requests, *self._time_id_rules(plan.mode), plan.guidance))
             if plan.guidance and self.options.get("force_zeros_for_empty_prompt"):
                 batch["neg_zero"] = np.asarray([not r.negative_prompt for r in requests], np.bool_)
         if plan.given_noise:
             batch["latents"] = np.stack([np.asarray(r.latents, np.float32) for r in requests])
-        if plan.mode != "txt2img":
+        if plan.mode != "txt2img" and not plan.image_latents:
             batch["image"] = np.stack(_load_each([r.image for r in requests], requests[0].height, requests[0].width))
         if plan.mode == "inpaint":
             batch["mask"] = np.stack(_load_each([r.mask for r in requests], requests[0].height, requests[0].width, 1))
@@ -383,8 +425,13 @@ class StableDiffusionPipeline:
 
     def requests(self, prompt, negative_prompt=None, *, seed=0, num_inference_steps=30, guidance_scale=7.5,
                  guidance_rescale=0.0, height=None, width=None, scheduler=None, clip_skip=None, image=None,
-                 mask_image=None, strength=0.8, latents=None, num_images_per_prompt=1) -> list[GenerationRequest]:
-        """The diffusers-style arguments of :meth:`__call__` as one request per image."""
+                 mask_image=None, strength=0.8, latents=None, num_images_per_prompt=1, prompt_2=None,
+                 negative_prompt_2=None, **sdxl) -> list[GenerationRequest]:
+        """The diffusers-style arguments of :meth:`__call__` as one request per image (``sdxl``:
+        the other :data:`SDXL_ARGUMENTS`, the same for every image)."""
+        unknown = set(sdxl) - set(SDXL_ARGUMENTS)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {', '.join(sorted(unknown))}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise RequestError("no prompt given")
@@ -392,6 +439,8 @@ class StableDiffusionPipeline:
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise RequestError(f"num_images_per_prompt must be a positive integer, got {k!r}")
         negs = _to_list(negative_prompt, len(prompts), "negative_prompt")
+        seconds = {name: [x for x in _to_list(v, len(prompts), name) for _ in range(k)]
+                   for name, v in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2))}
         prompts = [p for p in prompts for _ in range(k)]
         negs = [x for x in negs for _ in range(k)]
         n = len(prompts)
@@ -407,10 +456,10 @@ class StableDiffusionPipeline:
         masks = mask_image if isinstance(mask_image, (list, tuple)) else [mask_image] * n
         cols = dict(negative_prompt=negs, seed=seeds, guidance=_to_list(guidance_scale, n, "guidance_scale"),
                     guidance_rescale=_to_list(guidance_rescale, n, "guidance_rescale"),
-                    image=_to_list(images, n, "image"), mask=_to_list(masks, n, "mask_image"))
+                    image=_to_list(images, n, "image"), mask=_to_list(masks, n, "mask_image"), **seconds)
         return [GenerationRequest(prompts[i], steps=num_inference_steps, width=width, height=height,
                                   scheduler=scheduler, clip_skip=clip_skip, strength=strength,
-                                  latents=None if latents is None else latents[i],
+                                  latents=None if latents is None else latents[i], **sdxl,
                                   **{c: v[i] for c, v in cols.items()}) for i in range(n)]
 
     # ------------------------------------------------------------------ generation
@@ -419,7 +468,7 @@ class StableDiffusionPipeline:
                  guidance_rescale: float | Sequence[float] = 0.0, height: int | None = None, width: int | None = None,
                  scheduler: str | None = None, clip_skip: int | None = None, image=None, mask_image=None,
                  strength: float = 0.8, latents=None, num_images_per_prompt: int = 1, output_type: str = "pil",
-                 batch_size: int | None = None, loop: str = "scan"):
+                 batch_size: int | None = None, loop: str = "scan", prompt_2=None, negative_prompt_2=None, **sdxl):
         """Generate images.
 
         Args:
@@ -440,6 +489,11 @@ class StableDiffusionPipeline:
             ``"uint8"`` (uint8 [B, H, W, 3], rounded on the devices: the least to copy back).
           batch_size: images per device call (default: all at once).
           loop: ``"scan"`` (compiled, default), ``"python"`` (compiled, unrolled) or ``"debug"`` (eager).
+          prompt_2, negative_prompt_2: SDXL's second text encoder's prompts (default: the first's).
+          sdxl: the rest of diffusers' SDXL arguments (:data:`SDXL_ARGUMENTS`): micro-conditioning
+            ``original_size``, ``crops_coords_top_left``, ``target_size`` and their
+            ``negative_`` counterparts as (height, width), ``aesthetic_score`` /
+            ``negative_aesthetic_score`` (a refiner), ``denoising_start`` / ``denoising_end``.
         """
         output = {"pil": "uint8", "np": "float32", "uint8": "uint8", "latent": "latent"}.get(output_type)
         if output is None:
@@ -448,7 +502,8 @@ class StableDiffusionPipeline:
                                  guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height,
                                  width=width, scheduler=scheduler, clip_skip=clip_skip, image=image,
                                  mask_image=mask_image, strength=strength, latents=latents,
-                                 num_images_per_prompt=num_images_per_prompt)
+                                 num_images_per_prompt=num_images_per_prompt, prompt_2=prompt_2,
+                                 negative_prompt_2=negative_prompt_2, **sdxl)
         images = np.stack(Dispatcher(self, batch_size=batch_size, output=output, loop=loop).generate(requests))
         if output_type != "pil":
             return images
