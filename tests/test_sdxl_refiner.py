@@ -1,0 +1,163 @@
+"""SDXL refiner, base -> refiner hand-off, img2img and inpainting against diffusers 0.42.
+
+Tiny random models saved by diffusers PyTorch: the SDXL base of test_sdxl_pipeline and a
+refiner (``StableDiffusionXLImg2ImgPipeline`` with no first text encoder / tokenizer,
+``requires_aesthetics_score``, a UNet taking 5 time ids), read by sd-jax's loader.  Images
+as float32 in [0, 1] on both sides, the same noise; the reference encodes init images to
+the posterior mean as sd-jax does.  Measured on the dev VM (float32 both sides): <= 1e-6;
+tolerance ATOL = 5e-6 (2/255 would be 7.8e-3).
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from test_sdxl_pipeline import NEG, PROMPTS, SIZE, _close, _tokenizer, build_tiny_sdxl, init_latents
+from tiny_models import nchw
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+STEPS = 5
+
+
+def build_tiny_refiner(folder, seed=1):
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from sd_jax.families import sdxl_scheduler_config
+    from sd_jax.models.unet import UNetConfig
+    from sd_jax.models.vae import VAEConfig
+
+    torch.manual_seed(seed)
+    tok2, vocab = _tokenizer(os.path.join(folder, "_tok2"), pad="!")
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=77,
+        bos_token_id=tok2.bos_token_id, eos_token_id=tok2.eos_token_id, num_hidden_layers=3, projection_dim=32,
+        hidden_act="gelu", pad_token_id=0)).eval()
+    # the refiner's UNet: 32-wide context (encoder 2 alone), 5 time ids (size, crop, aesthetic score)
+    ucfg = UNetConfig.tiny_sdxl(cross_attention_dim=32, projection_class_embeddings_input_dim=32 + 5 * 8).to_dict()
+    unet = UNet2DConditionModel(**{k: v for k, v in ucfg.items() if not k.startswith("_")}).eval()
+    vcfg = VAEConfig.tiny().to_dict()
+    vae = AutoencoderKL(**{k: v for k, v in vcfg.items() if not k.startswith("_")}).eval()
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.1)
+    sched = EulerDiscreteScheduler.from_config({k: v for k, v in sdxl_scheduler_config().items()
+                                                if not k.startswith("_")})
+    pipe = StableDiffusionXLImg2ImgPipeline(vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None,
+                                            tokenizer_2=tok2, unet=unet, scheduler=sched,
+                                            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+                                            add_watermarker=False)
+    pipe.save_pretrained(folder)
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(folder, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from sd_jax.pipeline import StableDiffusionPipeline
+    base_dir, ref_dir = str(tmp_path_factory.mktemp("sdxl_base")), str(tmp_path_factory.mktemp("sdxl_refiner"))
+    base_ref, refiner_ref = build_tiny_sdxl(base_dir), build_tiny_refiner(ref_dir)
+    return (base_ref, StableDiffusionPipeline.from_pretrained(base_dir),
+            refiner_ref, StableDiffusionPipeline.from_pretrained(ref_dir), ref_dir)
+
+
+@pytest.fixture
+def mean_posterior(monkeypatch):
+    # sd-jax encodes init images to the posterior mean; make the reference do the same.
+    from diffusers.models.autoencoders import vae as dvae
+    monkeypatch.setattr(dvae.DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+
+
+def _image(seed):
+    return (np.random.RandomState(seed).rand(SIZE, SIZE, 3) * 255).astype(np.uint8)
+
+
+def test_refiner_folder_loads_and_saves_as_the_hub_holds_it(models, tmp_path):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from sd_jax import families
+    _, _, refiner_ref, refiner, ref_dir = models
+    with open(os.path.join(ref_dir, "model_index.json")) as f:
+        index = json.load(f)
+    assert index["text_encoder"] == [None, None] and index["tokenizer"] == [None, None]
+    assert refiner.family is families.SDXL_REFINER and refiner.models.text_encoder is None
+    assert refiner.options == {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True}
+    assert set(refiner.tokenizers) == {"tokenizer_2"}
+    out = str(tmp_path / "saved")
+    refiner.save_pretrained(out, format="diffusers")
+    with open(os.path.join(out, "model_index.json")) as f:
+        saved = json.load(f)
+    assert {k: saved[k] for k in ("_class_name", "text_encoder", "tokenizer", "requires_aesthetics_score")} == \
+        {k: index[k] for k in ("_class_name", "text_encoder", "tokenizer", "requires_aesthetics_score")}
+    again = StableDiffusionXLImg2ImgPipeline.from_pretrained(out, add_watermarker=False)
+    a, b = refiner_ref.unet.state_dict(), again.unet.state_dict()
+    assert again.text_encoder is None and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_base_to_refiner_hand_off_matches_diffusers(models):
+    """diffusers' ensemble of experts: base with denoising_end=0.8 (latents out), refiner with
+    denoising_start=0.8 on those latents; here one compiled function."""
+    from sd_jax.ensemble import SDXLEnsemble
+    base_ref, base, refiner_ref, refiner, _ = models
+    lat = init_latents(2, seed=3)
+    with torch.no_grad():
+        mid = base_ref(PROMPTS, negative_prompt=NEG, latents=nchw(lat), num_inference_steps=STEPS, guidance_scale=5.0,
+                       height=SIZE, width=SIZE, denoising_end=0.8, output_type="latent").images
+        want = refiner_ref(PROMPTS, negative_prompt=NEG, image=mid, num_inference_steps=STEPS, guidance_scale=5.0,
+                           denoising_start=0.8, output_type="np").images
+    ens = SDXLEnsemble(base, refiner, switch=0.8)
+    got = ens(PROMPTS, NEG, latents=lat, num_inference_steps=STEPS, guidance_scale=5.0, height=SIZE, width=SIZE,
+              output_type="np")
+    _close(got, want)
+    assert ens.compilations == 1 and got.std() > 0.01
+
+
+def test_refiner_img2img_matches_diffusers(models, mean_posterior, monkeypatch):
+    """The refiner on its own: img2img with strength and non-default aesthetic scores."""
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as mod
+    _, _, refiner_ref, refiner, _ = models
+    noise = init_latents(1, seed=4)
+    monkeypatch.setattr(mod, "randn_tensor", lambda shape, **kw: nchw(noise))
+    image = _image(5)
+    kw = dict(strength=0.6, num_inference_steps=STEPS * 2, guidance_scale=6.0, aesthetic_score=7.0,
+              negative_aesthetic_score=2.0)
+    with torch.no_grad():
+        want = refiner_ref(PROMPTS[:1], negative_prompt=NEG[:1], output_type="np",
+                           image=torch.from_numpy(image[None].transpose(0, 3, 1, 2) / 255.0).float(), **kw).images
+    got = refiner(PROMPTS[:1], NEG[:1], image=image, latents=noise, height=SIZE, width=SIZE, output_type="np", **kw)
+    _close(got, want)
+
+
+def test_sdxl_inpaint_with_an_ordinary_unet_matches_diffusers(models, mean_posterior):
+    """StableDiffusionXLInpaintPipeline on the base: masked latent blending after every step."""
+    from PIL import Image
+    from diffusers import StableDiffusionXLInpaintPipeline
+    base_ref, base, _, _, _ = models
+    ref = StableDiffusionXLInpaintPipeline(**base_ref.components)
+    ref.set_progress_bar_config(disable=True)
+    noise = init_latents(1, seed=6)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[8:24, 4:20] = 255
+    image = _image(7)
+    kw = dict(strength=1.0, num_inference_steps=STEPS, guidance_scale=5.0, height=SIZE, width=SIZE, output_type="np")
+    with torch.no_grad():
+        want = ref(PROMPTS[:1], image=Image.fromarray(image), mask_image=Image.fromarray(mask), latents=nchw(noise),
+                   **kw).images
+    got = base(PROMPTS[:1], image=image, mask_image=mask, latents=noise, **kw)
+    _close(got, want)
+
+
+def test_refiner_pairing_errors(models):
+    from sd_jax.ensemble import SDXLEnsemble
+    from sd_jax.request import RequestError
+    _, base, _, refiner, _ = models
+    for switch in (0.0, 1.0, 1.5, "0.8"):
+        with pytest.raises(RequestError, match=r"switch must be in \(0, 1\)"):
+            SDXLEnsemble(base, refiner, switch)
+    with pytest.raises(RequestError, match="continues an SDXL base model"):
+        SDXLEnsemble(refiner, refiner)
+    ens = SDXLEnsemble(base, refiner)
+    with pytest.raises(RequestError, match="text-to-image"):
+        ens(PROMPTS[0], image=_image(1))
