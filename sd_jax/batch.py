@@ -422,6 +422,9 @@ def job_of_args(args, model: str, raw: list[tuple[int, dict]]) -> dict:
                 "guidance": args.guidance if args.guidance is not None else 7.5, "guidance_rescale": args.rescale,
                 "size": f"{args.size[0]}x{args.size[1]}" if args.size else None, "scheduler": args.scheduler,
                 "clip_skip": args.clip_skip, "dtype": args.dtype}
+    if getattr(args, "refiner", None):  # (absent otherwise: jobs written before refiners stay the same)
+        settings["refiner"] = os.path.basename(os.path.normpath(args.refiner))
+        settings["refiner_switch"] = 0.8 if args.refiner_switch is None else args.refiner_switch
     return make_job(model, settings, [rec for _, rec in raw])
 
 

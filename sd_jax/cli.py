@@ -51,6 +51,10 @@ def _add_gen_args(p):
     p.add_argument("--clip-skip", type=int, default=None)
     p.add_argument("--no-memory-check", action="store_true",
                    help="skip the check that the size and batch fit in memory (refused before compiling)")
+    p.add_argument("--refiner", default=None, help="SDXL refiner folder: the base (--model) denoises until "
+                                                   "--refiner-switch, the refiner finishes (text-to-image)")
+    p.add_argument("--refiner-switch", type=float, default=None,
+                   help="fraction of the noise schedule the base denoises before the refiner (default 0.8)")
 
 
 def build_parser() -> argparse.ArgumentParser:

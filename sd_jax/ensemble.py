@@ -154,6 +154,14 @@ class SDXLEnsemble:
         return self.base.models
 
     @property
+    def source(self):
+        return self.base.source
+
+    @property
+    def scheduler_name(self) -> str:
+        return self.base.scheduler_name
+
+    @property
     def default_size(self) -> int:
         return self.base.default_size
 

@@ -161,3 +161,39 @@ def test_refiner_pairing_errors(models):
     ens = SDXLEnsemble(base, refiner)
     with pytest.raises(RequestError, match="text-to-image"):
         ens(PROMPTS[0], image=_image(1))
+
+
+def _cli_error(capsys, argv):
+    from sd_jax import cli
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sd-jax: error:") and err.count("\n") == 1, err
+    return err
+
+
+def test_cli_refiner_errors_are_one_line(models, tmp_path, monkeypatch, capsys):
+    """A switch outside (0, 1), a refiner for a non-SDXL base, a refiner as the only model."""
+    monkeypatch.setenv("SD_JAX_CACHE", str(tmp_path / "xla"))
+    _, base, _, refiner, ref_dir = models
+    shapes = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "sd-jax-shapes")
+    out = str(tmp_path / "a.png")
+    for argv, fragment in (
+            (["--model", shapes, "--refiner", ref_dir, "--refiner-switch", "1.5"], "--refiner-switch must be in (0, 1)"),
+            (["--model", shapes, "--refiner-switch", "0.5"], "--refiner-switch needs --refiner"),
+            (["--model", shapes, "--refiner", ref_dir], "continues an SDXL base model"),
+            (["--model", ref_dir], "is an SDXL refiner")):
+        assert fragment in _cli_error(capsys, ["generate", "x", "-o", out, "--size", "32x32", *argv])
+    assert not os.path.exists(out)
+
+
+def test_cli_generates_with_base_and_refiner(models, tmp_path, monkeypatch):
+    """``sd-jax generate --model BASE --refiner REFINER --refiner-switch 0.6`` writes the ensemble's image."""
+    from PIL import Image
+    from sd_jax import cli
+    monkeypatch.setenv("SD_JAX_CACHE", str(tmp_path / "xla"))
+    _, base, _, refiner, ref_dir = models
+    out = str(tmp_path / "a.png")
+    assert cli.main(["generate", PROMPTS[0], "--model", base.source, "--refiner", ref_dir, "--refiner-switch", "0.6",
+                     "--size", "32x32", "--steps", "3", "--guidance", "1", "--no-progress", "-o", out]) == 0
+    img = np.asarray(Image.open(out))
+    assert img.shape == (SIZE, SIZE, 3) and img.std() > 1
