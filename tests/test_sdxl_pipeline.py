@@ -43,8 +43,11 @@ def _tokenizer(folder, pad=None):
     return CLIPTokenizer.from_pretrained(folder), vocab
 
 
-def build_tiny_sdxl(folder, seed=0, force_zeros=True):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+def build_tiny_sdxl(folder, seed=0, force_zeros=True, in_channels=4, **unet_kw):
+    """in_channels=9: an SDXL inpainting model (StableDiffusionXLInpaintPipeline); unet_kw:
+    UNetConfig.tiny_sdxl overrides."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, \
+        StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from sd_jax.families import sdxl_scheduler_config
@@ -60,7 +63,8 @@ def build_tiny_sdxl(folder, seed=0, force_zeros=True):
     te = CLIPTextModel(CLIPTextConfig(num_hidden_layers=2, pad_token_id=tok.eos_token_id, **common)).eval()
     te2 = CLIPTextModelWithProjection(CLIPTextConfig(num_hidden_layers=3, projection_dim=32, hidden_act="gelu",
                                                      pad_token_id=0, **common)).eval()
-    ucfg = UNetConfig.tiny_sdxl(cross_attention_dim=64, projection_class_embeddings_input_dim=32 + 6 * 8).to_dict()
+    ucfg = UNetConfig.tiny_sdxl(cross_attention_dim=64, projection_class_embeddings_input_dim=32 + 6 * 8,
+                                in_channels=in_channels, **unet_kw).to_dict()
     unet = UNet2DConditionModel(**{k: v for k, v in ucfg.items() if not k.startswith("_")}).eval()
     vcfg = VAEConfig.tiny().to_dict()
     vae = AutoencoderKL(**{k: v for k, v in vcfg.items() if not k.startswith("_")}).eval()
@@ -68,11 +72,12 @@ def build_tiny_sdxl(folder, seed=0, force_zeros=True):
         unet.conv_out.weight.mul_(0.1)
     sched = EulerDiscreteScheduler.from_config({k: v for k, v in sdxl_scheduler_config().items()
                                                 if not k.startswith("_")})
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
+    cls = StableDiffusionXLInpaintPipeline if in_channels == 9 else StableDiffusionXLPipeline
+    pipe = cls(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
                                      unet=unet, scheduler=sched, force_zeros_for_empty_prompt=force_zeros,
                                      add_watermarker=False)
     pipe.save_pretrained(folder)
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+    pipe = cls.from_pretrained(folder, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -281,7 +286,11 @@ def test_prompt_2_micro_conditioning_and_clip_skip_match_diffusers(tiny):
     positive time ids (``torch.cat([neg, pos]).repeat(batch, 1)``), so its rows 2..B get the
     other side's when they differ.  Changing the micro-conditioning does not recompile.
     Measured max |diff| ~7e-7."""
-    _, ref, pipe = tiny
+    import jax
+    from sd_jax import sharding
+    from sd_jax.pipeline import StableDiffusionPipeline
+    folder, ref, _ = tiny
+    pipe = StableDiffusionPipeline.from_pretrained(folder, mesh=sharding.make_mesh(jax.devices()[:1]))
     lat = init_latents(1, seed=7)
     with torch.no_grad():
         pe, npe, pooled, npooled = ref.encode_prompt(PROMPTS[:1], "a blue square", device="cpu",

@@ -36,8 +36,10 @@ def build_tiny_refiner(folder, seed=1):
         vocab_size=vocab, hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=77,
         bos_token_id=tok2.bos_token_id, eos_token_id=tok2.eos_token_id, num_hidden_layers=3, projection_dim=32,
         hidden_act="gelu", pad_token_id=0)).eval()
-    # the refiner's UNet: 32-wide context (encoder 2 alone), 5 time ids (size, crop, aesthetic score)
-    ucfg = UNetConfig.tiny_sdxl(cross_attention_dim=32, projection_class_embeddings_input_dim=32 + 5 * 8).to_dict()
+    # the refiner's UNet: 32-wide context (encoder 2 alone), 5 time ids (size, crop, aesthetic score);
+    # one ResNet and transformer layer per block (it compiles with the base in one program)
+    ucfg = UNetConfig.tiny_sdxl(cross_attention_dim=32, projection_class_embeddings_input_dim=32 + 5 * 8,
+                                layers_per_block=1, transformer_layers_per_block=(1, 1)).to_dict()
     unet = UNet2DConditionModel(**{k: v for k, v in ucfg.items() if not k.startswith("_")}).eval()
     vcfg = VAEConfig.tiny().to_dict()
     vae = AutoencoderKL(**{k: v for k, v in vcfg.items() if not k.startswith("_")}).eval()
@@ -55,13 +57,19 @@ def build_tiny_refiner(folder, seed=1):
     return pipe
 
 
+def load(folder):
+    """One device: the batch is not padded to the 8 fake devices (compiles and runs faster)."""
+    import jax
+    from sd_jax import sharding
+    from sd_jax.pipeline import StableDiffusionPipeline
+    return StableDiffusionPipeline.from_pretrained(folder, mesh=sharding.make_mesh(jax.devices()[:1]))
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from sd_jax.pipeline import StableDiffusionPipeline
     base_dir, ref_dir = str(tmp_path_factory.mktemp("sdxl_base")), str(tmp_path_factory.mktemp("sdxl_refiner"))
     base_ref, refiner_ref = build_tiny_sdxl(base_dir), build_tiny_refiner(ref_dir)
-    return (base_ref, StableDiffusionPipeline.from_pretrained(base_dir),
-            refiner_ref, StableDiffusionPipeline.from_pretrained(ref_dir), ref_dir)
+    return base_ref, load(base_dir), refiner_ref, load(ref_dir), ref_dir
 
 
 @pytest.fixture
@@ -96,24 +104,6 @@ def test_refiner_folder_loads_and_saves_as_the_hub_holds_it(models, tmp_path):
     assert again.text_encoder is None and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_base_to_refiner_hand_off_matches_diffusers(models):
-    """diffusers' ensemble of experts: base with denoising_end=0.8 (latents out), refiner with
-    denoising_start=0.8 on those latents; here one compiled function."""
-    from sd_jax.ensemble import SDXLEnsemble
-    base_ref, base, refiner_ref, refiner, _ = models
-    lat = init_latents(2, seed=3)
-    with torch.no_grad():
-        mid = base_ref(PROMPTS, negative_prompt=NEG, latents=nchw(lat), num_inference_steps=STEPS, guidance_scale=5.0,
-                       height=SIZE, width=SIZE, denoising_end=0.8, output_type="latent").images
-        want = refiner_ref(PROMPTS, negative_prompt=NEG, image=mid, num_inference_steps=STEPS, guidance_scale=5.0,
-                           denoising_start=0.8, output_type="np").images
-    ens = SDXLEnsemble(base, refiner, switch=0.8)
-    got = ens(PROMPTS, NEG, latents=lat, num_inference_steps=STEPS, guidance_scale=5.0, height=SIZE, width=SIZE,
-              output_type="np")
-    _close(got, want)
-    assert ens.compilations == 1 and got.std() > 0.01
-
-
 def test_refiner_img2img_matches_diffusers(models, mean_posterior, monkeypatch):
     """The refiner on its own: img2img with strength and non-default aesthetic scores."""
     from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as mod
@@ -130,23 +120,33 @@ def test_refiner_img2img_matches_diffusers(models, mean_posterior, monkeypatch):
     _close(got, want)
 
 
-def test_sdxl_inpaint_with_an_ordinary_unet_matches_diffusers(models, mean_posterior):
-    """StableDiffusionXLInpaintPipeline on the base: masked latent blending after every step."""
+def test_sdxl_inpainting_unet_matches_diffusers(tmp_path, mean_posterior, monkeypatch):
+    """A 9-channel SDXL inpainting UNet (StableDiffusionXLInpaintPipeline folder), with
+    non-default micro-conditioning under the img2img/inpaint rules (the negative row takes the
+    positive crop corner) and strength < 1."""
     from PIL import Image
-    from diffusers import StableDiffusionXLInpaintPipeline
-    base_ref, base, _, _, _ = models
-    ref = StableDiffusionXLInpaintPipeline(**base_ref.components)
-    ref.set_progress_bar_config(disable=True)
-    noise = init_latents(1, seed=6)
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_inpaint as mod
+    from sd_jax import families
+    ref = build_tiny_sdxl(str(tmp_path), seed=2, in_channels=9, layers_per_block=1, transformer_layers_per_block=(1, 1))
+    pipe = load(str(tmp_path))
+    assert pipe.family is families.SDXL and pipe.models.unet.config.in_channels == 9
+    noise = init_latents(1, seed=8)
     mask = np.zeros((SIZE, SIZE), np.uint8)
-    mask[8:24, 4:20] = 255
-    image = _image(7)
-    kw = dict(strength=1.0, num_inference_steps=STEPS, guidance_scale=5.0, height=SIZE, width=SIZE, output_type="np")
+    mask[4:20, 8:28] = 255
+    image = _image(9)
+    micro = dict(original_size=(48, 40), crops_coords_top_left=(8, 4), negative_original_size=(24, 24),
+                 negative_target_size=(16, 32))
+    kw = dict(strength=0.75, num_inference_steps=STEPS + 3, guidance_scale=5.0, height=SIZE, width=SIZE,
+              output_type="np", **micro)
+    monkeypatch.setattr(mod, "randn_tensor", lambda shape, **k: nchw(noise))
     with torch.no_grad():
-        want = ref(PROMPTS[:1], image=Image.fromarray(image), mask_image=Image.fromarray(mask), latents=nchw(noise),
-                   **kw).images
-    got = base(PROMPTS[:1], image=image, mask_image=mask, latents=noise, **kw)
+        want = ref(PROMPTS[:1], negative_prompt=NEG[:1], image=Image.fromarray(image),
+                   mask_image=Image.fromarray(mask), **kw).images
+    got = pipe(PROMPTS[:1], NEG[:1], image=image, mask_image=mask, latents=noise, **kw)
     _close(got, want)
+    assert pipe.save_pretrained(str(tmp_path / "saved"), format="diffusers") is None
+    with open(tmp_path / "saved" / "model_index.json") as f:
+        assert json.load(f)["_class_name"] == "StableDiffusionXLInpaintPipeline"
 
 
 def test_refiner_pairing_errors(models):
@@ -186,14 +186,30 @@ def test_cli_refiner_errors_are_one_line(models, tmp_path, monkeypatch, capsys):
     assert not os.path.exists(out)
 
 
-def test_cli_generates_with_base_and_refiner(models, tmp_path, monkeypatch):
-    """``sd-jax generate --model BASE --refiner REFINER --refiner-switch 0.6`` writes the ensemble's image."""
+def test_cli_base_to_refiner_hand_off_matches_diffusers(models, tmp_path, monkeypatch):
+    """``sd-jax generate --model BASE --refiner REFINER --refiner-switch 0.8`` (base and refiner in
+    one compiled function, the latents handed over on the devices) against diffusers' ensemble
+    of experts: base with ``denoising_end=0.8`` (latents out), refiner with ``denoising_start=0.8``
+    on those latents, from sd-jax's seeded noise.  The PNG is uint8: within one grey level."""
+    import jax
     from PIL import Image
-    from sd_jax import cli
+    from sd_jax import cli, sharding
     monkeypatch.setenv("SD_JAX_CACHE", str(tmp_path / "xla"))
-    _, base, _, refiner, ref_dir = models
-    out = str(tmp_path / "a.png")
-    assert cli.main(["generate", PROMPTS[0], "--model", base.source, "--refiner", ref_dir, "--refiner-switch", "0.6",
-                     "--size", "32x32", "--steps", "3", "--guidance", "1", "--no-progress", "-o", out]) == 0
-    img = np.asarray(Image.open(out))
-    assert img.shape == (SIZE, SIZE, 3) and img.std() > 1
+    make_mesh = sharding.make_mesh  # one device, as the other tests here
+    monkeypatch.setattr(sharding, "make_mesh", lambda devices=None: make_mesh(devices or jax.devices()[:1]))
+    base_ref, base, refiner_ref, refiner, ref_dir = models
+    out, seed = str(tmp_path / "a.png"), 3
+    assert cli.main(["generate", PROMPTS[0], "--negative", NEG[0], "--model", base.source, "--refiner", ref_dir,
+                     "--refiner-switch", "0.8", "--size", f"{SIZE}x{SIZE}", "--steps", str(STEPS), "--guidance", "5",
+                     "--seed", str(seed), "--scheduler", "euler", "--no-progress", "-o", out]) == 0
+    got = np.asarray(Image.open(out).convert("RGB"), np.float32)[None] / 255
+    # sd-jax's initial noise for this seed (pipeline._generate's noise_at(0))
+    noise = jax.random.normal(jax.random.fold_in(jax.random.key(np.uint32(seed)), 0), (SIZE // 2, SIZE // 2, 4))
+    with torch.no_grad():
+        mid = base_ref(PROMPTS[:1], negative_prompt=NEG[:1], latents=nchw(np.asarray(noise)[None]),
+                       num_inference_steps=STEPS, guidance_scale=5.0, height=SIZE, width=SIZE, denoising_end=0.8,
+                       output_type="latent").images
+        want = refiner_ref(PROMPTS[:1], negative_prompt=NEG[:1], image=mid, num_inference_steps=STEPS,
+                           guidance_scale=5.0, denoising_start=0.8, output_type="np").images
+    _close(got, want, atol=1 / 255)
+    assert got.std() > 0.01
