@@ -120,6 +120,29 @@ def test_refiner_img2img_matches_diffusers(models, mean_posterior, monkeypatch):
     _close(got, want)
 
 
+def test_refiner_inpaint_blending_matches_diffusers(models, mean_posterior, monkeypatch):
+    """StableDiffusionXLInpaintPipeline on a 4-channel UNet (the refiner's, the smallest here):
+    masked latent blending after every step, aesthetic-score time ids."""
+    from PIL import Image
+    from diffusers import StableDiffusionXLInpaintPipeline
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_inpaint as mod
+    _, _, refiner_ref, refiner, _ = models
+    ref = StableDiffusionXLInpaintPipeline(**refiner_ref.components, requires_aesthetics_score=True,
+                                           force_zeros_for_empty_prompt=False)
+    ref.set_progress_bar_config(disable=True)
+    noise = init_latents(1, seed=6)
+    monkeypatch.setattr(mod, "randn_tensor", lambda shape, **k: nchw(noise))
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[8:24, 4:20] = 255
+    image = _image(7)
+    kw = dict(strength=0.7, num_inference_steps=STEPS + 1, guidance_scale=5.0, height=SIZE, width=SIZE,
+              output_type="np", aesthetic_score=5.0)
+    with torch.no_grad():
+        want = ref(PROMPTS[:1], image=Image.fromarray(image), mask_image=Image.fromarray(mask), **kw).images
+    got = refiner(PROMPTS[:1], image=image, mask_image=mask, latents=noise, **kw)
+    _close(got, want)
+
+
 def test_sdxl_inpainting_unet_matches_diffusers(tmp_path, mean_posterior, monkeypatch):
     """A 9-channel SDXL inpainting UNet (StableDiffusionXLInpaintPipeline folder), with
     non-default micro-conditioning under the img2img/inpaint rules (the negative row takes the
