@@ -399,7 +399,7 @@ def lock_holder(out: str) -> int | None:
 # Command-line flags of the job settings, for messages.
 _FLAGS = {"negative_prompt": "--negative", "seed": "--seed", "steps": "--steps", "guidance": "--guidance",
           "guidance_rescale": "--rescale", "size": "--size", "scheduler": "--scheduler", "clip_skip": "--clip-skip",
-          "dtype": "--dtype"}
+          "dtype": "--dtype", "refiner": "--refiner", "refiner_switch": "--refiner-switch"}
 
 
 def make_job(model: str, settings: dict, rows: list) -> dict:

@@ -236,3 +236,19 @@ def test_cli_base_to_refiner_hand_off_matches_diffusers(models, tmp_path, monkey
                            guidance_scale=5.0, denoising_start=0.8, output_type="np").images
     _close(got, want, atol=1 / 255)
     assert got.std() > 0.01
+
+
+def test_batch_job_records_the_refiner():
+    """A batch job's settings name the refiner and switch (a resume with others is a changed job);
+    a job without one is written as before."""
+    import argparse
+    from sd_jax.batch import job_of_args
+    args = argparse.Namespace(negative="", seed=0, steps=None, guidance=None, rescale=0.0, size=None, scheduler=None,
+                              clip_skip=None, dtype="fp32", refiner=None, refiner_switch=None)
+    plain = job_of_args(args, "base", [])
+    assert "refiner" not in plain["settings"]
+    args.refiner = "/models/sdxl-refiner-1.0/"
+    job = job_of_args(args, "base", [])
+    assert (job["settings"]["refiner"], job["settings"]["refiner_switch"]) == ("sdxl-refiner-1.0", 0.8)
+    args.refiner_switch = 0.7
+    assert job_of_args(args, "base", [])["settings"]["refiner_switch"] == 0.7
