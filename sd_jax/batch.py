@@ -399,7 +399,8 @@ def lock_holder(out: str) -> int | None:
 # Command-line flags of the job settings, for messages.
 _FLAGS = {"negative_prompt": "--negative", "seed": "--seed", "steps": "--steps", "guidance": "--guidance",
           "guidance_rescale": "--rescale", "size": "--size", "scheduler": "--scheduler", "clip_skip": "--clip-skip",
-          "dtype": "--dtype", "watermark": "--no-watermark", "unet": "--unet"}
+          "dtype": "--dtype", "watermark": "--no-watermark", "unet": "--unet", "refiner": "--refiner",
+          "refiner_switch": "--refiner-switch"}
 
 
 def make_job(model: str, settings: dict, rows: list) -> dict:
@@ -426,6 +427,9 @@ def job_of_args(args, model: str, raw: list[tuple[int, dict]]) -> dict:
         settings["watermark"] = False
     if getattr(args, "unet", None):
         settings["unet"] = os.path.abspath(args.unet)
+    if getattr(args, "refiner", None):  # (absent otherwise: jobs written before refiners stay the same)
+        settings["refiner"] = os.path.basename(os.path.normpath(args.refiner))
+        settings["refiner_switch"] = 0.8 if args.refiner_switch is None else args.refiner_switch
     return make_job(model, settings, [rec for _, rec in raw])
 
 

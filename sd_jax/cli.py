@@ -93,6 +93,10 @@ def _add_lora_args(p):
                    help="do not run the model's safety checker (on by default when the model has one)")
     p.add_argument("--safety-policy", choices=["black", "blur", "keep"], default="black",
                    help="what the safety checker does to a flagged image (keep: only record the flag)")
+    p.add_argument("--refiner", default=None, help="SDXL refiner folder: the base (--model) denoises until "
+                                                   "--refiner-switch, the refiner finishes (text-to-image)")
+    p.add_argument("--refiner-switch", type=float, default=None,
+                   help="fraction of the noise schedule the base denoises before the refiner (default 0.8)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -200,6 +200,42 @@ def check_generation_args(args) -> None:
     emb = getattr(args, "embeddings_dir", None)
     if emb is not None and not os.path.isdir(emb):
         raise UsageError(f"--embeddings-dir {emb!r} is not a folder")
+    check_refiner_args(args)
+
+
+def check_refiner_args(args) -> None:
+    """--refiner / --refiner-switch checks that need no model."""
+    switch = getattr(args, "refiner_switch", None)
+    if switch is not None and not getattr(args, "refiner", None):
+        raise UsageError("--refiner-switch needs --refiner (an SDXL refiner folder)")
+    if switch is not None and not 0.0 < switch < 1.0:  # NaN fails this too
+        raise UsageError(f"--refiner-switch must be in (0, 1) (the fraction the base denoises), got {switch}")
+    if getattr(args, "refiner", None):
+        if getattr(args, "init_image", None):
+            raise UsageError("--refiner continues a text-to-image base; it does not take --init-image / --mask")
+        if not os.path.exists(args.refiner):
+            raise UsageError(f"--refiner {args.refiner!r} not found; give an SDXL refiner folder")
+
+
+def with_refiner(args, pipe):
+    """``pipe``, or with ``--refiner`` the base + refiner ensemble; a UsageError for a refiner
+    loaded as the base model (it needs a base, or an init image)."""
+    from sd_jax import families
+    if pipe.family is families.SDXL_REFINER and not args.refiner and not getattr(args, "init_image", None):
+        raise UsageError(f"{args.model or 'the model'} is an SDXL refiner: it refines an image (--init-image) "
+                         f"or continues a base model (--model BASE --refiner {args.model or 'REFINER'})")
+    if not args.refiner:
+        return pipe
+    from sd_jax.ensemble import SDXLEnsemble
+    refiner = load_model(args.refiner, dtype=args.dtype, attention=args.attention, mesh=pipe.mesh)
+    refiner.watermark = refiner.watermark and pipe.watermark  # --no-watermark: neither marks
+    switch = 0.8 if args.refiner_switch is None else args.refiner_switch
+    try:
+        ensemble = SDXLEnsemble(pipe, refiner, switch)
+    except ValueError as e:
+        raise UsageError(f"--refiner {args.refiner}: {_one_line(e)}") from None
+    ensemble.memory_check = getattr(pipe, "memory_check", True)
+    return ensemble
 
 
 def settings(args, pipe=None) -> dict:
@@ -370,6 +406,7 @@ def generate(args) -> int:
     controls = _load_controlnets(pipe, args, controls)
     pipe.memory_check = not args.no_memory_check
     pipe.vae_tiling = args.vae_tiling
+    pipe = with_refiner(args, pipe)
     if pipe.models.unet.config.in_channels == 9 and not args.mask:
         raise UsageError(f"{args.model or 'the model'} is an inpainting model (9 input channels): "
                          f"pass --init-image and --mask")
@@ -462,7 +499,7 @@ def batch(args) -> int:
     batch_lib.check_out(args.out, job, args.replace)  # and so does a folder that cannot be used
     if args.score_with and not os.path.isdir(args.score_with):
         raise UsageError(f"--score-with {args.score_with!r} not found; give a transformers CLIPModel folder")
-    pipe = load(args)
+    pipe = with_refiner(args, load(args))
     if pipe.models.unet.config.in_channels == 9:
         raise UsageError(f"{args.model or 'the model'} is an inpainting model (9 input channels); "
                          f"batch does text-to-image only")

@@ -9,7 +9,8 @@ size and sampler, and the noise schedule it was trained with.  The loader
 adding a family (SDXL) is adding an entry (and its model code), not edits across them.
 
 Entries: ``sd1`` (SD 1.x), ``sd2`` (SD 2.x), ``tiny`` (the SD 1.x architecture at
-test / shapes-model size) and ``sdxl`` (SDXL base: two text encoders, text-time UNet).  Inpainting is not a family but a flag of a model (its UNet
+test / shapes-model size), ``sdxl`` (SDXL base: two text encoders, text-time UNet) and
+``sdxl-refiner`` (the second text encoder only, aesthetic-score micro-conditioning).  Inpainting is not a family but a flag of a model (its UNet
 takes 9 channels: latents + mask + masked-image latents), with its own pipeline class
 name.
 
@@ -34,7 +35,7 @@ from sd_jax.weights.convert import state_dict_to_params
 from sd_jax.weights.safetensors_io import CheckpointError
 
 __all__ = ["Component", "TokenizerSpec", "PromptEncoding", "SingleFileLayout", "Family", "Models", "FAMILIES",
-           "SD1", "SD2", "TINY", "SDXL", "get", "detect", "detect_single_file", "sd_scheduler_config",
+           "SD1", "SD2", "TINY", "SDXL", "SDXL_REFINER", "get", "detect", "detect_single_file", "sd_scheduler_config",
            "sdxl_scheduler_config", "build_models", "params_from_state_dicts", "shapes_text_encoder_config", "shapes_unet_config",
            "shapes_vae_config"]
 
@@ -252,10 +253,11 @@ class Family:
 @dataclasses.dataclass(frozen=True)
 class Models:
     """The networks (Flax modules, hashable) of a pipeline (``text_encoder_2``: SDXL's second
-    text encoder, None for the families that have one)."""
-    text_encoder: Any
-    unet: Any
-    vae: Any
+    text encoder, None for the families that have one; ``text_encoder``: None for the SDXL
+    refiner, which has only the second)."""
+    text_encoder: Any = None
+    unet: Any = None
+    vae: Any = None
     text_encoder_2: Any = None
 
     @property
@@ -386,7 +388,26 @@ SDXL = Family(
     index_extras=_SDXL_INDEX_EXTRAS, options={"force_zeros_for_empty_prompt": True}, watermark=True,
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, TINY, SDXL)}
+_REFINER_INDEX_EXTRAS = {"text_encoder": [None, None], "tokenizer": [None, None], **_SDXL_INDEX_EXTRAS}
+
+# SDXL refiner: OpenCLIP bigG alone (its penultimate state, 1280 wide, is the context; the
+# first tokenizer is absent, so it reads the prompt, not prompt_2, as diffusers' zip of
+# [prompt, prompt_2] with [tokenizer_2] does), a UNet whose micro-conditioning is
+# (original size, crop, aesthetic score).  An img2img pipeline (StableDiffusionXLImg2ImgPipeline
+# with null text_encoder / tokenizer in model_index.json).
+SDXL_REFINER = Family(
+    name="sdxl-refiner", description="Stable Diffusion XL refiner (OpenCLIP bigG text encoder, aesthetic score)",
+    components=(_TEXT_ENCODER_2,) + _SD_COMPONENTS[1:], tokenizers=SDXL.tokenizers[1:],
+    prompt=PromptEncoding(encoders=("text_encoder_2",), tokenizers=("tokenizer_2",), combine="concat",
+                          hidden_state="penultimate", pooled="text_encoder_2"),
+    pipeline_class="StableDiffusionXLImg2ImgPipeline", inpaint_pipeline_class="StableDiffusionXLInpaintPipeline",
+    single_file=None, default_size=1024, default_sampler="euler", text_hidden_act="gelu",
+    index_extras=_REFINER_INDEX_EXTRAS,
+    options={"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True},
+    watermark=True,  # diffusers' StableDiffusionXLImg2ImgPipeline marks its images too
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, TINY, SDXL, SDXL_REFINER)}
 
 
 def get(name: str) -> Family:
@@ -397,8 +418,10 @@ def get(name: str) -> Family:
 
 
 # =========================================================================== detection
-_UNSUPPORTED_PIPELINES = {"XLImg2Img": "SDXL img2img / refiner", "XLInpaint": "SDXL inpainting",
-                          "XLInstructPix2Pix": "SDXL InstructPix2Pix", "Flux": "Flux", "StableDiffusion3": "SD 3", "Kandinsky": "Kandinsky"}
+_UNSUPPORTED_PIPELINES = {"XLInstructPix2Pix": "SDXL InstructPix2Pix", "Flux": "Flux", "StableDiffusion3": "SD 3", "Kandinsky": "Kandinsky"}
+
+
+_SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
 
 
 def detect(configs: Mapping[str, Any], model_index: Mapping[str, Any] | None = None,
@@ -412,12 +435,14 @@ def detect(configs: Mapping[str, Any], model_index: Mapping[str, Any] | None = N
     for marker, what in _UNSUPPORTED_PIPELINES.items():
         if marker in cls:
             raise CheckpointError(f"{where} is a {what} model ({cls}); sd-jax loads Stable Diffusion 1.x/2.x "
-                                  f"and SDXL text-to-image")
-    if cls == SDXL.pipeline_class:
-        return SDXL
+                                  f"and SDXL (base, refiner, img2img, inpainting)")
+    if cls in _SDXL_PIPELINES:
+        # the refiner has no first text encoder (model_index.json: "text_encoder": [null, null])
+        te = (model_index or {}).get("text_encoder")
+        return SDXL_REFINER if cls != SDXL.pipeline_class and not (te and te[0]) else SDXL
     if "XL" in cls:
         raise CheckpointError(f"{where} is an SDXL pipeline sd-jax does not load yet ({cls}); "
-                              f"it loads StableDiffusionXLPipeline folders")
+                              f"it loads the StableDiffusionXL, -Img2Img and -Inpaint pipelines' folders")
     te = configs.get("text_encoder")
     act = te.get("hidden_act") if isinstance(te, Mapping) else getattr(te, "hidden_act", None)
     return SD2 if act == SD2.text_hidden_act else SD1

@@ -33,10 +33,11 @@ from sd_jax.lora import LoraSet
 from sd_jax.control import keep_table, load_control_image
 from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, controlnet_residuals, unet_denoiser
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
-from sd_jax.diffusion.sampling import sample
+from sd_jax.diffusion.sampling import sample, step_range
 from sd_jax.models import vae_tiling
 from sd_jax.families import Models  # noqa: F401  (re-exported: the pipeline's networks)
 from sd_jax.models import controlnet as controlnet_model
+from sd_jax.micro_conditioning import add_time_ids, time_id_rows
 from sd_jax.prompts import editing, embeddings
 from sd_jax.prompts.chunks import count_chunks, prompt_arrays
 from sd_jax.request import Control, Dispatcher, GenerationRequest, RequestError
@@ -47,6 +48,10 @@ from sd_jax.watermark import apply_watermark, applies as watermark_applies
 from sd_jax.weights import loader
 
 OUTPUTS = ("uint8", "float32", "latent")
+# GenerationRequest fields that __call__ takes by their diffusers names, the same for every image
+SDXL_ARGUMENTS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                  "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
+                  "negative_aesthetic_score", "denoising_start", "denoising_end")
 
 def enable_compilation_cache(path: str | None = None) -> str:
     """Turn on JAX's persistent compilation cache so a second process starts fast."""
@@ -84,6 +89,10 @@ class Plan:
     safety: the safety checker run on the decoded images, with its action on flagged ones
       (:class:`sd_jax.models.safety_checker.SafetyChecker`), or None; with one, the output is
       ``(images, nsfw bool [B])``.
+    add_noise: img2img noises the image's latents to step ``start`` (strength); False: they are
+      taken as they are (diffusers' ``denoising_start``: latents handed over part-denoised).
+    image_latents: the init image comes as latents (``batch["image_latents"]``, a base
+      model's output in an ensemble) instead of pixels to encode.
     """
     sampler: Any
     start: int
@@ -103,6 +112,8 @@ class Plan:
     guess_mode: bool = False
     vae_tile: int | None = None
     safety: Any = None
+    add_noise: bool = True
+    image_latents: bool = False
 
 
 def encode_prompt(models: Models, encoding: families.PromptEncoding, params, ids, clip_skip, time_ids=None,
@@ -181,7 +192,8 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
 
     batch (all leading dim B, batch-sharded):
       ids, neg_ids: int32 [B, 77] (neg_ids only with guidance);  ids_2, neg_ids_2: the second
-      tokenizer's (SDXL);  time_ids: float32 [B, 6] (SDXL's micro-conditioning, both sides);
+      tokenizer's (SDXL);  time_ids, neg_time_ids: float32 [B, K] (SDXL's micro-conditioning;
+      neg_time_ids with guidance);
       neg_zero: bool [B] (SDXL, ``force_zeros_for_empty_prompt``: a zero negative conditioning);
       seeds: uint32 [B];
       guidance, rescale: float32 [B];  latents: optional float32 [B, h, w, C] initial noise
@@ -203,12 +215,14 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
     def encode(negative: bool):
         ids, w = _batch_ids(encoding, batch, negative), _batch_ids(encoding, batch, negative, "weights")
         zero = batch.get("neg_zero") if negative else None
+        skip = None if negative else plan.clip_skip  # diffusers: clip_skip on the prompt only, not the negative
+        tids = batch.get("neg_time_ids", time_ids) if negative else time_ids
         if k == 1:
-            return encode_prompt(models, encoding, params, ids, plan.clip_skip, time_ids, zero, w)
+            return encode_prompt(models, encoding, params, ids, skip, tids, zero, w)
         rows = lambda x: None if x is None else jax.tree.map(lambda a: a.reshape(a.shape[0] * k, -1), x)  # noqa: E731
-        c = encode_prompt(models, encoding, params, rows(ids), plan.clip_skip, None,
+        c = encode_prompt(models, encoding, params, rows(ids), skip, None,
                           None if zero is None else jnp.repeat(zero, k), rows(w))
-        return editing.stack(c, k).replace(time_ids=time_ids)
+        return editing.stack(c, k).replace(time_ids=tids)
 
     cond = encode(False)
     uncond = encode(True) if plan.guidance else None
@@ -217,9 +231,12 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
     if plan.mode == "txt2img":
         x = noise0 * sampler.init_noise_sigma
     else:
-        image_latents = vae_encode(models, params, batch["image"], plan.vae_tile)
+        image_latents = (batch["image_latents"].astype(jnp.float32) if plan.image_latents
+                         else vae_encode(models, params, batch["image"], plan.vae_tile))
         if plan.mode == "inpaint" and plan.start == 0:
             x = noise0 * sampler.init_noise_sigma
+        elif not plan.add_noise:
+            x = image_latents
         else:
             x = sampler.add_noise(image_latents, noise0, plan.start)
     if plan.mode == "inpaint":
@@ -312,6 +329,13 @@ def load_image(image, height: int, width: int, channels: int = 3) -> np.ndarray:
     if arr.shape[:2] != (height, width):
         raise ValueError(f"image is {arr.shape[1]}x{arr.shape[0]} but the requested size is {width}x{height}")
     return arr[..., :3] * 2.0 - 1.0
+
+
+def _prompt(r: GenerationRequest, i: int, negative: bool = False) -> str:
+    """The text tokenizer ``i`` reads: the prompt, or for the second tokenizer ``prompt_2``
+    (diffusers: ``prompt_2 or prompt``; a refiner's one tokenizer reads ``prompt``)."""
+    first, second = (r.negative_prompt, r.negative_prompt_2) if negative else (r.prompt, r.prompt_2)
+    return (second or first) if i == 1 else first
 
 
 class StableDiffusionPipeline:
@@ -498,32 +522,40 @@ class StableDiffusionPipeline:
         sampler = self.sampler(scheduler, r.steps)
         if self.models.unet.config.in_channels == 9 and r.mode != "inpaint":
             raise RequestError("this is an inpainting model: pass image= and mask_image=")
-        start = 0
-        if r.mode == "img2img" or (r.mode == "inpaint" and r.strength < 1.0):
+        start, end = 0, sampler.num_steps
+        if r.denoising_start is not None or r.denoising_end is not None:
+            start, end = step_range(sampler, denoising_start=r.denoising_start, denoising_end=r.denoising_end)
+        if r.denoising_start is None and (r.mode == "img2img" or (r.mode == "inpaint" and r.strength < 1.0)):
             start = img2img_start(r.steps, r.strength, sampler.order)
-            if start >= sampler.num_steps:
+            if start >= end:
                 raise RequestError(f"strength {r.strength} with {r.steps} steps leaves no denoising step; "
                                    f"raise one of them")
         latent_shape = (height // f, width // f, self.latent_channels)
         if r.latents is not None and np.shape(r.latents) != latent_shape:
             raise RequestError(f"latents must have shape {latent_shape} per image, got {np.shape(r.latents)}")
         r = r.replace(height=height, width=width, scheduler=scheduler)
+        self._check_time_ids(r)
         chunks, k = 1, 1
         if r.prompt_syntax != "plain":
-            sides = [editing.variants(text, r.steps, sampler.num_steps)[0]
-                     for text in ((r.prompt, r.negative_prompt) if r.guided else (r.prompt,))]
-            k = max(len(texts) for texts in sides)
-            chunks = max(count_chunks(self.tokenizers[t], text, r.prompt_syntax, self._groups(t))
-                         for t in self.family.prompt.tokenizers for texts in sides for text in texts)
+            negs = (False, True) if r.guided else (False,)
+            sides = {(i, neg): editing.variants(_prompt(r, i, neg), r.steps, sampler.num_steps)[0]
+                     for i in range(len(self.family.prompt.tokenizers)) for neg in negs}
+            if any(len(v) > 1 and _prompt(r, i, neg) != _prompt(r, 0, neg) for (i, neg), v in sides.items()):
+                raise RequestError("prompt editing and alternation ([a:b:N], [a|b]) work in prompt and "
+                                   "negative_prompt; leave them out of prompt_2 / negative_prompt_2")
+            k = max(len(v) for v in sides.values())
+            chunks = max(count_chunks(self.tokenizers[self.family.prompt.tokenizers[i]], text, r.prompt_syntax,
+                                      self._groups(self.family.prompt.tokenizers[i]))
+                         for (i, _), texts in sides.items() for text in texts)
         nets = tuple((self._controlnet_index(c.controlnet), None) for c in r.control)
         if len({j for j, _ in nets}) != len(nets):
             raise RequestError("each ControlNet can be given once per image")
         nets = tuple((j, self.controlnets[j][1]) for j, _ in nets)
-        plan = Plan(sampler, start, sampler.num_steps, r.mode, r.guided, r.clip_skip, latent_shape,
+        plan = Plan(sampler, start, end, r.mode, r.guided, r.clip_skip, latent_shape,
                     output, loop, r.latents is not None,
                     watermark=bool(self.watermark) and output != "latent" and watermark_applies(height, width),
                     prompt_chunks=chunks, emphasis=r.prompt_syntax != "plain", prompt_variants=k,
-                    controlnets=nets, guess_mode=r.guess_mode and bool(nets))
+                    controlnets=nets, guess_mode=r.guess_mode and bool(nets), add_noise=r.denoising_start is None)
         if self.safety_checker is not None and output != "latent":  # diffusers: not on latents either
             try:
                 checker = dataclasses.replace(self.safety_checker, action=self.safety_policy)
@@ -549,6 +581,24 @@ class StableDiffusionPipeline:
         ids, w = prompt_arrays(tok, texts, plan.prompt_chunks, "a1111", self._groups(tokenizer))
         return ids.reshape(ids.shape[0] // k, -1), w.reshape(w.shape[0] // k, -1)
 
+    def _time_id_rules(self, mode: str) -> tuple[str, bool]:
+        """(mode whose diffusers rules apply, aesthetic score) for :func:`time_id_rows`: a
+        refiner (``requires_aesthetics_score``) is an img2img pipeline whatever it does."""
+        aesthetic = bool(self.options.get("requires_aesthetics_score", False))
+        return ("img2img" if aesthetic else mode), aesthetic
+
+    def _check_time_ids(self, r: GenerationRequest) -> None:
+        """A RequestError unless the UNet's added embedding takes this many time ids (diffusers' check)."""
+        cfg = self.models.unet.config
+        if cfg.addition_embed_type != "text_time":
+            return
+        pooled = self.models.text_encoder_2.config.projection_dim
+        want = (cfg.projection_class_embeddings_input_dim - pooled) // cfg.addition_time_embed_dim
+        got = len(add_time_ids(r, *self._time_id_rules(r.mode))[0])
+        if got != want:
+            raise RequestError(f"this UNet takes {want} micro-conditioning ids but the model makes {got}; "
+                               f"set requires_aesthetics_score to {want == 5} in its model_index.json")
+
     def _inputs(self, plan: Plan, requests: Sequence[GenerationRequest]) -> dict:
         """The host arrays of one call (leading axis = the requests)."""
         batch = {"seeds": np.asarray([r.seed for r in requests], np.uint32),
@@ -556,7 +606,7 @@ class StableDiffusionPipeline:
                  "rescale": np.asarray([r.guidance_rescale for r in requests], np.float32)}
         for i, name in enumerate(self.family.prompt.tokenizers):
             for neg in (False, True) if plan.guidance else (False,):
-                ids, weights = self._prompt_ids(plan, name, [r.negative_prompt if neg else r.prompt for r in requests])
+                ids, weights = self._prompt_ids(plan, name, [_prompt(r, i, negative=neg) for r in requests])
                 batch[ids_key(i, neg)] = ids
                 if weights is not None:
                     batch[ids_key(i, neg).replace("ids", "weights")] = weights
@@ -567,15 +617,13 @@ class StableDiffusionPipeline:
                     [editing.variants(r.negative_prompt if neg else r.prompt, steps, plan.sampler.num_steps)[1]
                      for r in requests], np.int32)
         if self.models.unet.config.addition_embed_type == "text_time":
-            # SDXL's micro-conditioning as diffusers' defaults: original size = target size =
-            # the image's, no crop; the negative side gets the same.
-            batch["time_ids"] = np.asarray([[r.height, r.width, 0, 0, r.height, r.width] for r in requests],
-                                           np.float32)
+            # SDXL's micro-conditioning (sd_jax.micro_conditioning: diffusers' rules per pipeline)
+            batch.update(time_id_rows(requests, *self._time_id_rules(plan.mode), plan.guidance))
             if plan.guidance and self.options.get("force_zeros_for_empty_prompt"):
                 batch["neg_zero"] = np.asarray([not r.negative_prompt for r in requests], np.bool_)
         if plan.given_noise:
             batch["latents"] = np.stack([np.asarray(r.latents, np.float32) for r in requests])
-        if plan.mode != "txt2img":
+        if plan.mode != "txt2img" and not plan.image_latents:
             batch["image"] = np.stack(_load_each([r.image for r in requests], requests[0].height, requests[0].width))
         if plan.mode == "inpaint":
             batch["mask"] = np.stack(_load_each([r.mask for r in requests], requests[0].height, requests[0].width, 1))
@@ -644,8 +692,13 @@ class StableDiffusionPipeline:
                  mask_image=None, strength=0.8, latents=None, num_images_per_prompt=1,
                  prompt_syntax="a1111", control_image=None,
                  controlnet=None, controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
-                 control_guidance_end=1.0, guess_mode=False) -> list[GenerationRequest]:
-        """The diffusers-style arguments of :meth:`__call__` as one request per image."""
+                 control_guidance_end=1.0, guess_mode=False, prompt_2=None,
+                 negative_prompt_2=None, **sdxl) -> list[GenerationRequest]:
+        """The diffusers-style arguments of :meth:`__call__` as one request per image (``sdxl``:
+        the other :data:`SDXL_ARGUMENTS`, the same for every image)."""
+        unknown = set(sdxl) - set(SDXL_ARGUMENTS)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {', '.join(sorted(unknown))}")
         controls = self.controls(control_image, controlnet, controlnet_conditioning_scale, control_guidance_start,
                                  control_guidance_end)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -655,6 +708,8 @@ class StableDiffusionPipeline:
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise RequestError(f"num_images_per_prompt must be a positive integer, got {k!r}")
         negs = _to_list(negative_prompt, len(prompts), "negative_prompt")
+        seconds = {name: [x for x in _to_list(v, len(prompts), name) for _ in range(k)]
+                   for name, v in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2))}
         prompts = [p for p in prompts for _ in range(k)]
         negs = [x for x in negs for _ in range(k)]
         n = len(prompts)
@@ -670,11 +725,11 @@ class StableDiffusionPipeline:
         masks = mask_image if isinstance(mask_image, (list, tuple)) else [mask_image] * n
         cols = dict(negative_prompt=negs, seed=seeds, guidance=_to_list(guidance_scale, n, "guidance_scale"),
                     guidance_rescale=_to_list(guidance_rescale, n, "guidance_rescale"),
-                    image=_to_list(images, n, "image"), mask=_to_list(masks, n, "mask_image"))
+                    image=_to_list(images, n, "image"), mask=_to_list(masks, n, "mask_image"), **seconds)
         return [GenerationRequest(prompts[i], steps=num_inference_steps, width=width, height=height,
                                   scheduler=scheduler, clip_skip=clip_skip, strength=strength,
                                   latents=None if latents is None else latents[i], prompt_syntax=prompt_syntax, control=controls,
-                                  guess_mode=guess_mode, **{c: v[i] for c, v in cols.items()}) for i in range(n)]
+                                  guess_mode=guess_mode, **sdxl, **{c: v[i] for c, v in cols.items()}) for i in range(n)]
 
     def controls(self, control_image, controlnet=None, scale=1.0, start=0.0, end=1.0) -> tuple:
         """diffusers' ControlNet arguments -> :class:`~sd_jax.request.Control` entries: one image
@@ -707,7 +762,7 @@ class StableDiffusionPipeline:
                  batch_size: int | None = None, loop: str = "scan", prompt_syntax: str = "a1111",
                  control_image=None, controlnet=None,
                  controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
-                 guess_mode: bool = False):
+                 guess_mode: bool = False, prompt_2=None, negative_prompt_2=None, **sdxl):
         """Generate images.
 
         Args:
@@ -735,6 +790,11 @@ class StableDiffusionPipeline:
           controlnet_conditioning_scale, control_guidance_start, control_guidance_end: as
             diffusers, one for all or one per ControlNet (traced: no recompilation).
           guess_mode: as diffusers (the ControlNets see no prompt difference; static).
+          prompt_2, negative_prompt_2: SDXL's second text encoder's prompts (default: the first's).
+          sdxl: the rest of diffusers' SDXL arguments (:data:`SDXL_ARGUMENTS`): micro-conditioning
+            ``original_size``, ``crops_coords_top_left``, ``target_size`` and their
+            ``negative_`` counterparts as (height, width), ``aesthetic_score`` /
+            ``negative_aesthetic_score`` (a refiner), ``denoising_start`` / ``denoising_end``.
         """
         output = {"pil": "uint8", "np": "float32", "uint8": "uint8", "latent": "latent"}.get(output_type)
         if output is None:
@@ -747,7 +807,8 @@ class StableDiffusionPipeline:
                                  control_image=control_image,
                                  controlnet=controlnet, controlnet_conditioning_scale=controlnet_conditioning_scale,
                                  control_guidance_start=control_guidance_start,
-                                 control_guidance_end=control_guidance_end, guess_mode=guess_mode)
+                                 control_guidance_end=control_guidance_end, guess_mode=guess_mode,
+                                 prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, **sdxl)
         dispatcher = Dispatcher(self, batch_size=batch_size, output=output, loop=loop)
         images = np.stack(dispatcher.generate(requests))
         flags = None if self.safety_checker is None or output == "latent" else [bool(f) for f in dispatcher.flags]

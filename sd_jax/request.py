@@ -139,6 +139,23 @@ class GenerationRequest:
     prompt_syntax: str = "a1111"
     control: tuple = dataclasses.field(default=(), compare=False)  # Control entries (ControlNets)
     guess_mode: bool = False
+    # SDXL (diffusers' StableDiffusionXL*Pipeline arguments; traced, changing them does not
+    # recompile): the second text encoder's prompts (None: the first's), micro-conditioning
+    # sizes as (height, width) (None: the image's), the refiner's aesthetic scores.
+    prompt_2: Optional[str] = None
+    negative_prompt_2: Optional[str] = None
+    original_size: Optional[tuple] = None
+    crops_coords_top_left: tuple = (0, 0)
+    target_size: Optional[tuple] = None
+    negative_original_size: Optional[tuple] = None
+    negative_crops_coords_top_left: tuple = (0, 0)
+    negative_target_size: Optional[tuple] = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    # fractions of the noise schedule (static): stop early / start an image's latents late
+    # (SDXL's base -> refiner hand-off, diffusers' ``denoising_end`` / ``denoising_start``).
+    denoising_start: Optional[float] = None
+    denoising_end: Optional[float] = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -191,6 +208,7 @@ class GenerationRequest:
             raise RequestError("control must be a sequence of sd_jax.request.Control entries")
         set_("control", control)
         set_("guess_mode", bool(self.guess_mode))
+        _check_sdxl_fields(self, set_)
 
     @property
     def mode(self) -> str:
@@ -203,6 +221,44 @@ class GenerationRequest:
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)
+
+
+def _pair(value, what: str, low: int) -> tuple[int, int]:
+    """(a, b) of integers >= ``low`` (micro-conditioning sizes, crop corners); a RequestError otherwise."""
+    kind = "positive" if low > 0 else "non-negative"
+    try:
+        a, b = value
+        pair = (_integer(a, what), _integer(b, what))
+    except (TypeError, ValueError):
+        raise RequestError(f"{what} must be two {kind} integers (height, width), got {value!r}") from None
+    if min(pair) < low:
+        raise RequestError(f"{what} must be two {kind} integers (height, width), got {value!r}")
+    return pair
+
+
+def _check_sdxl_fields(r: "GenerationRequest", set_) -> None:
+    for name in ("prompt_2", "negative_prompt_2"):
+        v = getattr(r, name)
+        if v is not None and not isinstance(v, str):
+            raise RequestError(f"{name} must be text, got {v!r}")
+    for name in ("original_size", "target_size", "negative_original_size", "negative_target_size"):
+        if getattr(r, name) is not None:
+            set_(name, _pair(getattr(r, name), name, 1))
+    for name in ("crops_coords_top_left", "negative_crops_coords_top_left"):
+        set_(name, _pair(getattr(r, name), name, 0))
+    for name in ("aesthetic_score", "negative_aesthetic_score"):
+        set_(name, _number(getattr(r, name), name))
+    for name in ("denoising_start", "denoising_end"):
+        v = getattr(r, name)
+        if v is not None:
+            v = _number(v, name)
+            if not 0.0 < v < 1.0:
+                raise RequestError(f"{name} must be in (0, 1), got {v}")
+            set_(name, v)
+    if r.denoising_start is not None and r.mode != "img2img":
+        raise RequestError("denoising_start continues an image's latents: it needs image= (img2img), no mask")
+    if r.denoising_start is not None and r.denoising_end is not None and r.denoising_start >= r.denoising_end:
+        raise RequestError(f"denoising_start ({r.denoising_start}) must be below denoising_end ({r.denoising_end})")
 
 
 # ----------------------------------------------------------------------------- dispatching

@@ -86,7 +86,12 @@ def test_detect():
     assert families.detect({"text_encoder": clip.CLIPTextConfig.sd15().to_dict()}) is families.SD1
     assert families.detect({"text_encoder": clip.CLIPTextConfig.sd21()}) is families.SD2
     assert families.detect({}, {"_class_name": "StableDiffusionXLPipeline"}) is families.SDXL
-    for cls, what in (("StableDiffusionXLImg2ImgPipeline", "SDXL img2img"), ("FluxPipeline", "Flux"),
+    # an SDXL img2img / inpainting folder is SDXL; one without the first text encoder is the refiner
+    for cls in ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"):
+        te = ["transformers", "CLIPTextModel"]
+        assert families.detect({}, {"_class_name": cls, "text_encoder": te}) is families.SDXL
+        assert families.detect({}, {"_class_name": cls, "text_encoder": [None, None]}) is families.SDXL_REFINER
+    for cls, what in (("StableDiffusionXLInstructPix2PixPipeline", "SDXL InstructPix2Pix"), ("FluxPipeline", "Flux"),
                       ("StableDiffusionXLControlNetPipeline", "SDXL pipeline")):
         with pytest.raises(CheckpointError, match=what):
             families.detect({}, {"_class_name": cls}, where="m")

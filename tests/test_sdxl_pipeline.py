@@ -43,8 +43,11 @@ def _tokenizer(folder, pad=None):
     return CLIPTokenizer.from_pretrained(folder), vocab
 
 
-def build_tiny_sdxl(folder, seed=0, force_zeros=True):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+def build_tiny_sdxl(folder, seed=0, force_zeros=True, in_channels=4, **unet_kw):
+    """in_channels=9: an SDXL inpainting model (StableDiffusionXLInpaintPipeline); unet_kw:
+    UNetConfig.tiny_sdxl overrides."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, \
+        StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from sd_jax.families import sdxl_scheduler_config
@@ -60,7 +63,8 @@ def build_tiny_sdxl(folder, seed=0, force_zeros=True):
     te = CLIPTextModel(CLIPTextConfig(num_hidden_layers=2, pad_token_id=tok.eos_token_id, **common)).eval()
     te2 = CLIPTextModelWithProjection(CLIPTextConfig(num_hidden_layers=3, projection_dim=32, hidden_act="gelu",
                                                      pad_token_id=0, **common)).eval()
-    ucfg = UNetConfig.tiny_sdxl(cross_attention_dim=64, projection_class_embeddings_input_dim=32 + 6 * 8).to_dict()
+    ucfg = UNetConfig.tiny_sdxl(cross_attention_dim=64, projection_class_embeddings_input_dim=32 + 6 * 8,
+                                in_channels=in_channels, **unet_kw).to_dict()
     unet = UNet2DConditionModel(**{k: v for k, v in ucfg.items() if not k.startswith("_")}).eval()
     vcfg = VAEConfig.tiny().to_dict()
     vae = AutoencoderKL(**{k: v for k, v in vcfg.items() if not k.startswith("_")}).eval()
@@ -68,11 +72,12 @@ def build_tiny_sdxl(folder, seed=0, force_zeros=True):
         unet.conv_out.weight.mul_(0.1)
     sched = EulerDiscreteScheduler.from_config({k: v for k, v in sdxl_scheduler_config().items()
                                                 if not k.startswith("_")})
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
+    cls = StableDiffusionXLInpaintPipeline if in_channels == 9 else StableDiffusionXLPipeline
+    pipe = cls(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
                                      unet=unet, scheduler=sched, force_zeros_for_empty_prompt=force_zeros,
                                      add_watermarker=False)
     pipe.save_pretrained(folder)
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+    pipe = cls.from_pretrained(folder, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -220,3 +225,85 @@ def test_sd_jax_checkpoint_round_trip(tiny, tmp_path):
     kw = dict(latents=init_latents(1, seed=6), num_inference_steps=2, guidance_scale=5.0, height=SIZE, width=SIZE,
               output_type="np")
     np.testing.assert_array_equal(again(PROMPTS[:1], **kw), pipe(PROMPTS[:1], **kw))
+
+
+# ------------------------------------------------------------------ prompt_2, micro-conditioning
+MICRO = dict(original_size=(64, 48), crops_coords_top_left=(4, 8), target_size=(24, 40),
+             negative_original_size=(16, 24), negative_crops_coords_top_left=(2, 6), negative_target_size=(32, 8))
+
+
+def test_add_time_ids_match_diffusers():
+    """Every rule of diffusers' ``_get_add_time_ids`` (txt2img; img2img/inpaint with and without
+    the aesthetic score; negative sizes given, partly given, not given): equal, not close."""
+    import types
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from sd_jax.micro_conditioning import add_time_ids
+    from sd_jax.request import GenerationRequest
+    partial = {k: v for k, v in MICRO.items() if k != "negative_target_size"}
+    for kw in ({}, MICRO, partial):
+        r = GenerationRequest("x", height=SIZE, width=SIZE + 8, aesthetic_score=7.5, negative_aesthetic_score=1.5,
+                              **kw)
+        size = (SIZE, SIZE + 8)
+        orig, crops, target = kw.get("original_size", size), kw.get("crops_coords_top_left", (0, 0)), \
+            kw.get("target_size", size)
+        n_orig, n_crops, n_target = (kw.get("negative_original_size"), kw.get("negative_crops_coords_top_left", (0, 0)),
+                                     kw.get("negative_target_size"))
+        # txt2img: StableDiffusionXLPipeline.__call__'s rule, then its _get_add_time_ids
+        fake = types.SimpleNamespace(unet=types.SimpleNamespace(config=types.SimpleNamespace(addition_time_embed_dim=8),
+                                                                add_embedding=types.SimpleNamespace(
+                                                                    linear_1=types.SimpleNamespace(in_features=80))))
+        pos = StableDiffusionXLPipeline._get_add_time_ids(fake, orig, crops, target, torch.float32, 32)
+        neg = (StableDiffusionXLPipeline._get_add_time_ids(fake, n_orig, n_crops, n_target, torch.float32, 32)
+               if n_orig is not None and n_target is not None else pos)
+        assert add_time_ids(r, "txt2img", False) == (tuple(pos[0].tolist()), tuple(neg[0].tolist()))
+        for aesthetic, k in ((False, 6), (True, 5)):
+            fake.config = types.SimpleNamespace(requires_aesthetics_score=aesthetic)
+            fake.unet.add_embedding.linear_1.in_features = 8 * k + 32
+            want = StableDiffusionXLImg2ImgPipeline._get_add_time_ids(
+                fake, orig, crops, target, 7.5, 1.5, n_orig or orig, n_crops, n_target or target, torch.float32, 32)
+            for mode in ("img2img", "inpaint"):
+                assert add_time_ids(r, mode, aesthetic) == tuple(tuple(t[0].tolist()) for t in want)
+
+
+def test_micro_conditioning_is_checked():
+    from sd_jax.request import GenerationRequest, RequestError
+    for kw, msg in ((dict(original_size=(0, 64)), "original_size must be two positive integers"),
+                    (dict(negative_target_size=(64,)), "negative_target_size must be two positive"),
+                    (dict(target_size="64x64"), "target_size must be two positive"),
+                    (dict(crops_coords_top_left=(-1, 0)), "crops_coords_top_left must be two non-negative"),
+                    (dict(prompt_2=3), "prompt_2 must be text"),
+                    (dict(aesthetic_score="high"), "aesthetic_score must be a number")):
+        with pytest.raises(RequestError, match=msg) as e:
+            GenerationRequest("x", **kw)
+        assert "\n" not in str(e.value)
+
+
+def test_prompt_2_micro_conditioning_and_clip_skip_match_diffusers(tiny):
+    """prompt_2 / negative_prompt_2, non-default micro-conditioning on both sides and clip_skip 1
+    (diffusers applies it to the prompt, not the negative prompt).  The reference gets its
+    embeddings from its own ``encode_prompt`` (its ``__call__`` with clip_skip fails under
+    transformers 5).  One image: with several, diffusers 0.42 interleaves the negative and
+    positive time ids (``torch.cat([neg, pos]).repeat(batch, 1)``), so its rows 2..B get the
+    other side's when they differ.  Changing the micro-conditioning does not recompile.
+    Measured max |diff| ~7e-7."""
+    import jax
+    from sd_jax import sharding
+    from sd_jax.pipeline import StableDiffusionPipeline
+    folder, ref, _ = tiny
+    pipe = StableDiffusionPipeline.from_pretrained(folder, mesh=sharding.make_mesh(jax.devices()[:1]))
+    lat = init_latents(1, seed=7)
+    with torch.no_grad():
+        pe, npe, pooled, npooled = ref.encode_prompt(PROMPTS[:1], "a blue square", device="cpu",
+                                                     num_images_per_prompt=1, do_classifier_free_guidance=True,
+                                                     negative_prompt=NEG[:1], negative_prompt_2="green", clip_skip=1)
+        want = ref(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=pooled,
+                   negative_pooled_prompt_embeds=npooled, latents=nchw(lat), num_inference_steps=STEPS,
+                   guidance_scale=5.0, height=SIZE, width=SIZE, output_type="np", **MICRO).images
+    kw = dict(latents=lat, num_inference_steps=STEPS, guidance_scale=5.0, height=SIZE, width=SIZE, output_type="np",
+              prompt_2="a blue square", negative_prompt_2="green", clip_skip=1)
+    got = pipe(PROMPTS[:1], NEG[:1], **kw, **MICRO)
+    _close(got, want)
+    n = pipe.compilations
+    other = pipe(PROMPTS[:1], NEG[:1], **kw, **dict(MICRO, original_size=(1024, 1024), negative_target_size=(8, 8)))
+    assert pipe.compilations == n
+    assert np.abs(other - got).max() > 1e-4
