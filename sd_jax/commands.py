@@ -287,6 +287,19 @@ def check_loras(args) -> list[tuple[str, float]]:
     return specs
 
 
+def prompt_lora_files(prompt: str, args) -> list[tuple[str, float]]:
+    """The prompt's ``<lora:name:w>`` tags as (file, weight), found in ``--lora-dir`` (A1111 syntax)."""
+    from sd_jax.lora import prompts as lora_prompts
+    tags = lora_prompts.prompt_loras(prompt, getattr(args, "prompt_syntax", "a1111"))
+    return lora_prompts.resolve_tags(tags, args.lora_dir, "--lora-dir")
+
+
+def lora_hashes_of(pipe) -> dict[str, str]:
+    """A1111's short hash of each LoRA merged into ``pipe``, by name (PNG metadata)."""
+    from sd_jax.lora.prompts import lora_hash
+    return {name: lora_hash(lora.path) for name, (lora, _, _) in pipe.loras.loras.items()}
+
+
 def apply_loras(pipe, specs, args) -> None:
     """Merge the checked ``--lora`` files into the pipeline (one line and nothing merged on error)."""
     if specs:
@@ -400,9 +413,10 @@ def generate(args) -> int:
     images = _check_inputs(args)
     controls = _check_controls(args)
     _check_writable(args.output, "--output")
-    loras = check_loras(args)
+    loras = check_loras(args) + prompt_lora_files(args.prompt, args)
     pipe = load(args)
     apply_loras(pipe, loras, args)
+    lora_hashes = lora_hashes_of(pipe)
     controls = _load_controlnets(pipe, args, controls)
     pipe.memory_check = not args.no_memory_check
     pipe.vae_tiling = args.vae_tiling
@@ -433,6 +447,7 @@ def generate(args) -> int:
         meta = {"prompt": args.prompt, **s, "seed": s["seed"] + i, "model": model_name(pipe), "generator": "sd-jax"}
         if pipe.loras.weights:
             meta["loras"] = pipe.loras.weights
+            meta["lora_hashes"] = lora_hashes
         if args.prompt_syntax != "a1111":  # the A1111 parameters read the prompt as A1111 syntax
             meta["prompt_syntax"] = args.prompt_syntax
         if nsfw is not None:  # the safety checker ran

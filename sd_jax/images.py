@@ -58,11 +58,29 @@ def a1111_parameters(meta: dict) -> str:
               ("Size", f"{meta['width']}x{meta['height']}" if "width" in meta and "height" in meta else None),
               ("Model", meta.get("model") or None), ("Denoising strength", meta.get("strength")),
               ("Clip skip", a1111_clip_skip(meta.get("clip_skip"))), ("CFG Rescale", meta.get("guidance_rescale") or None),
-              *a1111_controlnets(meta.get("controlnets")), ("Version", "sd-jax")]
-    text = meta.get("prompt", "")
+              *a1111_controlnets(meta.get("controlnets")), *a1111_loras(meta), ("Version", "sd-jax")]
+    text = a1111_prompt(meta)
     if meta.get("negative_prompt"):
         text += f"\nNegative prompt: {meta['negative_prompt']}"
     return text + "\n" + ", ".join(f"{k}: {_quote(v)}" for k, v in fields if v is not None)
+
+
+def a1111_prompt(meta: dict) -> str:
+    """The prompt as written, with a ``<lora:name:w>`` tag added for each LoRA it does not name
+    (loaded with ``--lora``), so that the parameters pasted back apply the same LoRAs."""
+    from sd_jax.prompts.parser import extract_loras
+    text = meta.get("prompt", "")
+    loras = meta.get("loras") or {}
+    if loras and meta.get("prompt_syntax", "a1111") == "a1111":
+        tagged = {n for n, _ in extract_loras(text)[1]}
+        text += "".join(f" <lora:{n}:{w:g}>" for n, w in loras.items() if n not in tagged)
+    return text
+
+
+def a1111_loras(meta: dict) -> list:
+    """A1111's ``Lora hashes: "name: 0123456789ab, ..."`` field (the files' short hashes)."""
+    hashes = meta.get("lora_hashes") or {}
+    return [("Lora hashes", ", ".join(f"{n}: {h}" for n, h in hashes.items()))] if hashes else []
 
 
 def a1111_controlnets(controlnets) -> list:

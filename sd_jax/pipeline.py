@@ -30,6 +30,7 @@ import numpy as np
 
 from sd_jax import families, memory, sharding
 from sd_jax.lora import LoraSet
+from sd_jax.lora import prompts as lora_prompts
 from sd_jax.control import keep_table, load_control_image
 from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, controlnet_residuals, unet_denoiser
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
@@ -364,6 +365,7 @@ class StableDiffusionPipeline:
         self._compiled: dict = {}
         self.compilations = 0  # programs compiled by this pipeline (tests, metrics)
         self.loras = LoraSet(self)  # LoRAs merged into self.params (sd_jax.lora)
+        self.lora_dir: str | None = None  # where a prompt's <lora:name:w> tags are looked up (sd_jax.lora.prompts)
         # SDXL's invisible watermark, on by default as in diffusers (images >= 256 px wide); settable.
         self.watermark = self.family.watermark
         self.embeddings: dict[str, int] = {}  # textual-inversion tokens: name -> vectors (load_embeddings)
@@ -762,7 +764,8 @@ class StableDiffusionPipeline:
                  batch_size: int | None = None, loop: str = "scan", prompt_syntax: str = "a1111",
                  control_image=None, controlnet=None,
                  controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
-                 guess_mode: bool = False, prompt_2=None, negative_prompt_2=None, **sdxl):
+                 guess_mode: bool = False, prompt_2=None, negative_prompt_2=None, lora_dir: str | None = None,
+                 **sdxl):
         """Generate images.
 
         Args:
@@ -795,6 +798,9 @@ class StableDiffusionPipeline:
             ``original_size``, ``crops_coords_top_left``, ``target_size`` and their
             ``negative_`` counterparts as (height, width), ``aesthetic_score`` /
             ``negative_aesthetic_score`` (a refiner), ``denoising_start`` / ``denoising_end``.
+          lora_dir: the folder the prompts' ``<lora:name:weight>`` tags are looked up in (default
+            ``pipe.lora_dir``); those LoRAs are added to the loaded ones for this call (every
+            prompt of a call must name the same ones; no recompilation).
         """
         output = {"pil": "uint8", "np": "float32", "uint8": "uint8", "latent": "latent"}.get(output_type)
         if output is None:
@@ -810,7 +816,9 @@ class StableDiffusionPipeline:
                                  control_guidance_end=control_guidance_end, guess_mode=guess_mode,
                                  prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, **sdxl)
         dispatcher = Dispatcher(self, batch_size=batch_size, output=output, loop=loop)
-        images = np.stack(dispatcher.generate(requests))
+        tags = lora_prompts.call_loras([r.prompt for r in requests], prompt_syntax)
+        with lora_prompts.applied(self, tags, self.lora_dir if lora_dir is None else lora_dir):
+            images = np.stack(dispatcher.generate(requests))
         flags = None if self.safety_checker is None or output == "latent" else [bool(f) for f in dispatcher.flags]
         if output_type != "pil":
             return safety.FlaggedArray.of(images, flags)
