@@ -56,6 +56,7 @@ import numpy as np
 
 from sd_jax import sharding
 from sd_jax.images import TMP_PREFIX, model_name, read_metadata, save_png
+from sd_jax.lora import prompts as lora_prompts
 from sd_jax.request import Chunk, Dispatcher, GenerationRequest, RequestError, canonical_scheduler, parse_size
 
 FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "guidance_rescale", "size", "width", "height",
@@ -400,7 +401,7 @@ def lock_holder(out: str) -> int | None:
 _FLAGS = {"negative_prompt": "--negative", "seed": "--seed", "steps": "--steps", "guidance": "--guidance",
           "guidance_rescale": "--rescale", "size": "--size", "scheduler": "--scheduler", "clip_skip": "--clip-skip",
           "dtype": "--dtype", "watermark": "--no-watermark", "unet": "--unet", "refiner": "--refiner",
-          "refiner_switch": "--refiner-switch"}
+          "refiner_switch": "--refiner-switch", "loras": "--lora", "prompt_loras": "the prompts' <lora:...> files"}
 
 
 def make_job(model: str, settings: dict, rows: list) -> dict:
@@ -416,9 +417,11 @@ def job_of_rows(model: str, rows: list[Row]) -> dict:
     return make_job(model, {}, [{"name": r.name, **_meta(r, model)} for r in rows])
 
 
-def job_of_args(args, model: str, raw: list[tuple[int, dict]]) -> dict:
+def job_of_args(args, model: str, raw: list[tuple[int, dict]], loras=(), tagged=()) -> dict:
     """The job of an ``sd-jax batch`` command, known before the model is loaded: the model's name,
-    the flags that set row defaults, and the prompt file's rows (not their line numbers)."""
+    the flags that set row defaults, and the prompt file's rows (not their line numbers);
+    ``loras``: the ``--lora`` (file, weight)s, ``tagged``: the files the rows' ``<lora:...>``
+    tags name, each recorded with its hash and size (a changed LoRA file is a changed job)."""
     settings = {"negative_prompt": args.negative, "seed": args.seed, "steps": args.steps or 30,
                 "guidance": args.guidance if args.guidance is not None else 7.5, "guidance_rescale": args.rescale,
                 "size": f"{args.size[0]}x{args.size[1]}" if args.size else None, "scheduler": args.scheduler,
@@ -430,6 +433,10 @@ def job_of_args(args, model: str, raw: list[tuple[int, dict]]) -> dict:
     if getattr(args, "refiner", None):  # (absent otherwise: jobs written before refiners stay the same)
         settings["refiner"] = os.path.basename(os.path.normpath(args.refiner))
         settings["refiner_switch"] = 0.8 if args.refiner_switch is None else args.refiner_switch
+    if loras or tagged:  # (absent otherwise: jobs written before LoRAs stay the same)
+        from sd_jax.lora.prompts import file_record
+        settings["loras"] = [file_record(f, w) for f, w in loras]
+        settings["prompt_loras"] = [file_record(f) for f in tagged]
     return make_job(model, settings, [rec for _, rec in raw])
 
 
@@ -671,13 +678,16 @@ def recover(out: str, rows: list[Row], manifest: str, model: str, other_manifest
 
 # ----------------------------------------------------------------------------- the job
 def run(pipe, rows: list[Row], out: str, *, per_device: int = 1, progress: bool = True,
-        write_threads: int = 4, job: dict | None = None, replace: bool = False) -> dict:
+        write_threads: int = 4, job: dict | None = None, replace: bool = False,
+        lora_dir: str | None = None) -> dict:
     """Generate every row whose image is not already in ``out``; returns a summary dict.
 
     Every process of a multi-host job calls this with the same rows.  The folder is locked
     while the job runs (:class:`FolderLock`), and remembers its job in ``sd-jax-batch.json``:
     ``job`` (default: :func:`job_of_rows`) must be the one the folder was made with, unless
     ``replace``, which makes the folder this job's (images whose settings differ are made again).
+    Rows whose prompts name other ``<lora:name:w>`` tags (looked up in ``lora_dir``) run in
+    groups, one after the other, each with the pipeline's LoRAs plus its tags.
     """
     import jax
     if per_device < 1:
@@ -696,10 +706,10 @@ def run(pipe, rows: list[Row], out: str, *, per_device: int = 1, progress: bool 
             raise _changed_job_error(out, changes)
         if (old is None or changes) and pid == 0:
             write_job(out, job)
-        return _generate(pipe, rows, out, model, per_device, progress, write_threads, t_start)
+        return _generate(pipe, rows, out, model, per_device, progress, write_threads, t_start, lora_dir)
 
 
-def _generate(pipe, rows, out, model, per_device, progress, write_threads, t_start) -> dict:
+def _generate(pipe, rows, out, model, per_device, progress, write_threads, t_start, lora_dir=None) -> dict:
     """:func:`run`'s work, in a folder it has locked and checked."""
     import jax
     from tqdm import tqdm
@@ -728,10 +738,12 @@ def _generate(pipe, rows, out, model, per_device, progress, write_threads, t_sta
     writes: collections.deque = collections.deque()  # futures of PNG writes, oldest first
     max_pending = max(2 * batch_size, write_threads)  # bounds the host memory held by images to write
 
-    def write(row: Row, img: np.ndarray, seconds: float, batch_index: int, batch_size: int, nsfw=None) -> dict:
+    def write(row: Row, img: np.ndarray, seconds: float, batch_index: int, batch_size: int, nsfw=None,
+              loras=None) -> dict:
         path = os.path.join(out, row.name)
         # the safety checker's flag, where it ran: in the PNG's metadata and the manifest
         meta = _meta(row, model) if nsfw is None else {**_meta(row, model), "nsfw_content_detected": nsfw}
+        meta.update(loras or {})
         with _writing(path):
             save_png(path, img, meta)
         return {"file": row.name, "row": row.index, **meta, "seconds": round(seconds, 4),
@@ -747,10 +759,10 @@ def _generate(pipe, rows, out, model, per_device, progress, write_threads, t_sta
 
     last_ready = t0
 
-    def collect(k: int, call: Chunk, pool) -> None:
+    def collect(k: int, call: Chunk, pool, group: list, loras: dict | None) -> None:
         """Wait for a dispatched call, copy this host's rows back and queue their writes."""
         nonlocal last_ready, first_batch_seconds
-        brows = [todo[i] for i, _ in call.items]
+        brows = [group[i] for i, _ in call.items]
         idx, data = sharding.local_rows(call.out)  # blocks until this call is computed
         flags = None if call.flags is None else sharding.local_rows(call.flags)[1]
         t_ready = time.perf_counter()
@@ -761,18 +773,23 @@ def _generate(pipe, rows, out, model, per_device, progress, write_threads, t_sta
         for j, i in enumerate(idx):
             if i < len(brows):
                 writes.append(pool.submit(write, brows[i], data[j], busy / len(brows), k, call.size,
-                                          None if flags is None else bool(flags[j])))
+                                          None if flags is None else bool(flags[j]), loras))
         bar.update(len(brows))
         shapes.add((call.plan, call.size))
 
     pool = cf.ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="sd-jax-write")
     try:
-        # The dispatcher queues call k+1 on the devices before handing back call k.
-        for k, call in enumerate(Dispatcher(pipe, batch_size=batch_size, output="uint8").run(
-                [r.request() for r in todo])):
-            collect(k, call, pool)
-            record(max_pending)
-            batches += 1
+        # The dispatcher queues call k+1 on the devices before handing back call k.  Rows naming
+        # other <lora:...> tags run group after group (the LoRAs are arguments: no recompilation).
+        for tags, group in lora_prompts.group_rows(todo):
+            with lora_prompts.applied(pipe, tags, lora_dir):
+                weights = pipe.loras.weights if hasattr(pipe, "loras") else {}  # (test doubles have none)
+                loras = {"loras": weights, "lora_hashes": lora_prompts.loaded_hashes(pipe)} if weights else None
+                for call in Dispatcher(pipe, batch_size=batch_size, output="uint8").run(
+                        [r.request() for r in group]):
+                    collect(batches, call, pool, group, loras)
+                    record(max_pending)
+                    batches += 1
         record(0)
     finally:
         pool.shutdown(wait=True)  # a write in progress finishes (atomically) even on an error

@@ -84,7 +84,8 @@ def _add_lora_args(p):
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="merge a LoRA (.safetensors: kohya, diffusers/PEFT, LyCORIS LoHa/LoKr) at WEIGHT "
                         "(default 1); repeatable; FILE may be a name in --lora-dir")
-    p.add_argument("--lora-dir", default=None, help="folder of LoRAs that --lora names are looked up in")
+    p.add_argument("--lora-dir", default=None, help="folder of LoRAs that --lora names and the prompt's <lora:name:weight> tags "
+                        "are looked up in (and its sub-folders)")
     p.add_argument("--lora-partial", action="store_true",
                    help="load a LoRA even if some of its keys match no layer of the model (they are ignored)")
     p.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto",
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--score-with", default=None, metavar="CLIP",
                    help="after the job, CLIP-score every image with this CLIPModel folder: OUT/clip_scores.jsonl")
     _add_model_args(b)
+    _add_lora_args(b)
 
     c = sub.add_parser("convert", help="convert a model: diffusers folder / single-file .safetensors / "
                                        "sd-jax checkpoint -> sd-jax checkpoint or diffusers folder")

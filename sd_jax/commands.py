@@ -295,9 +295,8 @@ def prompt_lora_files(prompt: str, args) -> list[tuple[str, float]]:
 
 
 def lora_hashes_of(pipe) -> dict[str, str]:
-    """A1111's short hash of each LoRA merged into ``pipe``, by name (PNG metadata)."""
-    from sd_jax.lora.prompts import lora_hash
-    return {name: lora_hash(lora.path) for name, (lora, _, _) in pipe.loras.loras.items()}
+    from sd_jax.lora.prompts import loaded_hashes
+    return loaded_hashes(pipe)
 
 
 def apply_loras(pipe, specs, args) -> None:
@@ -509,8 +508,14 @@ def batch(args) -> int:
     check_generation_args(args)
     raw = batch_lib.read_prompt_file(args.prompts)
     batch_lib.make_rows(raw, settings(args), args.prompts)  # a bad row fails before the (slow) model load
+    loras, tagged = check_loras(args), {}
+    for line, rec in raw:  # every row's <lora:...> tags found in --lora-dir before the model load
+        try:
+            tagged.update(prompt_lora_files(str(rec.get("prompt", "")), args))
+        except ValueError as e:
+            raise PromptFileError(f"{args.prompts} line {line}: {e}") from None
     from sd_jax.images import model_name as name_of
-    job = batch_lib.job_of_args(args, name_of(model_path(args)), raw)
+    job = batch_lib.job_of_args(args, name_of(model_path(args)), raw, loras, sorted(tagged))
     batch_lib.check_out(args.out, job, args.replace)  # and so does a folder that cannot be used
     if args.score_with and not os.path.isdir(args.score_with):
         raise UsageError(f"--score-with {args.score_with!r} not found; give a transformers CLIPModel folder")
@@ -518,6 +523,7 @@ def batch(args) -> int:
     if pipe.models.unet.config.in_channels == 9:
         raise UsageError(f"{args.model or 'the model'} is an inpainting model (9 input channels); "
                          f"batch does text-to-image only")
+    apply_loras(pipe, loras, args)
     scorer = None
     if args.score_with and jax.process_index() == 0:  # loaded before the job: a bad folder fails early
         from sd_jax import sharding
@@ -538,7 +544,7 @@ def batch(args) -> int:
         except ValueError as e:
             raise PromptFileError(f"{args.prompts} line {r.line}: {e}") from None
     s = batch_lib.run(pipe, rows, args.out, per_device=per_device, progress=not args.no_progress, job=job,
-                      replace=args.replace)
+                      replace=args.replace, lora_dir=args.lora_dir)
     if jax.process_index() == 0:
         rate = f"{s['images_per_second']:.2f} images/s" if s["generated"] else "nothing to do"
         first = (f" (first batch, with compilation: {s['first_batch_seconds']:.1f}s)"

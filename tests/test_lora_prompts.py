@@ -130,3 +130,47 @@ def test_generate_tag_errors_are_one_line(shared, loras, tmp_path, capsys, promp
     for f in fragments:
         assert f in err[0], (f, err[0])
     assert not os.path.exists(tmp_path / "e.png")
+
+
+def _png(path):
+    return np.asarray(Image.open(path))
+
+
+def test_batch_groups_rows_by_tags_and_records_the_files(shared, loras, tmp_path, capsys):
+    rows = [{"prompt": "a red circle <lora:x:0.7>", "seed": 3, "name": "x.png"},
+            {"prompt": "a red circle", "seed": 3, "name": "none.png"},
+            {"prompt": "a red circle <lora:y:-0.5>", "seed": 3, "name": "y.png"},
+            {"prompt": "a blue square <lora:x:0.7>", "seed": 4, "name": "x2.png"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "plain.jsonl").write_text(json.dumps({"prompt": "a red circle", "seed": 3, "name": "x.png"}) + "\n")
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    n = shared.compilations
+    assert cli.main(["batch", str(tmp_path / "p.jsonl"), "--out", str(out), "--lora-dir", loras["dir"]] + CLI) == 0
+    assert shared.compilations - n <= 1 and not shared.loras.weights  # one program for every group
+    assert cli.main(["batch", str(tmp_path / "plain.jsonl"), "--out", str(ref), "--lora", f"{loras['x']}:0.7"]
+                    + CLI) == 0
+    np.testing.assert_array_equal(_png(out / "x.png"), _png(ref / "x.png"))
+    for a, b in (("x.png", "none.png"), ("y.png", "none.png"), ("x.png", "y.png")):
+        assert np.abs(_png(out / a).astype(int) - _png(out / b)).max() > 8
+    assert f'Lora hashes: "x: {_addnet_hash(loras["x"])}"' in Image.open(out / "x2.png").text["parameters"]
+    assert "Lora hashes" not in Image.open(out / "none.png").text["parameters"]
+    assert Image.open(ref / "x.png").text["parameters"].splitlines()[0] == "a red circle <lora:x:0.7>"
+
+    job = json.load(open(out / "sd-jax-batch.json"))["settings"]
+    assert job["loras"] == [] and sorted((os.path.basename(r["file"]), r["hash"]) for r in job["prompt_loras"]) == [
+        ("x.safetensors", _addnet_hash(loras["x"])), ("y.safetensors", _addnet_hash(loras["y"]))]
+    assert json.load(open(ref / "sd-jax-batch.json"))["settings"]["loras"][0]["weight"] == 0.7
+    capsys.readouterr()
+    _kohya(loras["y"], shared.params["unet"], 7)  # the LoRA file changed: another job
+    assert cli.main(["batch", str(tmp_path / "p.jsonl"), "--out", str(out), "--lora-dir", loras["dir"]] + CLI) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds the images of another job" in err[0] and "<lora:...> files" in err[0], err
+    assert cli.main(["batch", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o2")] + CLI) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "p.jsonl line 1:" in err[0] and "--lora-dir" in err[0], err
+
+
+def test_jobs_without_loras_record_none(tmp_path):
+    from sd_jax import batch
+    args = cli.build_parser().parse_args(["batch", "p.txt", "--out", "o"])
+    assert "loras" not in batch.job_of_args(args, "m", [(1, {"prompt": "a"})])["settings"]

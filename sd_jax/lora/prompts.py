@@ -9,6 +9,7 @@ switching between prompts' LoRAs never recompiles.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import struct
@@ -73,7 +74,32 @@ def lora_hash(path: str) -> str:
     return h.hexdigest()[:12]
 
 
-def file_record(path: str, weight: float) -> dict:
-    """A LoRA as a batch job records it: the file, its hash and size, and the weight."""
-    return {"file": os.path.abspath(path), "hash": lora_hash(path), "size": os.path.getsize(path),
-            "weight": float(weight)}
+def loaded_hashes(pipe) -> dict[str, str]:
+    """A1111's short hash of each LoRA merged into ``pipe``, by name (PNG metadata)."""
+    return {name: _cached_hash(lora.path, *_stamp(lora.path)) for name, (lora, _, _) in pipe.loras.loras.items()}
+
+
+def _stamp(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_hash(path: str, size: int, mtime_ns: int) -> str:
+    return lora_hash(path)
+
+
+def file_record(path: str, weight: float | None = None) -> dict:
+    """A LoRA as a batch job records it: the file, its short hash and size (and the weight)."""
+    rec = {"file": os.path.abspath(path), "hash": _cached_hash(path, *_stamp(path)), "size": os.path.getsize(path)}
+    return rec if weight is None else {**rec, "weight": float(weight)}
+
+
+def group_rows(rows, syntax: str = "a1111") -> list[tuple[list, list]]:
+    """``rows`` (with a ``.prompt``) in groups of the same LoRA tags, in order of first appearance:
+    ``[(tags, rows), ...]``."""
+    groups: dict[frozenset, tuple[list, list]] = {}
+    for r in rows:
+        tags = prompt_loras(r.prompt, syntax)
+        groups.setdefault(frozenset(tags), (tags, []))[1].append(r)
+    return list(groups.values())
