@@ -80,7 +80,8 @@ def a1111_prompt(meta: dict) -> str:
 def a1111_loras(meta: dict) -> list:
     """A1111's ``Lora hashes: "name: 0123456789ab, ..."`` field (the files' short hashes)."""
     hashes = meta.get("lora_hashes") or {}
-    return [("Lora hashes", ", ".join(f"{n}: {h}" for n, h in hashes.items()))] if hashes else []
+    names = {n: n.replace(":", "").replace(",", "") for n in hashes}  # as A1111 writes them
+    return [("Lora hashes", ", ".join(f"{names[n]}: {h}" for n, h in hashes.items()))] if hashes else []
 
 
 def a1111_controlnets(controlnets) -> list:

@@ -833,13 +833,16 @@ class StableDiffusionPipeline:
         previous one's files meanwhile; rows ``n:`` are padding.  With a safety checker the
         output is ``(images, nsfw bool [B_padded])``.
         """
+        lora_dir = kwargs.pop("lora_dir", None)
         requests = self.requests(prompt, negative_prompt, **kwargs)
         planned = Dispatcher(self, output=output, loop=loop).plan(requests)
         if len(planned) != 1:
             raise RequestError("generate_async takes images with the same static settings (size, steps, "
                                "scheduler, guidance on or off); use __call__ or a Dispatcher for a mix")
         plan, items = planned[0]
-        return self.dispatch(plan, [r for _, r in items]), len(items)
+        tags = lora_prompts.call_loras([r.prompt for r in requests], requests[0].prompt_syntax)
+        with lora_prompts.applied(self, tags, self.lora_dir if lora_dir is None else lora_dir):
+            return self.dispatch(plan, [r for _, r in items]), len(items)  # (the call holds its parameters)
 
     def lower(self, *, batch_size=1, height=None, width=None, num_inference_steps=30, scheduler=None,
               guidance_scale=7.5, output="uint8"):

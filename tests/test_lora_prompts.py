@@ -77,6 +77,11 @@ def test_tag_is_the_explicit_lora_without_recompiling(pipe, loras):
     n = pipe.compilations
     tagged = np.asarray(pipe("a red circle <lora:x:0.7>", lora_dir=loras["dir"], **GEN))
     assert pipe.params is base_params and not pipe.loras.weights  # the tag's LoRA is gone after the call
+    # as A1111: a negative prompt's tags are not applied (and not read as words)
+    np.testing.assert_array_equal(pipe("a red circle", "<lora:x:0.7>", lora_dir=loras["dir"], **GEN), base)
+    out, n_rows = pipe.generate_async("a red circle <lora:x:0.7>", lora_dir=loras["dir"], num_inference_steps=2,
+                                      height=64, width=64, seed=3)
+    async_tagged = np.asarray(out)[:n_rows]
     pipe.lora_dir = loras["dir"]
     try:
         other = np.asarray(pipe("a red circle <lora:y:-0.5>", **GEN))  # in a sub-folder, by pipe.lora_dir
@@ -89,6 +94,7 @@ def test_tag_is_the_explicit_lora_without_recompiling(pipe, loras):
         pipe.unload_lora()
     assert pipe.compilations == n  # LoRAs from tags are arguments: nothing compiled again
     np.testing.assert_array_equal(tagged, explicit)
+    np.testing.assert_array_equal(async_tagged, tagged)
     for a, b in ((tagged, base), (other, base), (other, tagged), (both, tagged)):
         assert np.abs(a.astype(int) - b).max() > 8
     with pytest.raises(ValueError, match=r"different LoRAs \(x:0.7 / none\)"):
