@@ -363,6 +363,9 @@ def test_errors():
 
 def test_lcm_steps_beyond_the_distillation_schedule_are_refused():
     """LCM's steps are a subset of its ``original_inference_steps``: more is an error, as in diffusers."""
+    from sd_jax.request import canonical_scheduler
+
+    assert canonical_scheduler("LCM") == "lcm"  # --scheduler lcm
     assert len(make_sampler("lcm", SchedulerConfig(), 50).timesteps) == 50
     with pytest.raises(ValueError, match="original_inference_steps"):
         make_sampler("lcm", SchedulerConfig(), 51)
