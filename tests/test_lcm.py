@@ -95,14 +95,36 @@ def lcm_pipes(tmp_path_factory):
     from sd_jax import sharding
     from sd_jax.pipeline import StableDiffusionPipeline
     ours = StableDiffusionPipeline.from_pretrained(folder, mesh=sharding.make_mesh(jax.devices()[:1]))
-    return pipe, ours
+    return pipe, ours, str(root)
+
+
+def test_lcm_unet_file_into_a_base_model(lcm_pipes):
+    """``--unet FILE`` / ``unet=``: an LCM-distilled UNet-only file (latent-consistency/lcm-sdxl's kind) into
+    an ordinary base model gets the base's UNet plus ``time_cond_proj_dim`` from its ``cond_proj``; an
+    ordinary UNet file into an LCM model drops it again."""
+    from sd_jax.weights import loader
+    from sd_jax.weights.convert import params_to_state_dict
+    from sd_jax.weights.safetensors_io import load_file
+
+    root = lcm_pipes[2]
+    base = loader.load(os.path.join(root, "sd"))
+    assert base.models.unet.config.time_cond_proj_dim is None
+    path = os.path.join(root, "lcm", "unet", "diffusion_pytorch_model.safetensors")
+    lcm = loader.with_unet(base, path)
+    assert lcm.models.unet.config == base.models.unet.config.__class__.from_dict(
+        {**base.models.unet.config.to_dict(), "time_cond_proj_dim": PROJ})
+    got, want = params_to_state_dict(lcm.params["unet"]), load_file(path)
+    assert set(got) == set(want)
+    np.testing.assert_array_equal(got["time_embedding.cond_proj.weight"], want["time_embedding.cond_proj.weight"])
+    plain = loader.with_unet(lcm, os.path.join(root, "sd", "unet", "diffusion_pytorch_model.safetensors"))
+    assert plain.models.unet.config == base.models.unet.config
 
 
 def test_lcm_pipeline_images_equal_diffusers(lcm_pipes, monkeypatch):
     """4 steps, guidance 8, two prompts: images within 2/255 of diffusers' LatentConsistencyModelPipeline
     fed the same initial latents and the same per-step noise (sd-jax's, drawn from each image's seed);
     the UNet runs once per step (no classifier-free guidance), and the guidance scale reaches it."""
-    ref_pipe, pipe = lcm_pipes
+    ref_pipe, pipe, _ = lcm_pipes
     assert pipe.scheduler_name == "lcm"
     prompts, seeds, steps, guidance = ["a red cube", "two blue spheres"], [3, 11], 4, 8.0
     r, plan = pipe.resolve(pipe.requests(prompts, seed=seeds, num_inference_steps=steps,
