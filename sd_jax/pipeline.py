@@ -34,6 +34,7 @@ from sd_jax.lora import prompts as lora_prompts
 from sd_jax.control import keep_table, load_control_image
 from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, controlnet_residuals, unet_denoiser
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
+from sd_jax.models.embeddings import get_guidance_scale_embedding
 from sd_jax.diffusion.sampling import sample, step_range
 from sd_jax.models import vae_tiling
 from sd_jax.families import Models  # noqa: F401  (re-exported: the pipeline's networks)
@@ -227,6 +228,10 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
 
     cond = encode(False)
     uncond = encode(True) if plan.guidance else None
+    proj = models.unet.config.time_cond_proj_dim
+    if proj:  # LCM-distilled UNet: guidance as an embedding of w = scale - 1 (LatentConsistencyModelPipeline)
+        w = get_guidance_scale_embedding(batch["guidance"].astype(jnp.float32) - 1.0, proj)
+        cond = cond.replace(timestep_cond=w.astype(models.unet.dtype))
 
     blend = None  # (x, i) -> x after each step: inpainting with an ordinary UNet
     if plan.mode == "txt2img":
@@ -553,7 +558,9 @@ class StableDiffusionPipeline:
         if len({j for j, _ in nets}) != len(nets):
             raise RequestError("each ControlNet can be given once per image")
         nets = tuple((j, self.controlnets[j][1]) for j, _ in nets)
-        plan = Plan(sampler, start, end, r.mode, r.guided, r.clip_skip, latent_shape,
+        # an LCM-distilled UNet (time_cond_proj_dim) takes the guidance as an input: one UNet call per step
+        guided = r.guided and not self.models.unet.config.time_cond_proj_dim
+        plan = Plan(sampler, start, end, r.mode, guided, r.clip_skip, latent_shape,
                     output, loop, r.latents is not None,
                     watermark=bool(self.watermark) and output != "latent" and watermark_applies(height, width),
                     prompt_chunks=chunks, emphasis=r.prompt_syntax != "plain", prompt_variants=k,

@@ -32,7 +32,9 @@ CONFIG = SchedulerConfig(timestep_spacing="linspace", set_alpha_to_one=True)
 KARRAS = sorted(f"{k}_karras" for k, c in SCHEDULERS.items() if c.supports_karras)
 NAMES = sorted(SCHEDULERS) + KARRAS
 DETERMINISTIC = [n for n in NAMES if not make_sampler(n, CONFIG, 2).needs_noise]
-STOCHASTIC = [n for n in NAMES if n not in DETERMINISTIC]
+# LCM is a consistency sampler for distilled models (at most original_inference_steps = 50 steps, and its
+# boundary-condition scalings assume a consistency-distilled network): tests/test_lcm.py covers it.
+STOCHASTIC = [n for n in NAMES if n not in DETERMINISTIC and n != "lcm"]
 
 
 def level(sampler, i):

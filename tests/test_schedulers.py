@@ -51,6 +51,7 @@ TORCH_CLASS = {
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
+    "lcm": "LCMScheduler",
 }
 KARRAS = sorted(k for k, c in SCHEDULERS.items() if c.supports_karras)
 
@@ -209,6 +210,11 @@ EXTRA = {
     "unipc-disable_corrector": ("unipc", dict(disable_corrector=(0, 3))),
     "unipc-sigma_min-karras-endpoints": ("unipc", dict(final_sigmas_type="sigma_min", use_karras_sigmas=True, sigma_max=12.0)),
     "unipc-sample-pred": ("unipc", dict(prediction_type="sample")),
+    "lcm-4steps": ("lcm", dict(_steps=4)),
+    "lcm-1step": ("lcm", dict(_steps=1)),
+    "lcm-orig20-7steps-clip-sample": ("lcm", dict(original_inference_steps=20, clip_sample=True,
+                                                 prediction_type="sample", _steps=7)),
+    "lcm-scaling1-sdxl-betas": ("lcm", dict(timestep_scaling=1.0, beta_end=0.02, _steps=3)),
 }
 
 
@@ -353,3 +359,15 @@ def test_errors():
         s.step(s.init_state(SHAPE), jnp.zeros(SHAPE), jnp.zeros(SHAPE), 0, None)
     with pytest.raises(AttributeError):
         make_sampler("euler", None, 10).timesteps = None
+
+
+def test_lcm_steps_beyond_the_distillation_schedule_are_refused():
+    """LCM's steps are a subset of its ``original_inference_steps``: more is an error, as in diffusers."""
+    from sd_jax.request import canonical_scheduler
+
+    assert canonical_scheduler("LCM") == "lcm"  # --scheduler lcm
+    assert len(make_sampler("lcm", SchedulerConfig(), 50).timesteps) == 50
+    with pytest.raises(ValueError, match="original_inference_steps"):
+        make_sampler("lcm", SchedulerConfig(), 51)
+    with pytest.raises(ValueError, match="original_inference_steps"):
+        make_sampler("lcm", SchedulerConfig(), 5, original_inference_steps=4)

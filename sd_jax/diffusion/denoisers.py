@@ -43,12 +43,15 @@ class Conditioning:
     concat:   [B, h, w, C'] latent channels concatenated to the UNet input (the 9-channel
               inpainting UNet: mask + masked-image latents), or None.
     control:  ControlNet inputs (any pytree), or None.
+    timestep_cond: [B, time_cond_proj_dim] an LCM-distilled UNet's guidance embedding
+              (diffusers' ``timestep_cond``), or None.
     """
     context: jax.Array
     pooled: Optional[jax.Array] = None
     time_ids: Optional[jax.Array] = None
     concat: Optional[jax.Array] = None
     control: Any = None
+    timestep_cond: Optional[jax.Array] = None
 
     def added_cond_kwargs(self) -> dict | None:
         """The UNet's ``added_cond_kwargs`` (diffusers' name), or None when there are none."""
@@ -72,6 +75,8 @@ def unet_denoiser(unet, params, cond: Conditioning, residuals: Callable | None =
         if residuals is not None:  # on the latents alone, before any concatenated channels
             down, mid = residuals(x, t, i, cond)
             extra = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        if cond.timestep_cond is not None:
+            extra["timestep_cond"] = cond.timestep_cond
         if cond.concat is not None:
             x = jnp.concatenate([x, cond.concat.astype(x.dtype)], axis=-1)
         out = unet.apply({"params": params}, x.astype(unet.dtype), t, cond.context.astype(unet.dtype),

@@ -47,6 +47,7 @@ __all__ = [
     "DPMSolverMultistepSampler",
     "DPMSolverSDESampler",
     "UniPCSampler",
+    "LCMSampler",
     "SCHEDULERS",
     "default_scheduler_name",
     "make_sampler",
@@ -106,6 +107,8 @@ class SchedulerConfig:
     thresholding: bool = False  # not implemented (must be False)
     interpolation_type: str = "linear"  # euler (only "linear")
     timestep_type: str = "discrete"  # euler (only "discrete")
+    original_inference_steps: int = 50  # lcm: the distillation schedule its steps are taken from
+    timestep_scaling: float = 10.0  # lcm: boundary-condition scalings c_skip, c_out of t * timestep_scaling
     given: frozenset[str] | None = None  # fields the config set; None: all of them
 
 
@@ -953,6 +956,66 @@ class UniPCSampler(_VPMultistepSampler):
 
 
 # --------------------------------------------------------------------------------------------
+# Consistency models: LCM
+# --------------------------------------------------------------------------------------------
+
+
+class LCMSampler(Sampler):
+    """Multistep latent consistency sampling (Luo et al. 2023, "Latent Consistency Models", Alg. 3;
+    boundary condition of Song et al. 2023, "Consistency Models", eq. 7), as ``LCMScheduler``.
+
+    Timesteps: ``n`` of the ``original_inference_steps`` distillation steps ``k - 1, 2k - 1, ...``
+    (``k = num_train_timesteps // original_inference_steps``), evenly spaced in index from the
+    noisiest.  Each step predicts ``x0`` (clipped as configured), applies the consistency
+    function ``f = c_out(t) x0 + c_skip(t) x`` (``s = t * timestep_scaling``, ``sigma_data = 0.5``:
+    ``c_skip = sd^2 / (s^2 + sd^2)``, ``c_out = s / sqrt(s^2 + sd^2)``), then re-noises ``f`` to the
+    next timestep with fresh noise; the last step returns ``f`` itself (diffusers' ``denoised``).
+    ``timestep_spacing`` is not used (as in diffusers).
+    """
+
+    name = "lcm"
+    diffusers_defaults = dict(_BETAS, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              original_inference_steps=50, clip_sample=False, clip_sample_range=1.0,
+                              set_alpha_to_one=True, thresholding=False, timestep_spacing="leading",
+                              timestep_scaling=10.0, rescale_betas_zero_snr=False)
+    needs_noise = True
+    zero_snr_clamp = False
+
+    def _setup(self):
+        cfg, ac, n = self.config, self.alphas_cumprod, self.num_inference_steps
+        orig = int(cfg.original_inference_steps)
+        if not 1 <= orig <= cfg.num_train_timesteps:
+            raise ValueError(f"lcm: original_inference_steps must be in [1, {cfg.num_train_timesteps}], got {orig}")
+        if n > orig:
+            raise ValueError(f"lcm: num_inference_steps ({n}) cannot be larger than original_inference_steps "
+                             f"({orig}): the schedule is a subset of the distillation steps")
+        k = cfg.num_train_timesteps // orig
+        origin = (np.arange(1, orig + 1) * k - 1)[::-1]
+        ts = origin[np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)].astype(np.int64)
+        a_t = ac[ts]
+        a_next = np.append(ac[ts[1:]], f32(1.0)).astype(f32)  # last step: no re-noising (denoised itself)
+        s = ts.astype(f32) * f32(cfg.timestep_scaling)  # float32 as torch's long tensor * float
+        sd2 = f32(0.25)  # sigma_data = 0.5
+        self.timesteps = ts
+        self._tab.update(
+            alpha=a_t ** f32(0.5),
+            sigma=(f32(1) - a_t) ** f32(0.5),
+            c_skip=(sd2 / (s**2 + sd2)).astype(f32),
+            c_out=(s / (s**2 + sd2) ** f32(0.5)).astype(f32),
+            c_f=(a_next ** f32(0.5)).astype(f32),
+            c_z=((f32(1) - a_next) ** f32(0.5)).astype(f32),
+        )
+        self._discrete_noise_tables(ts)
+
+    def step(self, state, model_output, sample, i, noise=None):
+        m, x = _f(model_output), _f(sample)
+        x0, _ = P.x0_eps(m, x, self._t("alpha", i), self._t("sigma", i), self.config.prediction_type)
+        denoised = self._t("c_out", i) * self._clip(x0) + self._t("c_skip", i) * x
+        prev = self._t("c_f", i) * denoised + self._t("c_z", i) * self._noise(noise, x)
+        return prev.astype(sample.dtype), state
+
+
+# --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
 
@@ -969,6 +1032,7 @@ SCHEDULERS: dict[str, type[Sampler]] = {
         DPMSolverMultistepSampler,
         DPMSolverSDESampler,
         UniPCSampler,
+        LCMSampler,
     )
 }
 
@@ -982,6 +1046,7 @@ _DIFFUSERS_CLASSES = {
     "HeunDiscreteScheduler": "heun",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
     "UniPCMultistepScheduler": "unipc",
+    "LCMScheduler": "lcm",
 }
 
 

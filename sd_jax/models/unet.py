@@ -43,7 +43,7 @@ _MUST_BE_DEFAULT = {
     "encoder_hid_dim_type": (None,), "dual_cross_attention": (False,),
     "resnet_time_scale_shift": ("default",), "resnet_skip_time_act": (False,),
     "resnet_out_scale_factor": (1.0,), "time_embedding_type": ("positional",),
-    "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
+    "time_embedding_act_fn": (None,), "timestep_post_act": (None,),
     "conv_in_kernel": (3,), "conv_out_kernel": (3,), "attention_type": ("default",),
     "class_embeddings_concat": (False,), "cross_attention_norm": (None,),
     "act_fn": ("silu", "swish"), "only_cross_attention": (False,),
@@ -105,6 +105,9 @@ class UNetConfig:
     addition_embed_type: str | None = None
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
+    # LCM-distilled UNets: guidance as an embedding (``timestep_cond``) of this width, added through
+    # ``time_embedding.cond_proj``; such a UNet runs once per step, without classifier-free guidance.
+    time_cond_proj_dim: int | None = None
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -520,12 +523,14 @@ class UNetEncoder(PolicyReads):
             add.astype(emb.dtype))
         return emb + aug
 
-    def embed_time(self, timesteps, b, added_cond_kwargs):
-        """timesteps [B] or scalar -> the embedding the resnets see, [B, time_embed_dim]."""
+    def embed_time(self, timesteps, b, added_cond_kwargs, timestep_cond=None):
+        """timesteps [B] or scalar -> the embedding the resnets see, [B, time_embed_dim];
+        timestep_cond: [B, time_cond_proj_dim] (LCM's guidance embedding) or None."""
         cfg, p = self.encoder_config, self.policy
         t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (b,))
         t_emb = get_timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        emb = TimestepEmbedding(cfg.time_embed_dim, policy=p, name="time_embedding")(t_emb.astype(p.dtype))
+        emb = TimestepEmbedding(cfg.time_embed_dim, policy=p, cond_proj_dim=getattr(cfg, "time_cond_proj_dim", None),
+                                name="time_embedding")(t_emb.astype(p.dtype), timestep_cond)
         return self._added_embedding(emb, added_cond_kwargs)
 
     def down_path(self, x, emb, context):
@@ -568,13 +573,15 @@ class UNet2DConditionModel(UNetEncoder, nn.Module):
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None,
-                 down_block_additional_residuals=None, mid_block_additional_residual=None):
+                 down_block_additional_residuals=None, mid_block_additional_residual=None, timestep_cond=None):
         """sample [B, H, W, in_channels] (NHWC); timesteps [B] or scalar, int or float;
         encoder_hidden_states [B, L, cross_attention_dim]; added_cond_kwargs: SDXL's
         ``{"text_embeds": [B, P], "time_ids": [B, K]}`` (required when the config has
         ``addition_embed_type``, ignored otherwise).  down_block_additional_residuals (a
         sequence, one [B, h, w, C] per skip connection) and mid_block_additional_residual
         ([B, h, w, C]): a ControlNet's, added to the skips and the mid block's output.
+        timestep_cond [B, time_cond_proj_dim]: an LCM-distilled UNet's guidance embedding
+        (:func:`sd_jax.models.embeddings.get_guidance_scale_embedding`).
         Returns [B, H, W, out_channels] in ``dtype``.  Any H and W: where a level's size is odd, upsampling goes back to the
         skip connection's size (diffusers' ``upsample_size``)."""
         cfg, p = self.config, self.policy
@@ -588,7 +595,7 @@ class UNet2DConditionModel(UNetEncoder, nn.Module):
         x = sample.astype(d)
         context = encoder_hidden_states.astype(d)
 
-        emb = self.embed_time(timesteps, b, added_cond_kwargs)
+        emb = self.embed_time(timesteps, b, added_cond_kwargs, timestep_cond)
         x = conv2d(cfg.block_out_channels[0], "conv_in", p)(x)
         x, skips = self.down_path(x, emb, context)
         if down_block_additional_residuals is not None:  # a ControlNet's, added as diffusers does

@@ -181,6 +181,13 @@ def with_unet(loaded: LoadedModel, path: str) -> LoadedModel:
         family = loaded.family.name if loaded.family.single_file is not None else "sd1"
         sd = single_file.unet_state_dict(sd, family, path)
     unet = loaded.models.unet
+    proj = sd.get("time_embedding.cond_proj.weight")
+    proj = None if proj is None else int(proj.shape[1])
+    if proj != getattr(unet.config, "time_cond_proj_dim", proj):
+        # an LCM-distilled UNet (latent-consistency/lcm-sdxl) is the base's architecture plus the
+        # guidance embedding's cond_proj (time_cond_proj_dim): the pipeline then runs it once per step
+        unet = unet.clone(config=dataclasses.replace(unet.config, time_cond_proj_dim=proj))
+        loaded = dataclasses.replace(loaded, models=dataclasses.replace(loaded.models, unet=unet))
     try:
         params = state_dict_to_params(sd, loaded.family.component("unet").param_shapes(unet), what="unet",
                                       dtype=unet.param_dtype)
