@@ -618,8 +618,13 @@ def serve(args) -> int:
     from sd_jax.serve import run
     shapes = run.check_args(args)
     pipe = load(args)
-    return run.serve(args, pipe, shapes, loader=lambda path: load_model(path, dtype=args.dtype,
-                                                                           attention=args.attention))
+
+    def loader(path):  # /sdapi/v1/options: another model, with the same embeddings
+        other = load_model(path, dtype=args.dtype, attention=args.attention)
+        if args.embeddings_dir:
+            other.load_embeddings(args.embeddings_dir, allow_pickle=args.allow_pickle)
+        return other
+    return run.serve(args, pipe, shapes, loader=loader)
 
 
 def train(args) -> int:

@@ -18,6 +18,7 @@ import time
 
 from sd_jax.images import A1111_SAMPLERS, a1111_parameters
 from sd_jax.request import MAX_SEED, RequestError
+from sd_jax.serve import extras
 
 # A1111 sampler name -> sd-jax sampler ("Euler a" -> "euler_a"); "X Karras" adds "_karras".
 SAMPLERS = {v: k for k, v in A1111_SAMPLERS.items()}
@@ -174,6 +175,7 @@ def parse(body: dict, pipe, limits, *, img2img: bool, model: str):
     negative = body.get("negative_prompt", "") or ""
     if not isinstance(prompt, str) or not isinstance(negative, str):
         raise RequestError("prompt and negative_prompt must be text")
+    unsupported += extras.lora_tags(prompt, negative)
     guidance = body.get("cfg_scale", 7.0)
     scheduler = to_scheduler(body.get("sampler_name") or body.get("sampler_index"), body.get("scheduler"))
     requests = pipe.requests(prompt, negative, seed=seed, num_inference_steps=steps, guidance_scale=guidance,

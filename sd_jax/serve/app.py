@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 from sd_jax.images import model_name, png_bytes
 from sd_jax.request import RequestError
-from sd_jax.serve import a1111
+from sd_jax.serve import a1111, extras
 from sd_jax.serve.worker import BatchWorker, QueueFull
 
 log = logging.getLogger("sd_jax.serve")
@@ -72,6 +72,9 @@ class Server:
     model: str = ""
     ready: bool = False
     switching: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    lora_dir: Optional[str] = None        # /sdapi/v1/loras lists its files
+    embeddings_dir: Optional[str] = None  # /sdapi/v1/embeddings: where the loaded embeddings came from
+    allow_pickle: bool = False
 
     def __post_init__(self):
         self.model = self.model or model_name(self.worker.pipe.source)
@@ -306,6 +309,15 @@ def create_app(server: Server):
                           "interrupted": False, "skipped": False, "queued_images": p["queued"]},
                 "current_image": None, "textinfo": f"{p['done']}/{p['images']} images" if p["images"] else None}
 
+    @app.get("/sdapi/v1/loras")
+    async def loras():
+        return await run_in_threadpool(extras.list_loras, server.lora_dir)
+
+    @app.get("/sdapi/v1/embeddings")
+    async def embeddings():
+        return await run_in_threadpool(extras.list_embeddings, worker.pipe, server.embeddings_dir,
+                                       server.allow_pickle)
+
     @app.post("/sdapi/v1/interrupt")
     async def interrupt():
         return {"interrupted_jobs": worker.interrupt()}
@@ -375,7 +387,8 @@ def create_app(server: Server):
             return Response(pngs[0], media_type="image/png")
         return {"images": [base64.b64encode(p).decode() for p in pngs],
                 "seeds": [r.seed for r, x in zip(resolved, results) if x is not None],
-                "parameters": [meta(r) for r, x in zip(resolved, results) if x is not None]}
+                "parameters": [meta(r) for r, x in zip(resolved, results) if x is not None],
+                "unsupported": extras.lora_tags(g.prompt, g.negative_prompt)}
 
     @app.get("/health")
     async def health():
