@@ -108,3 +108,66 @@ def test_serve_folder_flags_checked_before_loading(tmp_path, capsys):
         assert cli.main(["serve", "--port", "0", flag, missing]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"sd-jax: error: {flag} {missing!r} is not a folder"]
+
+
+# ----------------------------------------------------------------------------- the safety checker
+def test_safety_flags_in_responses(tmp_path):
+    """A tiny SD1 folder with a tiny checker (``--safety-policy keep``: the images come back as
+    the checker saw them).  Its concept 3 is then set to the first image's embedding, between
+    the two images' cosine and 1: the same images come back flagged [True, False] (the
+    checker's parameters are an input of the compiled program: nothing recompiles), in A1111's
+    ``info``, the native ``nsfw_content_detected`` and each PNG's metadata; equal to the
+    checker's own verdict on the returned images."""
+    import jax
+    import jax.numpy as jnp
+
+    from sd_jax import sharding
+    from sd_jax.images import read_metadata
+    from sd_jax.pipeline import StableDiffusionPipeline
+    from test_safety_checker import build_checker
+    from tiny_models import build_tiny_pipeline
+    build_tiny_pipeline(str(tmp_path))
+    build_checker(tmp_path, size=32)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"])
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path), mesh=one_device(), safety_policy="keep")
+    assert pipe.safety_checker is not None
+    c, worker = client_for(pipe)
+    worker.start()
+    try:
+        body = {"prompt": "a red circle", "seed": 5, "steps": 2, "width": 32, "height": 32, "batch_size": 2,
+                "cfg_scale": 1.0}  # unguided: the smaller program to compile
+        r = c.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 200, r.text
+        first = np.stack([decode(b) for b in r.json()["images"]])
+        assert json.loads(r.json()["info"])["nsfw_content_detected"] == [False, False]  # random concepts
+
+        checker, params = pipe.safety_checker, jax.device_get(pipe.safety_params)
+        emb = np.asarray(checker.embed(params, jnp.asarray(first)))
+        cos = float(emb[0] @ emb[1] / np.linalg.norm(emb[0]) / np.linalg.norm(emb[1]))
+        assert cos < 0.99, "the two images must differ for the construction"
+        concepts, weights = np.array(params["concept_embeds"]), np.array(params["concept_embeds_weights"])
+        concepts[3], weights[3] = emb[0], (1 + cos) / 2
+        params = {**params, "concept_embeds": concepts, "concept_embeds_weights": weights}
+        pipe.safety_params = sharding.replicate(params, pipe.mesh)
+
+        r = c.post("/sdapi/v1/txt2img", json=body)
+        images = np.stack([decode(b) for b in r.json()["images"]])
+        np.testing.assert_array_equal(images, first)
+        want = np.asarray(checker.scores(params, jnp.asarray(images))["nsfw"]).tolist()
+        assert want == [True, False]
+        assert json.loads(r.json()["info"])["nsfw_content_detected"] == want
+        native = c.post("/v1/generate", json={"prompt": "a red circle", "seed": 5, "steps": 2, "width": 32,
+                                              "height": 32, "num_images": 2, "guidance": 1.0}).json()
+        assert native["nsfw_content_detected"] == want
+        for b, image, flag in zip(native["images"], images, want):
+            np.testing.assert_array_equal(decode(b), image)
+            assert read_metadata(io.BytesIO(base64.b64decode(b)))["nsfw_content_detected"] == flag
+    finally:
+        worker.stop(30)
+
+
+def decode(b64) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))

@@ -199,9 +199,11 @@ def image_meta(settings: dict, seed: int) -> dict:
     return meta
 
 
-def info(settings: dict, seeds: list) -> str:
-    """A1111's ``info``: a JSON string with the generation's settings and one infotext per image."""
+def info(settings: dict, seeds: list, nsfw: list | None = None) -> str:
+    """A1111's ``info``: a JSON string with the generation's settings and one infotext per image;
+    with a safety checker, ``nsfw_content_detected``: its flag of each image (as diffusers')."""
     n = len(seeds)
+    checked = {} if nsfw is None else {"nsfw_content_detected": nsfw}
     sampler = settings["scheduler"] or ""
     name = A1111_SAMPLERS.get(sampler.removesuffix("_karras"), sampler)
     return json.dumps({
@@ -215,7 +217,7 @@ def info(settings: dict, seeds: list) -> str:
         "denoising_strength": settings.get("strength"), "clip_skip": (settings["clip_skip"] or 0) + 1,
         "extra_generation_params": {}, "index_of_first_image": 0, "styles": [],
         "infotexts": [a1111_parameters(image_meta(settings, s)) for s in seeds],
-        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "sd-jax",
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "sd-jax", **checked,
     })
 
 

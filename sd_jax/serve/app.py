@@ -201,7 +201,7 @@ def create_app(server: Server):
             raise ApiError(400, "the body must be a JSON object")
         return body
 
-    async def run_job(request: Request, requests: list) -> list:
+    async def run_job(request: Request, requests: list):
         """Queue the images, wait for them (cancelled if the client goes or the timeout passes)."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
@@ -241,21 +241,32 @@ def create_app(server: Server):
             log.error("generation failed: %r", job.error)
             raise ApiError(500, "generation failed (the server's log says why)")
         metrics.observe_request(200, time.perf_counter() - t0)
-        return job.results
+        return job
+
+    def nsfw_flags(job) -> Optional[list]:
+        """The safety checker's flag of each returned image; None when the model has no checker."""
+        flags = [f for f, x in zip(job.flags, job.results) if x is not None]
+        return None if all(f is None for f in flags) else flags
+
+    def with_flag(meta: dict, flag) -> dict:  # PNG metadata: the checker's flag, as sd-jax batch writes it
+        return meta if flag is None else {**meta, "nsfw_content_detected": flag}
 
     async def a1111_generate(request: Request, img2img: bool):
         body = await body_of(request)
         requests, settings, unsupported = await run_in_threadpool(
             a1111.parse, body, worker.pipe, server.limits, img2img=img2img, model=server.model)
-        results = await run_job(request, requests)
+        job = await run_job(request, requests)
+        results = job.results
         seeds = [r.seed for r, x in zip(requests, results) if x is not None]
+        nsfw = nsfw_flags(job)
 
         def encode():
-            return [base64.b64encode(png_bytes(x, a1111.image_meta(settings, r.seed))).decode()
-                    for r, x in zip(requests, results) if x is not None]
+            return [base64.b64encode(png_bytes(x, with_flag(a1111.image_meta(settings, r.seed), f))).decode()
+                    for r, x, f in zip(requests, results, job.flags) if x is not None]
         images = await run_in_threadpool(encode)
         echo = {k: v for k, v in body.items() if k not in ("init_images", "mask")}
-        return {"images": images, "parameters": echo, "info": a1111.info(settings, seeds), "unsupported": unsupported}
+        return {"images": images, "parameters": echo, "info": a1111.info(settings, seeds, nsfw),
+                "unsupported": unsupported}
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Request):
@@ -370,7 +381,8 @@ def create_app(server: Server):
                                  guidance_scale=g.guidance, guidance_rescale=g.guidance_rescale, height=g.height,
                                  width=g.width, scheduler=g.scheduler, clip_skip=g.clip_skip, image=image,
                                  mask_image=mask, strength=g.strength, num_images_per_prompt=g.num_images)
-        results = await run_job(request, requests)
+        job = await run_job(request, requests)
+        results = job.results
 
         def meta(r):
             m = {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "seed": r.seed, "steps": r.steps,
@@ -379,8 +391,8 @@ def create_app(server: Server):
                  "generator": "sd-jax"}
             return {**m, "strength": r.strength, "mode": r.mode} if r.image is not None else m
         resolved = [pipe.resolve(r)[0] for r in requests]
-        pngs = await run_in_threadpool(lambda: [png_bytes(x, meta(r)) for r, x in zip(resolved, results)
-                                                if x is not None])
+        pngs = await run_in_threadpool(lambda: [png_bytes(x, with_flag(meta(r), f))
+                                                for r, x, f in zip(resolved, results, job.flags) if x is not None])
         if g.format == "png":
             if not pngs:
                 raise ApiError(409, "interrupted before the image was generated")
@@ -388,6 +400,7 @@ def create_app(server: Server):
         return {"images": [base64.b64encode(p).decode() for p in pngs],
                 "seeds": [r.seed for r, x in zip(resolved, results) if x is not None],
                 "parameters": [meta(r) for r, x in zip(resolved, results) if x is not None],
+                "nsfw_content_detected": nsfw_flags(job),
                 "unsupported": extras.lora_tags(g.prompt, g.negative_prompt)}
 
     @app.get("/health")
