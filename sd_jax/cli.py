@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "(used in prompts by name; /sdapi/v1/embeddings)")
     s.add_argument("--allow-pickle", action="store_true", help="also read .pt/.bin embeddings "
                                                                "(torch.load(weights_only=True))")
+    s.add_argument("--controlnet-dir", default=None, help="folder of ControlNets (diffusers folders, .safetensors) "
+                                                          "to load; requests name them (A1111 alwayson_scripts)")
 
     pc = sub.add_parser("precompile", help="compile generation programs into the persistent compilation cache, "
                                            "so later generate/batch processes start without compiling")

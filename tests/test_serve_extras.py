@@ -110,35 +110,71 @@ def test_serve_folder_flags_checked_before_loading(tmp_path, capsys):
         assert err == [f"sd-jax: error: {flag} {missing!r} is not a folder"]
 
 
-# ----------------------------------------------------------------------------- the safety checker
-def test_safety_flags_in_responses(tmp_path):
-    """A tiny SD1 folder with a tiny checker (``--safety-policy keep``: the images come back as
-    the checker saw them).  Its concept 3 is then set to the first image's embedding, between
-    the two images' cosine and 1: the same images come back flagged [True, False] (the
-    checker's parameters are an input of the compiled program: nothing recompiles), in A1111's
-    ``info``, the native ``nsfw_content_detected`` and each PNG's metadata; equal to the
-    checker's own verdict on the returned images."""
+# ----------------------------------------------------------------------------- tiny SD1 + checker + ControlNet
+def square_png() -> str:
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[8:24, 8:24] = 255
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+CONTROL = {"alwayson_scripts": {"controlnet": {"args": [{"image": square_png(), "module": "canny",
+                                                         "model": "cn_edges", "weight": 0.3}]}}}
+NATIVE_CONTROL = {"controlnet": "cn_edges", "image": square_png(), "kind": "canny", "scale": 0.3}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny SD1 folder with a tiny safety checker (tests/test_safety_checker.py's builder),
+    a ``--controlnet-dir`` holding one ControlNet made from its UNet, loaded as the server
+    loads them (``--safety-policy keep``: the images come back as the checker saw them)."""
+    import diffusers
+    import torch
+
+    from sd_jax.pipeline import StableDiffusionPipeline
+    from sd_jax.serve.extras import load_controlnets
+    from test_safety_checker import build_checker
+    from tiny_models import build_tiny_pipeline
+    folder = tmp_path_factory.mktemp("sd_checked")
+    ref = build_tiny_pipeline(str(folder))
+    build_checker(folder, size=32)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    nets = tmp_path_factory.mktemp("controlnets")
+    torch.manual_seed(1)
+    cn = diffusers.ControlNetModel.from_unet(ref.unet, conditioning_embedding_out_channels=(8, 16))
+    with torch.no_grad():  # random zero-convolutions: the ControlNet changes the image
+        for name, p in cn.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                p.copy_(torch.randn_like(p))
+    cn.save_pretrained(nets / "cn_edges")
+    (nets / "notes.txt").write_text("not a ControlNet")
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), mesh=one_device(), safety_policy="keep")
+    assert load_controlnets(pipe, str(nets)) == ["cn_edges"] and pipe.safety_checker is not None
+    return pipe
+
+
+def test_safety_flags_in_responses(tiny):
+    """Concept 3 of the checker is set to the first image's embedding, between the two images'
+    cosine and 1: the same images come back flagged [True, False] (the checker's parameters
+    are an input of the compiled program: nothing recompiles), in A1111's ``info``, the
+    native ``nsfw_content_detected`` and each PNG's metadata; equal to the checker's own
+    verdict on the returned images."""
     import jax
     import jax.numpy as jnp
 
     from sd_jax import sharding
     from sd_jax.images import read_metadata
-    from sd_jax.pipeline import StableDiffusionPipeline
-    from test_safety_checker import build_checker
-    from tiny_models import build_tiny_pipeline
-    build_tiny_pipeline(str(tmp_path))
-    build_checker(tmp_path, size=32)
-    index = json.loads((tmp_path / "model_index.json").read_text())
-    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
-                 feature_extractor=["transformers", "CLIPImageProcessor"])
-    (tmp_path / "model_index.json").write_text(json.dumps(index))
-    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path), mesh=one_device(), safety_policy="keep")
-    assert pipe.safety_checker is not None
+    pipe = tiny
     c, worker = client_for(pipe)
     worker.start()
+    saved = pipe.safety_params
     try:
         body = {"prompt": "a red circle", "seed": 5, "steps": 2, "width": 32, "height": 32, "batch_size": 2,
-                "cfg_scale": 1.0}  # unguided: the smaller program to compile
+                "cfg_scale": 1.0, **CONTROL}  # the ControlNet test's program: one compilation for both
         r = c.post("/sdapi/v1/txt2img", json=body)
         assert r.status_code == 200, r.text
         first = np.stack([decode(b) for b in r.json()["images"]])
@@ -160,13 +196,80 @@ def test_safety_flags_in_responses(tmp_path):
         assert want == [True, False]
         assert json.loads(r.json()["info"])["nsfw_content_detected"] == want
         native = c.post("/v1/generate", json={"prompt": "a red circle", "seed": 5, "steps": 2, "width": 32,
-                                              "height": 32, "num_images": 2, "guidance": 1.0}).json()
+                                              "height": 32, "num_images": 2, "guidance": 1.0,
+                                              "controls": [NATIVE_CONTROL]}).json()
         assert native["nsfw_content_detected"] == want
         for b, image, flag in zip(native["images"], images, want):
             np.testing.assert_array_equal(decode(b), image)
             assert read_metadata(io.BytesIO(base64.b64decode(b)))["nsfw_content_detected"] == flag
     finally:
+        pipe.safety_params = saved
         worker.stop(30)
+
+
+# ----------------------------------------------------------------------------- ControlNet
+def test_controlnet_units_equal_python_api(tiny):
+    """The sd-webui-controlnet extension's ``alwayson_scripts`` (canny computed by the server)
+    and the native ``controls``: the image equals the Python API's with the same ControlNet,
+    edges, weight and window."""
+    from sd_jax.control import canny
+    pipe = tiny
+    edges = canny(decode(square_png()))
+    common = dict(seed=3, num_inference_steps=2, guidance_scale=1.0, height=32, width=32, num_images_per_prompt=2,
+                  control_image=edges, controlnet="cn_edges", output_type="uint8")
+    want = np.asarray(pipe("a red circle", controlnet_conditioning_scale=0.5, control_guidance_end=0.6, **common))
+    off = np.asarray(pipe("a red circle", controlnet_conditioning_scale=0.0, **common))  # traced: not recompiled
+    assert not np.array_equal(want, off)  # the ControlNet steers
+    c, worker = client_for(pipe)
+    worker.start()
+    try:
+        unit = {"image": square_png(), "module": "canny", "model": "cn_edges [0123abcd]", "weight": 0.5,
+                "guidance_start": 0.0, "guidance_end": 0.6, "pixel_perfect": False, "control_mode": "Balanced"}
+        body = {"prompt": "a red circle", "seed": 3, "steps": 2, "cfg_scale": 1.0, "width": 32, "height": 32,
+                "batch_size": 2, "alwayson_scripts": {"controlnet": {"args": [unit, {**unit, "model": "nope", "enabled": False}]}}}
+        r = c.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(np.stack([decode(b) for b in r.json()["images"]]), want)
+        assert r.json()["unsupported"] == []
+        info = json.loads(r.json()["info"])
+        assert info["extra_generation_params"]["ControlNet 0"].startswith("Module: canny, Model: cn_edges, Weight: 0.5")
+        native = c.post("/v1/generate", json={
+            "prompt": "a red circle", "seed": 3, "steps": 2, "guidance": 1.0, "width": 32, "height": 32, "num_images": 2,
+            "controls": [{"controlnet": "cn_edges", "image": square_png(), "kind": "canny", "scale": 0.5,
+                          "end": 0.6}]})
+        assert native.status_code == 200, native.text
+        np.testing.assert_array_equal(np.stack([decode(b) for b in native.json()["images"]]), want)
+        assert native.json()["parameters"][0]["controlnets"][0]["model"] == "cn_edges"
+        # refused before anything is queued: a name outside --controlnet-dir, a bad native kind
+        for bad in ({**unit, "model": "../cn_edges"}, {**unit, "model": "other"}):
+            r = c.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [bad]}}})
+            assert r.status_code == 422 and "is not a ControlNet of this server (loaded: cn_edges)" in r.json()["detail"]
+        r = c.post("/v1/generate", json={"prompt": "x", "steps": 2, "width": 32, "height": 32, "controls": [
+            {"controlnet": "cn_edges", "image": square_png(), "kind": "magic"}]})
+        assert r.status_code == 422 and "controls[0].kind 'magic'" in r.json()["detail"]
+    finally:
+        worker.stop(30)
+
+
+def test_controlnet_unsupported_preprocessor_and_scripts_reported(tiny):
+    """Checked on the parsed request (nothing generated): a preprocessor other than none/canny
+    uses the image as given and says so; other scripts and unknown unit fields are listed."""
+    from sd_jax.serve import a1111
+    from sd_jax.serve.app import Limits
+    unit = {"image": square_png(), "module": "depth_midas", "model": "cn_edges", "control_mode": 2, "foo": 1}
+    body = {"prompt": "x", "steps": 2, "width": 32, "height": 32,
+            "alwayson_scripts": {"controlnet": {"args": [unit]}, "ADetailer": {"args": []}}}
+    requests, settings, unsupported = a1111.parse(body, tiny, Limits(), img2img=False, model="m")
+    assert unsupported == [
+        "alwayson_scripts.ADetailer: script not available in sd-jax, ignored",
+        "alwayson_scripts.controlnet.args[0].control_mode=2: not supported by sd-jax, ignored",
+        "alwayson_scripts.controlnet.args[0].foo: unknown field, ignored",
+        "alwayson_scripts.controlnet.args[0].module='depth_midas': preprocessor not available in sd-jax "
+        "(only none, canny), the image is used as given"]
+    (control,) = requests[0].control
+    assert control.controlnet == "cn_edges" and np.array_equal(np.asarray(control.image), decode(square_png()))
+    assert settings["controlnets"] == [{"module": "none", "model": "cn_edges", "weight": 1.0, "guidance_start": 0.0,
+                                        "guidance_end": 1.0}]
 
 
 def decode(b64) -> np.ndarray:

@@ -345,6 +345,16 @@ def create_app(server: Server):
         params = text.pop("parameters", "")
         return {"info": params, "items": text, "parameters": a1111.parse_parameters(params) if params else {}}
 
+    class ControlIn(BaseModel):
+        """One ControlNet of a native request: a ControlNet of ``--controlnet-dir`` by name."""
+        model_config = ConfigDict(extra="forbid")
+        controlnet: str
+        image: str
+        kind: str = "none"
+        scale: float = 1.0
+        start: float = 0.0
+        end: float = 1.0
+
     class Generate(BaseModel):
         """``POST /v1/generate``: the Python API's arguments."""
         model_config = ConfigDict(extra="forbid")
@@ -363,6 +373,7 @@ def create_app(server: Server):
         mask: Optional[str] = None
         strength: float = 0.8
         format: str = "json"
+        controls: list[ControlIn] = []
 
     @app.post("/v1/generate", responses={200: {"content": {"image/png": {}, "application/json": {}}}})
     async def generate(g: Generate, request: Request):
@@ -376,11 +387,13 @@ def create_app(server: Server):
         lim = server.limits.max_pixels
         image = a1111.decode_image(g.image, "image", lim) if g.image else None
         mask = a1111.decode_image(g.mask, "mask", lim) if g.mask else None
+        units = [extras.native_unit(i, c.model_dump(), lim) for i, c in enumerate(g.controls)]
         pipe = worker.pipe
         requests = pipe.requests(g.prompt, g.negative_prompt, seed=g.seed, num_inference_steps=g.steps,
                                  guidance_scale=g.guidance, guidance_rescale=g.guidance_rescale, height=g.height,
                                  width=g.width, scheduler=g.scheduler, clip_skip=g.clip_skip, image=image,
-                                 mask_image=mask, strength=g.strength, num_images_per_prompt=g.num_images)
+                                 mask_image=mask, strength=g.strength, num_images_per_prompt=g.num_images,
+                                 **extras.control_args(units))
         job = await run_job(request, requests)
         results = job.results
 
@@ -389,6 +402,7 @@ def create_app(server: Server):
                  "guidance": r.guidance, "guidance_rescale": r.guidance_rescale, "scheduler": r.scheduler,
                  "width": r.width, "height": r.height, "clip_skip": r.clip_skip, "model": server.model,
                  "generator": "sd-jax"}
+            m = {**m, "controlnets": extras.control_meta(units)} if units else m
             return {**m, "strength": r.strength, "mode": r.mode} if r.image is not None else m
         resolved = [pipe.resolve(r)[0] for r in requests]
         pngs = await run_in_threadpool(lambda: [png_bytes(x, with_flag(meta(r), f))

@@ -59,7 +59,7 @@ def check_args(args) -> list[tuple[int, int, int]]:
         raise UsageError("give --api-auth or --api-token, not both")
     if args.models_dir is not None and not os.path.isdir(args.models_dir):
         raise UsageError(f"--models-dir {args.models_dir!r} is not a folder")
-    for flag in ("lora_dir", "embeddings_dir"):
+    for flag in ("lora_dir", "embeddings_dir", "controlnet_dir"):
         folder = getattr(args, flag, None)
         if folder is not None and not os.path.isdir(folder):
             raise UsageError(f"--{flag.replace('_', '-')} {folder!r} is not a folder")
