@@ -637,10 +637,18 @@ def info(args) -> int:
 def serve(args) -> int:
     """``sd-jax serve``: arguments checked (and the port tried) before the model loads."""
     from sd_jax.serve import run
+    from sd_jax.serve.extras import load_controlnets
     shapes = run.check_args(args)
     pipe = load(args)
-    return run.serve(args, pipe, shapes, loader=lambda path: load_model(path, dtype=args.dtype,
-                                                                           attention=args.attention))
+    load_controlnets(pipe, args.controlnet_dir)
+
+    def loader(path):  # /sdapi/v1/options: another model, with the same embeddings
+        other = load_model(path, dtype=args.dtype, attention=args.attention)
+        if args.embeddings_dir:
+            other.load_embeddings(args.embeddings_dir, allow_pickle=args.allow_pickle)
+        load_controlnets(other, args.controlnet_dir)
+        return other
+    return run.serve(args, pipe, shapes, loader=loader)
 
 
 def train(args) -> int:

@@ -131,6 +131,7 @@ def test_concurrent_requests_batch_and_equal_python_api(server, refs):
         np.testing.assert_array_equal(decode(r.json()["images"][0]), refs["txt2img"][i])
         info = json.loads(r.json()["info"])
         assert info["all_seeds"] == [11 + i] and info["sampler_name"] == "DPM++ 2M"
+        assert "nsfw_content_detected" not in info  # the shipped model has no safety checker
     after = server.worker.metrics.batch_images
     assert after[3] == before.get(3, 0) + 1  # one call of three images
     metrics = c.get("/metrics").text
@@ -209,6 +210,7 @@ def test_native_api_png_and_json(server, refs):
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")), refs["txt2img"][1])
     r = c.post("/v1/generate", json={**body, "num_images": 2})
     assert r.json()["seeds"] == [12, 13] and len(r.json()["images"]) == 2
+    assert r.json()["nsfw_content_detected"] is None and r.json()["unsupported"] == []  # no safety checker
     np.testing.assert_array_equal(decode(r.json()["images"][0]), refs["txt2img"][1])
     assert not np.array_equal(decode(r.json()["images"][1]), refs["txt2img"][1])  # seed 13: another image
     assert c.get("/docs").status_code == 200 and "/v1/generate" in c.get("/openapi.json").text

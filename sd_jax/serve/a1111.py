@@ -16,8 +16,9 @@ import json
 import secrets
 import time
 
-from sd_jax.images import A1111_SAMPLERS, a1111_parameters
+from sd_jax.images import A1111_SAMPLERS, a1111_controlnets, a1111_parameters
 from sd_jax.request import MAX_SEED, RequestError
+from sd_jax.serve import extras
 
 # A1111 sampler name -> sd-jax sampler ("Euler a" -> "euler_a"); "X Karras" adds "_karras".
 SAMPLERS = {v: k for k, v in A1111_SAMPLERS.items()}
@@ -28,7 +29,7 @@ DEFAULTS = {
     "enable_hr": (False, None), "styles": ([], None), "subseed": (-1, None, 0), "subseed_strength": (0, 0.0, None),
     "seed_resize_from_h": (0, -1, None), "seed_resize_from_w": (0, -1, None), "restore_faces": (False, None),
     "tiling": (False, None), "eta": (None, 0, 1, 1.0), "s_churn": (0, None), "s_tmax": (0, None), "s_tmin": (0, None),
-    "s_noise": (1, None), "script_name": (None, ""), "script_args": ([], None), "alwayson_scripts": ({}, None),
+    "s_noise": (1, None), "script_name": (None, ""), "script_args": ([], None),
     "refiner_checkpoint": (None, ""), "refiner_switch_at": (None, 0), "resize_mode": (0, None),
     "image_cfg_scale": (None, 1.5), "initial_noise_multiplier": (None, 1, 1.0), "comments": (None, {}),
     "firstpass_image": (None,), "latent_mask": (None,), "inpainting_fill": (0, None),
@@ -41,7 +42,7 @@ IGNORED = {"do_not_save_samples", "do_not_save_grid", "send_images", "save_image
            "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt",
            "hr_negative_prompt", "hr_additional_modules", "inpaint_full_res_padding"}
 USED = {"prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "sampler_name", "scheduler",
-        "batch_size", "n_iter", "override_settings", "denoising_strength"}
+        "batch_size", "n_iter", "override_settings", "denoising_strength", "alwayson_scripts"}
 IMG2IMG_USED = {"init_images", "mask", "mask_blur", "inpaint_full_res"}
 
 
@@ -174,16 +175,20 @@ def parse(body: dict, pipe, limits, *, img2img: bool, model: str):
     negative = body.get("negative_prompt", "") or ""
     if not isinstance(prompt, str) or not isinstance(negative, str):
         raise RequestError("prompt and negative_prompt must be text")
+    unsupported += extras.lora_tags(prompt, negative)
+    units = extras.control_units(body.get("alwayson_scripts"), pipe,
+                                 lambda text, what: decode_image(text, what, limits.max_pixels), unsupported)
     guidance = body.get("cfg_scale", 7.0)
     scheduler = to_scheduler(body.get("sampler_name") or body.get("sampler_index"), body.get("scheduler"))
     requests = pipe.requests(prompt, negative, seed=seed, num_inference_steps=steps, guidance_scale=guidance,
                              height=height, width=width, scheduler=scheduler, clip_skip=clip_skip, image=image,
-                             mask_image=mask, strength=strength, num_images_per_prompt=batch * n_iter)
+                             mask_image=mask, strength=strength, num_images_per_prompt=batch * n_iter,
+                             **extras.control_args(units))
     r, _ = pipe.resolve(requests[0])
     settings = {"prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps, "guidance": guidance,
                 "scheduler": r.scheduler, "width": r.width, "height": r.height, "clip_skip": clip_skip,
                 "batch_size": batch, "n_iter": n_iter, "model": model, "strength": strength if img2img else None,
-                "mode": r.mode}
+                "mode": r.mode, "controlnets": extras.control_meta(units)}
     return requests, settings, unsupported
 
 
@@ -194,12 +199,16 @@ def image_meta(settings: dict, seed: int) -> dict:
     meta.update(seed=seed, generator="sd-jax", mode=settings["mode"])
     if settings.get("strength") is not None:
         meta["strength"] = settings["strength"]
+    if settings.get("controlnets"):
+        meta["controlnets"] = settings["controlnets"]
     return meta
 
 
-def info(settings: dict, seeds: list) -> str:
-    """A1111's ``info``: a JSON string with the generation's settings and one infotext per image."""
+def info(settings: dict, seeds: list, nsfw: list | None = None) -> str:
+    """A1111's ``info``: a JSON string with the generation's settings and one infotext per image;
+    with a safety checker, ``nsfw_content_detected``: its flag of each image (as diffusers')."""
     n = len(seeds)
+    checked = {} if nsfw is None else {"nsfw_content_detected": nsfw}
     sampler = settings["scheduler"] or ""
     name = A1111_SAMPLERS.get(sampler.removesuffix("_karras"), sampler)
     return json.dumps({
@@ -211,9 +220,9 @@ def info(settings: dict, seeds: list) -> str:
         "cfg_scale": settings["guidance"], "steps": settings["steps"], "batch_size": settings["batch_size"],
         "n_iter": settings["n_iter"], "restore_faces": False, "sd_model_name": settings["model"], "sd_model_hash": None,
         "denoising_strength": settings.get("strength"), "clip_skip": (settings["clip_skip"] or 0) + 1,
-        "extra_generation_params": {}, "index_of_first_image": 0, "styles": [],
+        "extra_generation_params": dict(a1111_controlnets(settings.get("controlnets"))), "index_of_first_image": 0, "styles": [],
         "infotexts": [a1111_parameters(image_meta(settings, s)) for s in seeds],
-        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "sd-jax",
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "sd-jax", **checked,
     })
 
 

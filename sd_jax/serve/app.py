@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 from sd_jax.images import model_name, png_bytes
 from sd_jax.request import RequestError
-from sd_jax.serve import a1111
+from sd_jax.serve import a1111, extras
 from sd_jax.serve.worker import BatchWorker, QueueFull
 
 log = logging.getLogger("sd_jax.serve")
@@ -72,6 +72,9 @@ class Server:
     model: str = ""
     ready: bool = False
     switching: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    lora_dir: Optional[str] = None        # /sdapi/v1/loras lists its files
+    embeddings_dir: Optional[str] = None  # /sdapi/v1/embeddings: where the loaded embeddings came from
+    allow_pickle: bool = False
 
     def __post_init__(self):
         self.model = self.model or model_name(self.worker.pipe.source)
@@ -198,7 +201,7 @@ def create_app(server: Server):
             raise ApiError(400, "the body must be a JSON object")
         return body
 
-    async def run_job(request: Request, requests: list) -> list:
+    async def run_job(request: Request, requests: list):
         """Queue the images, wait for them (cancelled if the client goes or the timeout passes)."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
@@ -238,21 +241,32 @@ def create_app(server: Server):
             log.error("generation failed: %r", job.error)
             raise ApiError(500, "generation failed (the server's log says why)")
         metrics.observe_request(200, time.perf_counter() - t0)
-        return job.results
+        return job
+
+    def nsfw_flags(job) -> Optional[list]:
+        """The safety checker's flag of each returned image; None when the model has no checker."""
+        flags = [f for f, x in zip(job.flags, job.results) if x is not None]
+        return None if all(f is None for f in flags) else flags
+
+    def with_flag(meta: dict, flag) -> dict:  # PNG metadata: the checker's flag, as sd-jax batch writes it
+        return meta if flag is None else {**meta, "nsfw_content_detected": flag}
 
     async def a1111_generate(request: Request, img2img: bool):
         body = await body_of(request)
         requests, settings, unsupported = await run_in_threadpool(
             a1111.parse, body, worker.pipe, server.limits, img2img=img2img, model=server.model)
-        results = await run_job(request, requests)
+        job = await run_job(request, requests)
+        results = job.results
         seeds = [r.seed for r, x in zip(requests, results) if x is not None]
+        nsfw = nsfw_flags(job)
 
         def encode():
-            return [base64.b64encode(png_bytes(x, a1111.image_meta(settings, r.seed))).decode()
-                    for r, x in zip(requests, results) if x is not None]
+            return [base64.b64encode(png_bytes(x, with_flag(a1111.image_meta(settings, r.seed), f))).decode()
+                    for r, x, f in zip(requests, results, job.flags) if x is not None]
         images = await run_in_threadpool(encode)
         echo = {k: v for k, v in body.items() if k not in ("init_images", "mask")}
-        return {"images": images, "parameters": echo, "info": a1111.info(settings, seeds), "unsupported": unsupported}
+        return {"images": images, "parameters": echo, "info": a1111.info(settings, seeds, nsfw),
+                "unsupported": unsupported}
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Request):
@@ -306,6 +320,15 @@ def create_app(server: Server):
                           "interrupted": False, "skipped": False, "queued_images": p["queued"]},
                 "current_image": None, "textinfo": f"{p['done']}/{p['images']} images" if p["images"] else None}
 
+    @app.get("/sdapi/v1/loras")
+    async def loras():
+        return await run_in_threadpool(extras.list_loras, server.lora_dir)
+
+    @app.get("/sdapi/v1/embeddings")
+    async def embeddings():
+        return await run_in_threadpool(extras.list_embeddings, worker.pipe, server.embeddings_dir,
+                                       server.allow_pickle)
+
     @app.post("/sdapi/v1/interrupt")
     async def interrupt():
         return {"interrupted_jobs": worker.interrupt()}
@@ -321,6 +344,16 @@ def create_app(server: Server):
             text = dict(getattr(png, "text", {}) or {})
         params = text.pop("parameters", "")
         return {"info": params, "items": text, "parameters": a1111.parse_parameters(params) if params else {}}
+
+    class ControlIn(BaseModel):
+        """One ControlNet of a native request: a ControlNet of ``--controlnet-dir`` by name."""
+        model_config = ConfigDict(extra="forbid")
+        controlnet: str
+        image: str
+        kind: str = "none"
+        scale: float = 1.0
+        start: float = 0.0
+        end: float = 1.0
 
     class Generate(BaseModel):
         """``POST /v1/generate``: the Python API's arguments."""
@@ -340,6 +373,7 @@ def create_app(server: Server):
         mask: Optional[str] = None
         strength: float = 0.8
         format: str = "json"
+        controls: list[ControlIn] = []
 
     @app.post("/v1/generate", responses={200: {"content": {"image/png": {}, "application/json": {}}}})
     async def generate(g: Generate, request: Request):
@@ -353,29 +387,35 @@ def create_app(server: Server):
         lim = server.limits.max_pixels
         image = a1111.decode_image(g.image, "image", lim) if g.image else None
         mask = a1111.decode_image(g.mask, "mask", lim) if g.mask else None
+        units = [extras.native_unit(i, c.model_dump(), lim) for i, c in enumerate(g.controls)]
         pipe = worker.pipe
         requests = pipe.requests(g.prompt, g.negative_prompt, seed=g.seed, num_inference_steps=g.steps,
                                  guidance_scale=g.guidance, guidance_rescale=g.guidance_rescale, height=g.height,
                                  width=g.width, scheduler=g.scheduler, clip_skip=g.clip_skip, image=image,
-                                 mask_image=mask, strength=g.strength, num_images_per_prompt=g.num_images)
-        results = await run_job(request, requests)
+                                 mask_image=mask, strength=g.strength, num_images_per_prompt=g.num_images,
+                                 **extras.control_args(units))
+        job = await run_job(request, requests)
+        results = job.results
 
         def meta(r):
             m = {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "seed": r.seed, "steps": r.steps,
                  "guidance": r.guidance, "guidance_rescale": r.guidance_rescale, "scheduler": r.scheduler,
                  "width": r.width, "height": r.height, "clip_skip": r.clip_skip, "model": server.model,
                  "generator": "sd-jax"}
+            m = {**m, "controlnets": extras.control_meta(units)} if units else m
             return {**m, "strength": r.strength, "mode": r.mode} if r.image is not None else m
         resolved = [pipe.resolve(r)[0] for r in requests]
-        pngs = await run_in_threadpool(lambda: [png_bytes(x, meta(r)) for r, x in zip(resolved, results)
-                                                if x is not None])
+        pngs = await run_in_threadpool(lambda: [png_bytes(x, with_flag(meta(r), f))
+                                                for r, x, f in zip(resolved, results, job.flags) if x is not None])
         if g.format == "png":
             if not pngs:
                 raise ApiError(409, "interrupted before the image was generated")
             return Response(pngs[0], media_type="image/png")
         return {"images": [base64.b64encode(p).decode() for p in pngs],
                 "seeds": [r.seed for r, x in zip(resolved, results) if x is not None],
-                "parameters": [meta(r) for r, x in zip(resolved, results) if x is not None]}
+                "parameters": [meta(r) for r, x in zip(resolved, results) if x is not None],
+                "nsfw_content_detected": nsfw_flags(job),
+                "unsupported": extras.lora_tags(g.prompt, g.negative_prompt)}
 
     @app.get("/health")
     async def health():

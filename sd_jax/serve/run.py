@@ -59,6 +59,10 @@ def check_args(args) -> list[tuple[int, int, int]]:
         raise UsageError("give --api-auth or --api-token, not both")
     if args.models_dir is not None and not os.path.isdir(args.models_dir):
         raise UsageError(f"--models-dir {args.models_dir!r} is not a folder")
+    for flag in ("lora_dir", "embeddings_dir", "controlnet_dir"):
+        folder = getattr(args, flag, None)
+        if folder is not None and not os.path.isdir(folder):
+            raise UsageError(f"--{flag.replace('_', '-')} {folder!r} is not a folder")
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     try:  # a port in use is found before the (slow) model load
@@ -92,7 +96,9 @@ def serve(args, pipe, shapes: list, loader) -> int:
     pipe.memory_check = not args.no_memory_check
     worker = BatchWorker(pipe, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size)
     server = Server(worker, limits_of(args), auth=args.api_auth, token=args.api_token, models_dir=args.models_dir,
-                    loader=loader, model=model_name(pipe.source))
+                    loader=loader, model=model_name(pipe.source), lora_dir=getattr(args, "lora_dir", None),
+                    embeddings_dir=getattr(args, "embeddings_dir", None),
+                    allow_pickle=getattr(args, "allow_pickle", False))
     where = f"http://{args.host}:{args.port}"
 
     def precompile():

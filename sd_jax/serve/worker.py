@@ -51,6 +51,7 @@ class Job:
     on_done: Optional[Callable[["Job"], None]] = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     _open: int = 0               # images queued or on the devices
+    flags: list = dataclasses.field(default_factory=list)  # the safety checker's, per image (None: not run)
 
     @property
     def finished_images(self) -> int:
@@ -141,7 +142,7 @@ class BatchWorker:
             raise RequestError("no image requested")
         for r in requests:
             self.pipe.resolve(r)
-        job = Job(list(requests), [None] * len(requests), on_done=on_done)
+        job = Job(list(requests), [None] * len(requests), on_done=on_done, flags=[None] * len(requests))
         with self._cond:
             if self._stopping:
                 raise QueueFull(5)
@@ -311,11 +312,12 @@ class BatchWorker:
             dispatcher = Dispatcher(pipe, batch_size=limit)
             try:
                 for chunk in dispatcher.run([r for _, r in group]):
-                    images = chunk.host()
+                    images, flags = chunk.host(), chunk.host_flags()
                     self.metrics.observe_call(len(chunk.items), chunk.size)
-                    for (k, _), img in zip(chunk.items, images):
+                    for j, ((k, _), img) in enumerate(zip(chunk.items, images)):
                         job, i = items[k]
                         job.results[i] = img
+                        job.flags[i] = None if flags is None else bool(flags[j])
                         self._finish(job)
             except Exception as e:  # a failed call fails its jobs, not the server
                 for job, i in items:
