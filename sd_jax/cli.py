@@ -78,16 +78,6 @@ def _add_gen_args(p):
                         "prompts by file name or token")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also read .pt/.bin embeddings (pickles: torch.load(weights_only=True))")
-
-
-def _add_lora_args(p):
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
-                   help="merge a LoRA (.safetensors: kohya, diffusers/PEFT, LyCORIS LoHa/LoKr) at WEIGHT "
-                        "(default 1); repeatable; FILE may be a name in --lora-dir")
-    p.add_argument("--lora-dir", default=None, help="folder of LoRAs that --lora names and the prompt's <lora:name:weight> tags "
-                        "are looked up in (and its sub-folders)")
-    p.add_argument("--lora-partial", action="store_true",
-                   help="load a LoRA even if some of its keys match no layer of the model (they are ignored)")
     p.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto",
                    help="decode/encode the image in overlapping tiles (auto: when the VAE would not fit)")
     p.add_argument("--no-safety-checker", action="store_true",
@@ -98,6 +88,16 @@ def _add_lora_args(p):
                                                    "--refiner-switch, the refiner finishes (text-to-image)")
     p.add_argument("--refiner-switch", type=float, default=None,
                    help="fraction of the noise schedule the base denoises before the refiner (default 0.8)")
+
+
+def _add_lora_args(p):
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA (.safetensors: kohya, diffusers/PEFT, LyCORIS LoHa/LoKr) at WEIGHT "
+                        "(default 1); repeatable; FILE may be a name in --lora-dir")
+    p.add_argument("--lora-dir", default=None, help="folder of LoRAs that --lora names and the prompt's <lora:name:weight> tags "
+                        "are looked up in (and its sub-folders)")
+    p.add_argument("--lora-partial", action="store_true",
+                   help="load a LoRA even if some of its keys match no layer of the model (they are ignored)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -137,6 +137,8 @@ class PromptEncoding:
         ``"last"``), without the final layer norm, concatenated on the feature axis; the
         pooled embedding is ``self.pooled``'s ``text_embeds`` (its projected pooled output)."""
         ids = (ids,) if not isinstance(ids, (tuple, list)) else tuple(ids)
+        if weights is not None and not isinstance(weights, (tuple, list)):  # one tokenizer (the refiner)
+            weights = (weights,)
         if len(ids) != len(self.encoders):
             raise ValueError(f"prompt encoding takes {len(self.encoders)} id arrays (one per tokenizer), got {len(ids)}")
         back = (clip_skip or 0) + (2 if self.hidden_state == "penultimate" else 1)

@@ -214,13 +214,16 @@ def test_bad_sdxl_files(base, loaded, refiner, tmp_path):
         loader.save(loaded, str(tmp_path / "model.ckpt"), format="single-file")
     _one_line(e)
     assert not os.listdir(tmp_path)
-    # A refiner file is read, but not run, until sd-jax has the refiner family.
+    # A refiner file loads as the sdxl-refiner family, its weights bit for bit.
+    from sd_jax import families
+    from sd_jax.weights.convert import params_to_state_dict
     _, sds, configs = refiner
     rpath = str(tmp_path / "refiner.safetensors")
     save_file(sf.to_single_file(configs, sds), rpath)
-    with pytest.raises(CheckpointError, match="sdxl-refiner single file") as e:
-        loader.load(rpath)
-    _one_line(e)
+    m = loader.load(rpath)
+    assert m.family is families.SDXL_REFINER and set(m.tokenizers) == {"tokenizer_2"}
+    for name, want in sds.items():
+        _assert_same(params_to_state_dict(m.params[name]), want, name)
 
 
 def _cli(capsys, *args):
