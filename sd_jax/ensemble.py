@@ -74,7 +74,6 @@ class SDXLEnsemble:
         check_pair(base, refiner, switch)
         self.base, self.refiner, self.switch = base, refiner, float(switch)
         self.mesh = base.mesh
-        self.params = {"base": base.params, "refiner": refiner.params}
         self._compiled: dict = {}
         self.compilations = 0
 
@@ -143,6 +142,20 @@ class SDXLEnsemble:
             return images
         from PIL import Image
         return [Image.fromarray(im) for im in images]
+
+    @property
+    def params(self) -> dict:
+        """Both pipelines' current parameters (arguments of the compiled call: LoRAs merged
+        into the base later are used without recompiling)."""
+        return {"base": self.base.params, "refiner": self.refiner.params}
+
+    # LoRAs apply to the base (the refiner is another network; A1111 does the same)
+    @property
+    def loras(self):
+        return self.base.loras
+
+    def use_loras(self, specs, **kwargs) -> None:
+        self.base.use_loras(specs, **kwargs)
 
     # what the CLI and batch jobs read from a pipeline
     @property
