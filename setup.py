@@ -37,10 +37,12 @@ setup(
             "sd-parsers>=0.6,<0.7",
             "selenium>=4.20,<5",
             "invisible-watermark>=0.2,<0.3",   # the reference for sd_jax.watermark (pulls opencv, pywavelets)
+            "opencv-python-headless>=4.8,<6",  # canny control images
+            "peft>=0.17,<0.22",                # diffusers' load_lora_weights (the LoRA reference)
+            "torchmetrics>=1.4,<2",            # CLIPScore (the CLIP score reference)
+            "pytest-xdist>=3.5,<4",            # the suite on both cores (-n 2)
         ],
         "serve": ["fastapi>=0.110,<1", "uvicorn>=0.29,<1"],
-            "opencv-python-headless>=4.8,<6",
-        ],
         "canny": ["opencv-python-headless>=4.8,<6"],  # ControlNet canny control images
         "train": ["matplotlib>=3.8,<4"],  # loss.png
         "gpu": ["jax[cuda12]>=0.8,<0.11"],
