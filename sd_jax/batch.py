@@ -632,16 +632,19 @@ def _matches(entry: dict, row: Row, model: str) -> bool:
     return all(entry.get(k) == want[k] for k in _SETTINGS)
 
 
-def recover(out: str, rows: list[Row], manifest: str, model: str, other_manifests=()) -> set[str]:
+def recover(out: str, rows: list[Row], manifest: str, model: str, other_manifests=(), primary: bool = True) -> set[str]:
     """Clean up after a kill; returns the names of the rows already done.
 
     Deletes temporary files, then rewrites ``manifest`` (atomically) to hold exactly one
     entry for each finished image it is responsible for: its own entries whose image
     exists, and entries rebuilt from the PNG metadata of images that no manifest records
     (killed between the rename and the manifest line).  ``other_manifests`` (multi-host:
-    the other processes' parts and the merged manifest) are read, never written.
+    the other processes' parts and the merged manifest) are read, never written.  Only the
+    ``primary`` process (the one that writes the job file and the merged manifest) deletes
+    their temporary files: another host's recovery runs while it may be writing them.
     """
-    for pattern in (f"{TMP_PREFIX}*.png", "manifest*.jsonl.tmp", f"{JOB_FILE}.tmp"):
+    own_tmp = [os.path.basename(manifest) + ".tmp"] + ([f"{MANIFEST}.tmp", f"{JOB_FILE}.tmp"] if primary else [])
+    for pattern in [f"{TMP_PREFIX}*.png"] + own_tmp:
         for tmp in glob.glob(os.path.join(glob.escape(out), pattern)):
             try:
                 os.unlink(tmp)
@@ -706,6 +709,9 @@ def run(pipe, rows: list[Row], out: str, *, per_device: int = 1, progress: bool 
             raise _changed_job_error(out, changes)
         if (old is None or changes) and pid == 0:
             write_job(out, job)
+        if nproc > 1:  # the job file is complete before any host looks at the folder's files
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("sd-jax batch: job file written")
         return _generate(pipe, rows, out, model, per_device, progress, write_threads, t_start, lora_dir)
 
 
@@ -717,7 +723,7 @@ def _generate(pipe, rows, out, model, per_device, progress, write_threads, t_sta
     manifest = _manifest_path(out, pid, nproc)
     others = [] if nproc == 1 else [os.path.join(out, MANIFEST)] + [
         _manifest_path(out, p, nproc) for p in range(nproc) if p != pid]
-    done = recover(out, rows, manifest, model, others)
+    done = recover(out, rows, manifest, model, others, primary=pid == 0)
     if nproc > 1:  # every process must run the same batches: a row is done if any host has its image
         from jax.experimental import multihost_utils
         flags = np.array([r.name in done for r in rows], np.int32)

@@ -334,8 +334,9 @@ def test_config_from_dict_and_names():
     assert default_scheduler_name("DPMSolverMultistepScheduler") == "dpmpp_2m"
     assert default_scheduler_name("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}) == "dpmpp_2m_sde"
     assert default_scheduler_name("EulerAncestralDiscreteScheduler") == "euler_a"
+    assert default_scheduler_name("LCMScheduler") == "lcm"
     with pytest.raises(ValueError, match="Unsupported scheduler class"):
-        default_scheduler_name("LCMScheduler")
+        default_scheduler_name("TCDScheduler")
     s = make_sampler("DPMPP_2M_KARRAS", sd15, 20)
     assert s.name == "dpmpp_2m" and s.config.use_karras_sigmas and s.config.algorithm_type == "dpmsolver++"
     assert make_sampler("dpmpp_2m_sde", sd15, 20).config.algorithm_type == "sde-dpmsolver++"

@@ -387,7 +387,8 @@ def create_app(server: Server):
         lim = server.limits.max_pixels
         image = a1111.decode_image(g.image, "image", lim) if g.image else None
         mask = a1111.decode_image(g.mask, "mask", lim) if g.mask else None
-        units = [extras.native_unit(i, c.model_dump(), lim) for i, c in enumerate(g.controls)]
+        decode = lambda text, what: a1111.decode_image(text, what, lim)  # noqa: E731
+        units = [extras.native_unit(i, c.model_dump(), decode) for i, c in enumerate(g.controls)]
         pipe = worker.pipe
         requests = pipe.requests(g.prompt, g.negative_prompt, seed=g.seed, num_inference_steps=g.steps,
                                  guidance_scale=g.guidance, guidance_rescale=g.guidance_rescale, height=g.height,

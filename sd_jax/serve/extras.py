@@ -205,16 +205,16 @@ def control_meta(units: list) -> list:
              "guidance_end": u["end"]} for u in units]
 
 
-def native_unit(i: int, c: dict, max_pixels: int) -> dict:
+def native_unit(i: int, c: dict, decode_image) -> dict:
     """One entry of ``POST /v1/generate``'s ``controls`` -> a unit of :func:`control_units`:
     ``kind`` ``canny`` computes the edges, ``none`` or a kind of :data:`sd_jax.control.KINDS`
-    uses the image as given."""
+    uses the image as given.  ``decode_image(text, what)``: the server's checked, size-bounded
+    base64 decoder."""
     from sd_jax.control import KINDS, canny
     from sd_jax.request import RequestError
-    from sd_jax.serve.a1111 import decode_image
     kind = c["kind"].lower()
     if kind not in ("none",) + KINDS:
         raise RequestError(f"controls[{i}].kind {c['kind']!r} is not one of none, {', '.join(KINDS)}")
-    image = decode_image(c["image"], f"controls[{i}].image", max_pixels)
+    image = decode_image(c["image"], f"controls[{i}].image")
     return {"controlnet": c["controlnet"], "image": canny(image) if kind == "canny" else image, "kind": kind,
             "scale": c["scale"], "start": c["start"], "end": c["end"]}
