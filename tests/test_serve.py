@@ -329,9 +329,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(refs, cache_dir):
-    """``sd-jax serve`` in a subprocess (8 fake devices, this module's compilation cache)."""
+def start_server(cache_dir, cwd=None):
+    """``sd-jax serve`` in a subprocess (8 fake devices, this module's compilation cache), once
+    /health says ready: (process, port, url)."""
     import httpx
     port = free_port()
     env = cli_env(8, {"SD_JAX_CACHE": cache_dir, "JAX_DEFAULT_MATMUL_PRECISION": "highest",
@@ -339,7 +339,7 @@ def served(refs, cache_dir):
     proc = subprocess.Popen(sd_jax_command() + ["serve", "--model", SHAPES, "--port", str(port), "--precompile",
                                                 "64x64:2", "--max-batch", "8", "--max-wait-ms", "600",
                                                 "--attention", "xla"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     end = time.time() + 240
     while True:
@@ -351,10 +351,35 @@ def served(refs, cache_dir):
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
+    return proc, port, url
+
+
+@pytest.fixture(scope="module")
+def served(refs, cache_dir):
+    proc, port, url = start_server(cache_dir)
     yield proc, port, url
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+def test_served_sigkill_then_restart_serves_again(refs, cache_dir, tmp_path):
+    """SIGKILL (no clean-up at all), then a new ``sd-jax serve``: ready again and answering as
+    before; the server wrote no file of its own (nothing can be left half-written)."""
+    import httpx
+    proc, _, url = start_server(cache_dir, cwd=tmp_path)
+    proc.kill()
+    proc.wait()
+    assert os.listdir(tmp_path) == []
+    proc, _, url = start_server(cache_dir, cwd=tmp_path)
+    try:
+        r = httpx.post(url + "/sdapi/v1/txt2img", json=txt2img_body(PROMPTS[0], 11), timeout=120)
+        assert r.status_code == 200
+        np.testing.assert_array_equal(decode(r.json()["images"][0]), refs["txt2img"][0])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert os.listdir(tmp_path) == []
 
 
 def test_served_webuiapi_and_sd_parsers(served, refs):
