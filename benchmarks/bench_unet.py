@@ -8,6 +8,7 @@ process CPU time per call (less sensitive to other processes competing for cores
 
     python benchmarks/bench_unet.py                       # SD 1.5, float32, CPU
     python benchmarks/bench_unet.py --dtype bfloat16 --attention auto --no-torch   # GPU
+    python benchmarks/bench_unet.py --config sdxl --size 32 --sdxl-depth 2 --iters 3  # SDXL widths, fewer layers
 
 XLA flags: ``--xla-flags "..."`` is appended to XLA_FLAGS before JAX starts.
 ``--baseline`` times the straight port instead (materialised [B, H, L, L] attention, XLA's
@@ -31,7 +32,10 @@ import time
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="sd15", choices=["sd15", "sd21", "sd15_inpaint", "tiny"])
+    p.add_argument("--config", default="sd15", choices=["sd15", "sd21", "sd15_inpaint", "tiny", "sdxl"])
+    p.add_argument("--sdxl-depth", type=int, default=10,
+                   help="sdxl: transformer layers of the lowest level and the mid block (SDXL's 10; fewer to fit "
+                        "two copies of the weights in memory)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--size", type=int, default=64, help="latent height = width")
     p.add_argument("--ctx", type=int, default=77, help="context tokens")
@@ -64,17 +68,23 @@ def main():
     from sd_jax.models.unet import UNet2DConditionModel, UNetConfig
     from sd_jax.weights.convert import state_dict_to_params
 
-    cfg = getattr(UNetConfig, args.config)()
+    cfg = (UNetConfig.sdxl(transformer_layers_per_block=(1, 2, args.sdxl_depth)) if args.config == "sdxl"
+           else getattr(UNetConfig, args.config)())
     dtype = jnp.dtype(args.dtype)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}); "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    print(f"UNet {args.config}: batch {args.batch}, {args.size}x{args.size} latents, {args.ctx} tokens, "
+    print(f"UNet {args.config}{f' (transformer layers 1/2/{args.sdxl_depth})' if args.config == 'sdxl' else ''}: batch {args.batch}, {args.size}x{args.size} latents, {args.ctx} tokens, "
           f"{args.dtype}, attention={args.attention}{' (BASELINE: straight port)' if args.baseline else ''}")
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, args.size, args.size, cfg.in_channels)).astype(np.float32)
     ctx = rng.standard_normal((args.batch, args.ctx, cfg.cross_dims[0])).astype(np.float32)
     t = np.full((args.batch,), 981.0, np.float32)
+    added = ()  # SDXL's text_time conditioning: pooled text embedding + 6 micro-conditioning ids
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        added = ({"text_embeds": rng.standard_normal((args.batch, pooled)).astype(np.float32),
+                  "time_ids": np.tile(np.float32([1024, 1024, 0, 0, 1024, 1024]), (args.batch, 1))},)
     # The baseline: no CPU-specific lowerings (attention never blocked, XLA's convolutions).
     model = UNet2DConditionModel(cfg, policy=Policy(dtype, dtype, args.attention, cpu_lowerings=not args.baseline))
 
@@ -99,8 +109,9 @@ def main():
           f"({sum(p.size for p in jax.tree.leaves(params)) / 1e6:.0f} M parameters)")
 
     xj, tj, cj = jnp.asarray(x, dtype), jnp.asarray(t), jnp.asarray(ctx, dtype)
+    aj = jax.tree.map(jnp.asarray, added)
     t0 = time.perf_counter()
-    lowered = jax.jit(model.apply).lower({"params": params}, xj, tj, cj)
+    lowered = jax.jit(model.apply).lower({"params": params}, xj, tj, cj, *aj)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -108,14 +119,14 @@ def main():
     # XLA counts a while loop's body once, so the blocked attention is undercounted in the
     # compiled program; the model's FLOPs are taken from the plain (unblocked) formulation.
     plain = UNet2DConditionModel(cfg, policy=Policy(dtype, dtype, "xla", "lax", cpu_lowerings=False))
-    flops = _flops(jax.jit(plain.apply).trace({"params": params}, xj, tj, cj)
+    flops = _flops(jax.jit(plain.apply).trace({"params": params}, xj, tj, cj, *aj)
                    .lower(lowering_platforms=("cpu",)).cost_analysis())
     print(f"sd-jax: trace+lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s; XLA cost_analysis: "
           f"{flops / 1e9:.1f} GFLOP per call (plain formulation; GFLOP/s below use it), "
           f"{xla_flops / 1e9:.1f} GFLOP as compiled (loop bodies counted once)")
 
     def run_jax():
-        return compiled({"params": params}, xj, tj, cj).block_until_ready()
+        return compiled({"params": params}, xj, tj, cj, *aj).block_until_ready()
 
     if tm is not None:
         import torch
@@ -127,9 +138,11 @@ def main():
             tm = tm.to(tdt)
             xt, ct = xt.to(tdt), ct.to(tdt)
 
+        kw = {"added_cond_kwargs": {k: torch.from_numpy(v).to(tdt) for k, v in added[0].items()}} if added else {}
+
         def run_torch():
             with torch.inference_mode():
-                return tm(xt, tt, ct).sample
+                return tm(xt, tt, ct, **kw).sample
 
     sides = {"sd-jax": run_jax}
     if tm is not None:
