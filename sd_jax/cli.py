@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lora_args(b)
 
     c = sub.add_parser("convert", help="convert a model: diffusers folder / single-file .safetensors / "
-                                       "sd-jax checkpoint -> sd-jax checkpoint or diffusers folder")
+                                       "sd-jax checkpoint -> sd-jax checkpoint, diffusers folder or single file")
     c.add_argument("source", help="diffusers folder, single-file .safetensors or sd-jax checkpoint")
     c.add_argument("dest", help="folder to write (must not exist, unless --overwrite)")
     c.add_argument("--to", choices=["sd-jax", "diffusers", "single-file"], default="sd-jax",
