@@ -24,11 +24,11 @@ import jax.numpy as jnp
 
 from sd_jax.models.layers import conv2d
 from sd_jax.models.policy import Policy
-from sd_jax.models.unet import UNetConfig, UNetEncoder, _tup
+from sd_jax.models.unet import UNetConfig, UNetEncoder, _tup, dummy_added
 from sd_jax.weights.convert import state_dict_to_params
 from sd_jax.weights.diffusers import read_config, read_state_dict
 from sd_jax.weights.safetensors_io import CheckpointError, load_file
-from sd_jax.weights.single_file import _SUBMAPS, _indices, _one, _rename, _unet_table
+from sd_jax.weights.single_file import _indices, _one, _unet_table, rename_all
 
 # config.json keys of a ControlNetModel that its UNet-like encoder does not have.
 _OWN = ("conditioning_channels", "conditioning_embedding_out_channels",
@@ -167,12 +167,7 @@ class ControlNetModel(UNetEncoder, nn.Module):
         cfg, ucfg = self.config, self.config.unet
         size = size or 2 ** (ucfg.n_blocks - 1)
         f = 2 ** (len(cfg.conditioning_embedding_out_channels) - 1)
-        added = None
-        if ucfg.addition_embed_type is not None:
-            a, width = ucfg.addition_time_embed_dim, ucfg.projection_class_embeddings_input_dim
-            k = 6 if width > 6 * a else 1
-            added = {"text_embeds": jnp.zeros((batch, width - k * a), self.dtype),
-                     "time_ids": jnp.zeros((batch, k), jnp.float32)}
+        added = dummy_added(ucfg, batch, self.dtype)
         return (jnp.zeros((batch, size, size, ucfg.in_channels), self.dtype), jnp.zeros((batch,), jnp.float32),
                 jnp.zeros((batch, seq, ucfg.cross_dims[0]), self.dtype),
                 jnp.zeros((batch, size * f, size * f, cfg.conditioning_channels), self.dtype), 1.0, False, added)
@@ -242,13 +237,7 @@ def convert_single_file(sd, base: UNetConfig, where: str = "checkpoint") -> tupl
         config.update(addition_embed_type="text_time", addition_time_embed_dim=base.addition_time_embed_dim,
                       projection_class_embeddings_input_dim=int(u["label_emb.0.0.weight"].shape[1]))
     table = single_file_table(n_levels, layers, down_attn, hint)
-    out, bad = {}, []
-    for k, v in u.items():
-        hit = _rename(k, table, _SUBMAPS)
-        if hit is None:
-            bad.append(SINGLE_FILE_PREFIX + k)
-        else:
-            out[hit[0]] = v
+    out, bad = rename_all(u, table, SINGLE_FILE_PREFIX)
     if bad:
         raise CheckpointError(f"{where}: {len(bad)} ControlNet keys not understood ({', '.join(sorted(bad)[:3])})")
     return config, out

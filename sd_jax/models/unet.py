@@ -630,15 +630,9 @@ class UNet2DConditionModel(UNetEncoder, nn.Module):
         ``projection_class_embeddings_input_dim``, or 1 id where that does not fit)."""
         cfg = self.config
         size = size or 2 ** (cfg.n_blocks - 1)
-        added = None
-        if cfg.addition_embed_type is not None:
-            a, width = cfg.addition_time_embed_dim, cfg.projection_class_embeddings_input_dim
-            k = 6 if width > 6 * a else 1
-            added = {"text_embeds": jnp.zeros((batch, width - k * a), self.dtype),
-                     "time_ids": jnp.zeros((batch, k), jnp.float32)}
         return (jnp.zeros((batch, size, size, cfg.in_channels), self.dtype),
                 jnp.zeros((batch,), jnp.float32),
-                jnp.zeros((batch, seq, cfg.cross_dims[0]), self.dtype), added)
+                jnp.zeros((batch, seq, cfg.cross_dims[0]), self.dtype), dummy_added(cfg, batch, self.dtype))
 
     def param_shapes(self):
         """The parameter tree as ``jax.ShapeDtypeStruct`` (no memory, no compute)."""
@@ -670,3 +664,14 @@ def save(folder: str, config: UNetConfig, params, dtype=None) -> None:
 
 
 __all__ = ["UNetConfig", "UNet2DConditionModel", "load", "save", "get_timestep_embedding"]
+
+
+def dummy_added(cfg: UNetConfig, batch: int, dtype):
+    """Zero ``added_cond_kwargs`` for ``cfg`` (for ``init``/``eval_shape``), or None when it
+    takes no added conditioning: 6 time ids and the pooled width that makes
+    ``projection_class_embeddings_input_dim``, or 1 id where that does not fit."""
+    if cfg.addition_embed_type is None:
+        return None
+    a, width = cfg.addition_time_embed_dim, cfg.projection_class_embeddings_input_dim
+    k = 6 if width > 6 * a else 1
+    return {"text_embeds": jnp.zeros((batch, width - k * a), dtype), "time_ids": jnp.zeros((batch, k), jnp.float32)}

@@ -103,16 +103,7 @@ def _int(body: dict, key: str, default):
 
 def unsupported_fields(body: dict, img2img: bool) -> list[str]:
     """The fields of ``body`` this server does not act on, each as ``"name=value: why"``."""
-    out = []
-    used = USED | (IMG2IMG_USED if img2img else set())
-    for key, value in body.items():
-        if key in used or key in IGNORED:
-            continue
-        if key in DEFAULTS:
-            if value not in DEFAULTS[key]:
-                out.append(f"{key}={json.dumps(value)[:60]}: not supported by sd-jax, ignored")
-        else:
-            out.append(f"{key}: unknown field, ignored")
+    out = extras.ignored_fields(body, USED | (IMG2IMG_USED if img2img else set()) | IGNORED, DEFAULTS)
     if img2img and body.get("mask"):
         if body.get("mask_blur") not in (None, 0):
             out.append(f"mask_blur={body.get('mask_blur')}: masks are not blurred, ignored")

@@ -159,14 +159,7 @@ def control_units(scripts, pipe, decode, unsupported: list) -> list[dict]:
             raise RequestError(f"{where} must be a JSON object")
         if unit.get("enabled", True) is False:
             continue
-        for key, value in unit.items():
-            if key in CONTROLNET_USED or key in CONTROLNET_IGNORED:
-                continue
-            if key in CONTROLNET_DEFAULTS:
-                if value not in CONTROLNET_DEFAULTS[key]:
-                    unsupported.append(f"{where}.{key}={json.dumps(value)[:60]}: not supported by sd-jax, ignored")
-            else:
-                unsupported.append(f"{where}.{key}: unknown field, ignored")
+        unsupported += ignored_fields(unit, CONTROLNET_USED | CONTROLNET_IGNORED, CONTROLNET_DEFAULTS, where + ".")
         model = str(unit.get("model") or "").split(" [")[0].strip()
         if model not in loaded:
             have = ", ".join(loaded) if loaded else "none (start the server with --controlnet-dir)"
@@ -197,6 +190,21 @@ def control_args(units: list) -> dict:
     return {"control_image": [u["image"] for u in units], "controlnet": [u["controlnet"] for u in units],
             "controlnet_conditioning_scale": [u["scale"] for u in units],
             "control_guidance_start": [u["start"] for u in units], "control_guidance_end": [u["end"] for u in units]}
+
+
+def ignored_fields(body: dict, used, defaults: dict, prefix: str = "") -> list[str]:
+    """The fields of an A1111 request object this server does not act on, each as
+    ``"name=value: why"``: a field outside ``used`` is fine only at one of its ``defaults``."""
+    out = []
+    for key, value in body.items():
+        if key in used:
+            continue
+        if key in defaults:
+            if value not in defaults[key]:
+                out.append(f"{prefix}{key}={json.dumps(value)[:60]}: not supported by sd-jax, ignored")
+        else:
+            out.append(f"{prefix}{key}: unknown field, ignored")
+    return out
 
 
 def control_meta(units: list) -> list:

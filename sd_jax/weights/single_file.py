@@ -172,6 +172,19 @@ def _vae_table(n_levels: int, layers: int, mid_attn: bool = True) -> dict:
     return t
 
 
+def rename_all(sd: dict, table: dict, prefix: str) -> tuple[dict, list[str]]:
+    """``sd``'s keys renamed by ``table`` (original -> diffusers layout): (renamed, the keys not
+    understood, with ``prefix`` for messages)."""
+    out, bad = {}, []
+    for k, v in sd.items():
+        hit = _rename(k, table, _SUBMAPS)
+        if hit is None:
+            bad.append(prefix + k)
+        else:
+            out[hit[0]] = v
+    return out, bad
+
+
 def _rename(key: str, table: dict, submaps: dict) -> tuple[str, str] | None:
     """(new key, kind) for ``key`` by its longest matching prefix in ``table``, or None."""
     parts = key.split(".")
@@ -323,13 +336,7 @@ def _convert_unet(u: dict, family: str, where: str) -> tuple[dict, dict]:
     elif family in _XL:
         raise CheckpointError(f"{where}: SDXL UNet without label_emb.* (text-time embedding); {where} {_NOT_SD}")
     table = _unet_table(n_levels, layers, down_attn, up_attn)
-    out, bad = {}, []
-    for k, v in u.items():
-        hit = _rename(k, table, _SUBMAPS)
-        if hit is None:
-            bad.append(UNET + k)
-        else:
-            out[hit[0]] = v
+    out, bad = rename_all(u, table, UNET)
     if bad:
         raise CheckpointError(f"{where}: {len(bad)} UNet keys not understood ({_few(bad)}); {where} {_NOT_SD}")
     return config, out
