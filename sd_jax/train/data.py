@@ -38,6 +38,7 @@ __all__ = [
     "batches",
     "to_pixels",
     "swap_left_right",
+    "crop_box",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -59,14 +60,19 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
             im.paste(rgba, mask=rgba.getchannel("A"))
         else:
             im = im.convert("RGB")
-    w, h = im.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
+    nw, nh, left, top = crop_box(*im.size, size)
+    if (nw, nh) != im.size:
         im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
     im = im.crop((left, top, left + size, top + size))
     return to_pixels(np.asarray(im))
+
+
+def crop_box(w: int, h: int, size: int) -> tuple[int, int, int, int]:
+    """How :func:`load_image` crops a ``w`` x ``h`` image: ``(resized w, resized h, left, top)``
+    (shorter side resized to ``size``, then a centred ``size`` x ``size`` crop)."""
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    return nw, nh, (nw - size) // 2, (nh - size) // 2
 
 
 def image_problem(path: str | os.PathLike) -> str | None:
@@ -109,6 +115,10 @@ class SyntheticShapes:
     def get(self, index: int) -> tuple[np.ndarray, str]:
         image, caption, _ = shapes.sample(self.seed, index, self.size, self.split, self.max_shapes)
         return to_pixels(image), caption
+
+    def geometry(self, index: int) -> tuple[int, int, int, int, int]:
+        """``(original h, original w, crop top, crop left, resized w)``: generated at ``size``, uncropped."""
+        return self.size, self.size, 0, 0, self.size
 
     def __repr__(self) -> str:
         return f"SyntheticShapes(seed={self.seed}, size={self.size}, split={self.split!r}, max_shapes={self.max_shapes})"
@@ -215,6 +225,15 @@ class ImageCaptionFolder:
             self._cache.move_to_end(index)
         return pixels, caption
 
+    def geometry(self, index: int) -> tuple[int, int, int, int, int]:
+        """``(original h, original w, crop top, crop left, resized w)`` of image ``index`` as
+        :func:`load_image` crops it (from the file's header; SDXL's micro-conditioning)."""
+        path = self.items[index][0]
+        with Image.open(path) as im:
+            w, h = im.size
+        nw, _, left, top = crop_box(w, h, self.size)
+        return h, w, top, left, nw
+
     def summary(self) -> str:
         """One line for the training log: how many images, and how many were skipped."""
         line = f"data: {len(self.items)} images from {self.path}"
@@ -257,6 +276,7 @@ def batches(
     start_step: int = 0,
     random_flip: bool = False,
     tokenizer: Callable[[list[str]], np.ndarray] | None = None,
+    time_ids: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Endless iterator of ``{"pixels": float32 [B,H,W,3] in [-1,1], "captions": [str]*B}``.
 
@@ -273,6 +293,12 @@ def batches(
     given, is called on the captions and its result stored as
     ``batch["input_ids"]`` (e.g. ``lambda c: tok(c, padding="max_length",
     max_length=77, truncation=True, return_tensors="np").input_ids``).
+
+    ``time_ids``: also ``batch["time_ids"]``, float32 [B, 6], SDXL's micro-conditioning of
+    each image as diffusers' ``train_text_to_image_sdxl.py`` builds it: original size (h, w),
+    crop top-left (y, x), target size (``size``, ``size``), from the source's ``geometry``.
+    A flipped image's crop left is the crop's left in the mirrored resized image
+    (``resized w - left - size``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -285,7 +311,8 @@ def batches(
     step = start_step
     while True:
         pixels, captions = [], []
-        for i in _indices(num, batch_size, seed, step, perms):
+        indices = _indices(num, batch_size, seed, step, perms)
+        for i in indices:
             x, c = source.get(i)
             pixels.append(x)
             captions.append(c)
@@ -297,5 +324,13 @@ def batches(
         batch: dict[str, Any] = {"pixels": out, "captions": captions}
         if tokenizer is not None:
             batch["input_ids"] = np.asarray(tokenizer(captions))
+        if time_ids:
+            rows = []
+            for j, i in enumerate(indices):
+                oh, ow, top, left, nw = source.geometry(i)
+                if random_flip and flip[j]:
+                    left = nw - left - source.size
+                rows.append((oh, ow, top, left, source.size, source.size))
+            batch["time_ids"] = np.asarray(rows, np.float32)
         yield batch
         step += 1

@@ -20,6 +20,7 @@ from sd_jax.train import data as data_lib
 from sd_jax.train.config import TrainConfig
 from sd_jax.train.export import export_diffusers
 from sd_jax.train.losses import DiffusionLoss, NoiseSchedule
+from sd_jax.train.sdxl import build_sdxl_task
 from sd_jax.train.step import compile_cheap
 from sd_jax.train.task import Task
 from sd_jax.weights import loader
@@ -68,6 +69,9 @@ def build_diffusion_task(config: TrainConfig) -> Task:
     tokenizer = None
     if config.model is not None:
         model = loader.load(config.model, dtype=jnp.float32)
+        if model.family.name.startswith("sdxl"):    # two text encoders, text-time conditioning
+            vae = vae_lib.load(resolve_vae(config.vae), dtype=jnp.float32) if config.vae is not None else None
+            return build_sdxl_task(config, model, vae)
         family, tokenizer, sched = model.family, model.tokenizer, model.scheduler
         p = jax.device_get(model.params)
         te_cfg, unet_cfg, vae_cfg = (model.configs[k] for k in ("text_encoder", "unet", "vae"))

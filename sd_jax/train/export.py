@@ -31,16 +31,23 @@ def scheduler_config(schedule: NoiseSchedule, prediction_type: str) -> dict:
 
 
 def export_diffusers(folder: str, *, models: families.Models, params: dict, tokenizer, schedule: NoiseSchedule,
-                     prediction_type: str, family: families.Family = families.TINY) -> None:
+                     prediction_type: str, family: families.Family = families.TINY,
+                     scheduler: dict | None = None, tokenizers: dict | None = None,
+                     options: dict | None = None) -> None:
     """Write the trained model as a diffusers folder (replacing ``folder``), float32 weights.
 
     ``params``: ``{"text_encoder": ..., "unet": ..., "vae": ...}``; ``models``: the modules
-    (only their configs are used); ``tokenizer``: a transformers tokenizer.
+    (only their configs are used); ``tokenizer``: a transformers tokenizer.  ``scheduler``:
+    the ``scheduler_config.json`` to write (its ``prediction_type`` set to ``prediction_type``;
+    default: :func:`scheduler_config`); ``tokenizers``: ``{folder: tokenizer}`` in place of
+    ``tokenizer`` (SDXL's two); ``options``: the pipeline options of ``model_index.json``.
     """
     if os.path.isdir(folder):
         shutil.rmtree(folder)
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-    sched = scheduler_config(schedule, prediction_type)
-    model = loader.LoadedModel(family, models, params, {family.tokenizers[0].name: tokenizer}, sched,
-                               default_scheduler_name(sched["_class_name"], sched), source=None)
+    sched = (scheduler_config(schedule, prediction_type) if scheduler is None
+             else {**scheduler, "prediction_type": prediction_type})
+    model = loader.LoadedModel(family, models, params, tokenizers or {family.tokenizers[0].name: tokenizer}, sched,
+                               default_scheduler_name(sched["_class_name"], sched), source=None,
+                               options=dict(options or {}))
     loader.save(model, folder, "diffusers")

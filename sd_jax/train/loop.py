@@ -215,7 +215,8 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
     try:
         if start < stop:
             data = _Prefetch(data_lib.batches(task.source, config.batch_size, config.seed, start_step=start,
-                                              random_flip=config.random_flip, tokenizer=task.tokenize))
+                                              random_flip=config.random_flip, tokenizer=task.tokenize,
+                                              time_ids="time_ids" in task.batch_keys))
             if jax.process_index() == 0:
                 log_file = open(os.path.join(config.out, "loss.jsonl"), "a", encoding="utf-8")
             if config.progress and jax.process_index() == 0:

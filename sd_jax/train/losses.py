@@ -105,7 +105,8 @@ def drop_captions(input_ids, empty_ids, p: float, key):
     if not p:
         return input_ids
     drop = jax.random.uniform(key, (input_ids.shape[0],)) < p
-    return jnp.where(drop[:, None], jnp.asarray(empty_ids, input_ids.dtype)[None], input_ids)
+    drop = drop.reshape((-1,) + (1,) * (input_ids.ndim - 1))   # ids [B, L] or [B, tokenizers, L] (SDXL)
+    return jnp.where(drop, jnp.asarray(empty_ids, input_ids.dtype)[None], input_ids)
 
 
 def encode_latents(vae, vae_params, pixels, key):
@@ -203,19 +204,29 @@ class DiffusionLoss:
         else:
             x0 = encode_latents(self.vae, params["vae"], batch["pixels"], k_lat)
         b = x0.shape[0]
-        ac = self.schedule.alphas_cumprod()
         t = jax.random.randint(k_t, (b,), 0, self.schedule.num_train_timesteps)
         noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-        xt = add_noise(x0, noise, t, ac)
-        ids = drop_captions(batch["input_ids"], self.empty_ids, self.caption_dropout, k_drop)
-        context = self.text_encoder.apply({"params": params["text_encoder"]}, ids)["prompt_embeds"]
+        return self.loss_at(params, batch, x0, t, noise, k_drop)
 
-        def unet(p, x, tt, c):
-            return self.unet.apply({"params": p}, x, tt, c)
+    def condition(self, params, batch, key):
+        """``(context [B, L, D], added_cond_kwargs or None)`` for the batch's captions, each
+        replaced by the empty prompt with probability ``caption_dropout`` (drawn from ``key``)."""
+        ids = drop_captions(batch["input_ids"], self.empty_ids, self.caption_dropout, key)
+        return self.text_encoder.apply({"params": params["text_encoder"]}, ids)["prompt_embeds"], None
+
+    def loss_at(self, params, batch, x0, t, noise, drop_key):
+        """The loss at given latents ``x0`` [B, h, w, C], timesteps ``t`` int [B] and ``noise``
+        (what :meth:`__call__` draws), captions dropped with ``drop_key``."""
+        ac = self.schedule.alphas_cumprod()
+        xt = add_noise(x0, noise, t, ac)
+        context, added = self.condition(params, batch, drop_key)
+
+        def unet(p, x, tt, c, a):
+            return self.unet.apply({"params": p}, x, tt, c, added_cond_kwargs=a)
 
         if self.remat:
             unet = remat_blocks(unet)
-        pred = unet(params["unet"], xt.astype(self.unet.dtype), t, context.astype(self.unet.dtype))
+        pred = unet(params["unet"], xt.astype(self.unet.dtype), t, context.astype(self.unet.dtype), added)
         target = prediction_target(x0, noise, t, ac, self.prediction_type)
         per_example = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))
         mse = jnp.mean(per_example)
