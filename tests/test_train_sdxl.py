@@ -22,6 +22,7 @@ from test_train import leaves
 from tiny_models import nchw
 
 from sd_jax import sharding
+from sd_jax.train import cli as train_cli
 from sd_jax.train import data as data_lib
 from sd_jax.train.diffusion import build_diffusion_task
 from sd_jax.train.loop import TrainConfig, read_log, train
@@ -181,6 +182,11 @@ def test_time_ids_from_the_data_loader(data_dir):
 def runs(tiny, data_dir, tmp_path_factory):
     folder, _ = tiny
     root = tmp_path_factory.mktemp("sdxl_runs")
+    # run A's settings as the command line makes them (the size from the model: 16 latents x 2)
+    argv = ["--model", folder, "--data", data_dir, "--out", str(root / "a"), "--steps", "4", "--batch-size", "2",
+            "--lr", "1e-3", "--warmup", "1", "--save-every", "2", "--keep", "3", "--train", ",".join(TRAIN),
+            "--caption-dropout", "0.3", "--snr-gamma", "5", "--flip", "--no-progress"]
+    assert train_cli.config_from_args("finetune", argv) == config(root / "a", folder, data=data_dir)
     full = train(config(root / "a", folder, data=data_dir), mesh=one_device())
     killed = train(config(root / "b", folder, data=data_dir, stop_after=3), mesh=one_device())
     # killed after logging step 3 but before its checkpoint: resumes from 2
@@ -222,10 +228,10 @@ def test_export_loads_in_diffusers_with_the_same_image(runs):
     np.testing.assert_array_equal(np.asarray(ours.params["unet"]["conv_out"]["kernel"]),
                                   leaves(full.params)["unet/conv_out/kernel"])
     lat = np.random.RandomState(4).randn(2, SIZE // 2, SIZE // 2, 4).astype(np.float32)
-    got = ours(CAPTIONS, latents=lat, num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE,
+    got = ours(CAPTIONS, latents=lat, num_inference_steps=2, guidance_scale=1.0, height=SIZE, width=SIZE,
                output_type="np")
     with torch.no_grad():
-        want = ref(prompt=CAPTIONS, latents=nchw(lat), num_inference_steps=3, guidance_scale=5.0, height=SIZE,
+        want = ref(prompt=CAPTIONS, latents=nchw(lat), num_inference_steps=2, guidance_scale=1.0, height=SIZE,
                    width=SIZE, output_type="np").images
     diff = float(np.abs(np.asarray(got) - want).max())
     print(f"max |diff| {diff:.2e}")
