@@ -325,8 +325,8 @@ class BatchWorker:
         does for a tagged prompt), unless they are merged already."""
         pipe = self.pipe
         base, current, params = self._loras.get(id(pipe), (None, (), None))
-        if base is None or pipe.params is not params:  # a new model, or its parameters changed meanwhile
-            base, current = [(lora.path, w) for lora, _, w in pipe.loras.loras.values()], None
+        if base is None or pipe.params is not params:  # a new model, or its parameters changed meanwhile:
+            base, current = [(lora.path, w) for lora, _, w in pipe.loras.loras.values()], ()  # it holds its own
         if tags != current:
             pipe.use_loras(base + lora_prompts.resolve_tags(list(tags), self.lora_dir, "--lora-dir "))
         self._loras = {id(pipe): (base, tags, pipe.params)}
