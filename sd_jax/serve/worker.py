@@ -326,9 +326,11 @@ class BatchWorker:
         pipe = self.pipe
         base, current, params = self._loras.get(id(pipe), (None, (), None))
         if base is None or pipe.params is not params:  # a new model, or its parameters changed meanwhile:
-            base, current = [(lora.path, w) for lora, _, w in pipe.loras.loras.values()], ()  # it holds its own
+            if not tags:  # it holds its own LoRAs (if any): nothing to merge
+                return
+            base, current = [(lora.path, w) for lora, _, w in pipe.loras.loras.values()], ()
         if tags != current:
-            pipe.use_loras(base + lora_prompts.resolve_tags(list(tags), self.lora_dir, "--lora-dir "))
+            pipe.use_loras(base + lora_prompts.resolve_tags(list(tags), self.lora_dir, "--lora-dir"))
         self._loras = {id(pipe): (base, tags, pipe.params)}
 
     def _run_group(self, live: list) -> None:
