@@ -5,7 +5,7 @@ until it ends.  With a :class:`StepMonitor` on the pipeline (``pipe.preview``), 
 :meth:`StepMonitor.plan_hook`, which adds two host callbacks to the scan body
 (``post_step``, after inpainting's blend):
 
-1. ``tick(i)`` (every step; a scalar each way): records that step ``i + 1`` of the call is done
+1. ``tick(i)`` (every step; one scalar to the host and a boolean back): records that step ``i + 1`` of the call is done
    and answers whether a client asked for a preview in the last :attr:`StepMonitor.window_s`;
 2. only when it answered yes (a ``lax.cond`` on the device): the first image's latents go
    through A1111's fixed linear latent -> RGB map (``cheap_approximation``: 4 x 3 coefficients,
@@ -69,16 +69,17 @@ class PlanHook:
         monitor, coeffs = self.monitor, self.coeffs
         tick = functools.partial(monitor._tick, start=plan.start, end=n)
 
-        def copy(x):
-            # the latents at the noise level of the next step, in the model's input scale (the
-            # sigma samplers' x / sqrt(sigma^2 + 1)); after the last step, the final latents
-            jax.debug.callback(monitor._store, cheap_rgb(x[0], coeffs))
+        def copy(x, i):
+            # the first image's latents at the noise level of the next step, in the model's input
+            # scale (the sigma samplers' x / sqrt(sigma^2 + 1)); after the last step, the final ones
+            first = x[:1]
+            shown = jnp.where(i + 1 < n, sampler.scale_model_input(first, jnp.minimum(i + 1, n - 1)), first)
+            jax.debug.callback(monitor._store, cheap_rgb(shown[0], coeffs))
 
         def post(x, i):
             x = blend(x, i) if blend is not None else x
             want = io_callback(tick, jax.ShapeDtypeStruct((), jnp.bool_), i)
-            shown = jnp.where(i + 1 < n, sampler.scale_model_input(x, jnp.minimum(i + 1, n - 1)), x)
-            jax.lax.cond(want, copy, lambda _: None, shown)
+            jax.lax.cond(want, copy, lambda x, i: None, x, i)  # all of it on the device only when asked
             return x
         return post
 
@@ -101,13 +102,15 @@ class StepMonitor:
         self.started = 0.0       # when the running call's first step ended (eta)
         self._wanted_until = 0.0
         self._new = threading.Condition(self._lock)
+        self._hooks: dict = {}
 
     def plan_hook(self, family: str, channels: int) -> PlanHook:
+        """The hook for a model family's plans: one per family, so plans stay equal (compiled
+        once) from call to call."""
         key = (family, channels)
-        hooks = self.__dict__.setdefault("_hooks", {})
-        if key not in hooks:  # one per family: plans stay equal (compiled once) across calls
-            hooks[key] = PlanHook(self, coefficients(family, channels))
-        return hooks[key]
+        if key not in self._hooks:
+            self._hooks[key] = PlanHook(self, coefficients(family, channels))
+        return self._hooks[key]
 
     # ------------------------------------------------------------------ callbacks (device -> host)
     def _tick(self, i, *, start: int, end: int) -> np.ndarray:
