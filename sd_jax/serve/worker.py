@@ -114,7 +114,7 @@ class BatchWorker:
             raise ValueError("max_batch and queue_size must be at least 1, max_wait_ms at least 0")
         self.pipe = pipe
         self.lora_dir = lora_dir  # where the prompts' <lora:name:w> tags are looked up
-        self._loras: dict = {}      # id(pipe) -> (its own LoRAs (base), the tags merged now)
+        self._loras: dict = {}      # id(pipe) -> (its own LoRAs, the tags merged now, the params they gave)
         # per-step progress and previews (sd_jax.serve.preview): host callbacks in every plan
         self.monitor = StepMonitor() if live_preview else None
         if self.monitor is not None:
