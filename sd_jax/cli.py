@@ -178,13 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-token", default=None, help="a bearer token clients must send")
     s.add_argument("--models-dir", default=None, help="folder of models /sdapi/v1/options can switch among")
     s.add_argument("--no-memory-check", action="store_true", help="skip the check that a size fits in memory")
-    s.add_argument("--lora-dir", default=None, help="folder of LoRAs that /sdapi/v1/loras lists")
+    s.add_argument("--lora-dir", default=None, help="folder of LoRAs that prompts' <lora:name:weight> tags apply "
+                                                    "(requests with the same LoRAs batch together); /sdapi/v1/loras")
     s.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings to load "
                                                           "(used in prompts by name; /sdapi/v1/embeddings)")
     s.add_argument("--allow-pickle", action="store_true", help="also read .pt/.bin embeddings "
                                                                "(torch.load(weights_only=True))")
     s.add_argument("--controlnet-dir", default=None, help="folder of ControlNets (diffusers folders, .safetensors) "
                                                           "to load; requests name them (A1111 alwayson_scripts)")
+    s.add_argument("--live-preview", action="store_true", help="per-step progress and a cheap preview image in "
+                                                               "/sdapi/v1/progress (a host callback per step)")
 
     pc = sub.add_parser("precompile", help="compile generation programs into the persistent compilation cache, "
                                            "so later generate/batch processes start without compiling")

@@ -116,6 +116,7 @@ class Plan:
     safety: Any = None
     add_noise: bool = True
     image_latents: bool = False
+    preview: Any = None          # per-step host callbacks (sd_jax.serve.preview.PlanHook), or None
 
 
 def encode_prompt(models: Models, encoding: families.PromptEncoding, params, ids, clip_skip, time_ids=None,
@@ -278,6 +279,8 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
                            if plan.guidance else make(c))
     model_fn = (guided(cond, uncond) if k == 1 else
                 editing.per_step(guided, cond, uncond, batch["prompt_steps"], batch.get("neg_prompt_steps")))
+    if plan.preview is not None:  # the server's step progress / live preview (reads x only)
+        blend = plan.preview.post_step(blend, sampler, plan)
     x, _ = sample(model_fn, sampler, x, start=plan.start, end=plan.end, noise_fn=noise_at,
                   post_step=blend, loop="python" if plan.loop == "debug" else plan.loop)
     if plan.output == "latent":
@@ -380,6 +383,7 @@ class StableDiffusionPipeline:
         if self.safety_params is not None:
             self.safety_params = sharding.replicate(self.safety_params, self.mesh)
         self.safety_policy = safety_policy
+        self.preview = None  # a StepMonitor (sd_jax.serve.preview): step progress through host callbacks
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -571,6 +575,8 @@ class StableDiffusionPipeline:
             except ValueError as e:
                 raise RequestError(str(e)) from None
             plan = dataclasses.replace(plan, safety=checker)
+        if self.preview is not None:
+            plan = dataclasses.replace(plan, preview=self.preview.plan_hook(self.family.name, self.latent_channels))
         return r, plan
 
     def _groups(self, tokenizer: str) -> dict:

@@ -1,5 +1,5 @@
 """``sd-jax serve`` and the features that landed after it: ``/sdapi/v1/loras``,
-``/sdapi/v1/embeddings``, ``<lora:...>`` tags reported as not applied, and the safety
+``/sdapi/v1/embeddings`` (tags applied: tests/test_serve_lora.py), and the safety
 checker's flags in responses.
 
 In-process (FastAPI's TestClient); the listings need no generation (the shipped model is
@@ -83,22 +83,6 @@ def test_embeddings_listed_as_a1111(shipped, tmp_path):
                             "skipped": {"unused": {**none, "shape": width, "vectors": 1}}}
     finally:
         pipe.models, pipe.params, pipe.tokenizers, pipe.tokenizer, pipe.embeddings = saved
-
-
-def test_lora_tags_reported_not_applied(shipped):
-    """The server does not merge LoRAs per request: a prompt's tags are listed in
-    ``unsupported`` (checked here on the parsed request: nothing is generated)."""
-    from sd_jax.serve import a1111
-    from sd_jax.serve.app import Limits
-    body = {"prompt": "a cat <lora:ink:0.8> <lora:detail>", "negative_prompt": "blurry <lora:neg:-1>",
-            "steps": 2, "width": 64, "height": 64, "seed": 3}
-    requests, _, unsupported = a1111.parse(body, shipped, Limits(), img2img=False, model="m")
-    assert [u.split(":", 3)[:3] for u in unsupported] == [["<lora", "ink", "0.8>"], ["<lora", "detail", "1>"],
-                                                          ["<lora", "neg", "-1>"]]
-    assert all("not applied" in u for u in unsupported)
-    plain = a1111.parse({**body, "prompt": "a cat", "negative_prompt": ""}, shipped, Limits(), img2img=False,
-                        model="m")[2]
-    assert plain == [] and requests[0].prompt == body["prompt"]
 
 
 def test_serve_folder_flags_checked_before_loading(tmp_path, capsys):

@@ -16,7 +16,8 @@ import json
 import secrets
 import time
 
-from sd_jax.images import A1111_SAMPLERS, a1111_controlnets, a1111_parameters
+from sd_jax.images import A1111_SAMPLERS, a1111_controlnets, a1111_loras, a1111_parameters
+from sd_jax.prompts import extract_loras
 from sd_jax.request import MAX_SEED, RequestError
 from sd_jax.serve import extras
 
@@ -112,11 +113,12 @@ def unsupported_fields(body: dict, img2img: bool) -> list[str]:
     return out
 
 
-def parse(body: dict, pipe, limits, *, img2img: bool, model: str):
+def parse(body: dict, pipe, limits, *, img2img: bool, model: str, lora_dir: str | None = None):
     """An A1111 txt2img / img2img body -> (requests, settings for the info string, unsupported).
 
     ``limits`` (:class:`sd_jax.serve.app.Limits`) are checked before any image is decoded or
-    any request is built."""
+    any request is built; the prompt's ``<lora:name:w>`` tags must name LoRAs of ``lora_dir``
+    (``override_settings.sd_lora`` adds one, as A1111's "Add network to prompt")."""
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
     unsupported = unsupported_fields(body, img2img)
@@ -134,6 +136,10 @@ def parse(body: dict, pipe, limits, *, img2img: bool, model: str):
     if not isinstance(overrides, dict):
         raise RequestError("override_settings must be a JSON object")
     clip_skip = None
+    add_lora = overrides.get("sd_lora")
+    multiplier = overrides.get("extra_networks_default_multiplier", 1.0)
+    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)):
+        raise RequestError(f"override_settings.extra_networks_default_multiplier must be a number, got {multiplier!r}")
     for key, value in overrides.items():
         if key == "sd_model_checkpoint":
             if value and str(value).split(" [")[0].removesuffix(".safetensors") != model:
@@ -144,6 +150,8 @@ def parse(body: dict, pipe, limits, *, img2img: bool, model: str):
             if n < 1:
                 raise RequestError(f"CLIP_stop_at_last_layers must be at least 1, got {n}")
             clip_skip = n - 1 or None  # A1111 counts the last layer used; sd-jax the layers skipped
+        elif key in ("sd_lora", "extra_networks_default_multiplier"):
+            pass
         else:
             unsupported.append(f"override_settings.{key}: not supported by sd-jax, ignored")
     image = mask = None
@@ -166,7 +174,13 @@ def parse(body: dict, pipe, limits, *, img2img: bool, model: str):
     negative = body.get("negative_prompt", "") or ""
     if not isinstance(prompt, str) or not isinstance(negative, str):
         raise RequestError("prompt and negative_prompt must be text")
-    unsupported += extras.lora_tags(prompt, negative)
+    if add_lora not in (None, "", "None"):
+        if not isinstance(add_lora, str):
+            raise RequestError(f"override_settings.sd_lora must be a LoRA name, got {add_lora!r}")
+        if add_lora not in dict(extract_loras(prompt)[1]):  # A1111: unless the prompt names it already
+            prompt += f"<lora:{add_lora}:{multiplier:g}>"
+    unsupported += extras.negative_lora_tags(negative)
+    loras = extras.prompt_loras(prompt, lora_dir)
     units = extras.control_units(body.get("alwayson_scripts"), pipe,
                                  lambda text, what: decode_image(text, what, limits.max_pixels), unsupported)
     guidance = body.get("cfg_scale", 7.0)
@@ -179,7 +193,7 @@ def parse(body: dict, pipe, limits, *, img2img: bool, model: str):
     settings = {"prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps, "guidance": guidance,
                 "scheduler": r.scheduler, "width": r.width, "height": r.height, "clip_skip": clip_skip,
                 "batch_size": batch, "n_iter": n_iter, "model": model, "strength": strength if img2img else None,
-                "mode": r.mode, "controlnets": extras.control_meta(units)}
+                "mode": r.mode, "controlnets": extras.control_meta(units), **loras}
     return requests, settings, unsupported
 
 
@@ -192,6 +206,8 @@ def image_meta(settings: dict, seed: int) -> dict:
         meta["strength"] = settings["strength"]
     if settings.get("controlnets"):
         meta["controlnets"] = settings["controlnets"]
+    if settings.get("loras"):  # as sd-jax generate writes them: A1111's "Lora hashes"
+        meta.update(loras=settings["loras"], lora_hashes=settings["lora_hashes"])
     return meta
 
 
@@ -211,7 +227,8 @@ def info(settings: dict, seeds: list, nsfw: list | None = None) -> str:
         "cfg_scale": settings["guidance"], "steps": settings["steps"], "batch_size": settings["batch_size"],
         "n_iter": settings["n_iter"], "restore_faces": False, "sd_model_name": settings["model"], "sd_model_hash": None,
         "denoising_strength": settings.get("strength"), "clip_skip": (settings["clip_skip"] or 0) + 1,
-        "extra_generation_params": dict(a1111_controlnets(settings.get("controlnets"))), "index_of_first_image": 0, "styles": [],
+        "extra_generation_params": dict(a1111_controlnets(settings.get("controlnets")) + a1111_loras(settings)),
+        "index_of_first_image": 0, "styles": [],
         "infotexts": [a1111_parameters(image_meta(settings, s)) for s in seeds],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "sd-jax", **checked,
     })

@@ -78,6 +78,8 @@ class Server:
 
     def __post_init__(self):
         self.model = self.model or model_name(self.worker.pipe.source)
+        if self.worker.lora_dir is None:  # the prompts' <lora:...> tags are merged from the listed folder
+            self.worker.lora_dir = self.lora_dir
 
 
 # ----------------------------------------------------------------------------- ASGI middleware
@@ -254,7 +256,8 @@ def create_app(server: Server):
     async def a1111_generate(request: Request, img2img: bool):
         body = await body_of(request)
         requests, settings, unsupported = await run_in_threadpool(
-            a1111.parse, body, worker.pipe, server.limits, img2img=img2img, model=server.model)
+            a1111.parse, body, worker.pipe, server.limits, img2img=img2img, model=server.model,
+            lora_dir=server.lora_dir)
         job = await run_job(request, requests)
         results = job.results
         seeds = [r.seed for r, x in zip(requests, results) if x is not None]
@@ -312,13 +315,11 @@ def create_app(server: Server):
         return {"sd_model_checkpoint": server.model, "unsupported": unsupported}
 
     @app.get("/sdapi/v1/progress")
-    async def progress():
-        p = worker.progress()
-        frac = p["done"] / p["images"] if p["images"] else 0.0
-        return {"progress": frac, "eta_relative": 0.0,
-                "state": {"job_count": p["jobs"], "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
-                          "interrupted": False, "skipped": False, "queued_images": p["queued"]},
-                "current_image": None, "textinfo": f"{p['done']}/{p['images']} images" if p["images"] else None}
+    async def progress(skip_current_image: bool = False):
+        """A1111's progress: the share of the queued images done (the running call counted by its
+        step with ``--live-preview``), the seconds left at that rate, and with ``--live-preview``
+        the step and an "Approx cheap" preview PNG of the running call's first image."""
+        return await run_in_threadpool(progress_of, worker, not skip_current_image)
 
     @app.get("/sdapi/v1/loras")
     async def loras():
@@ -389,6 +390,7 @@ def create_app(server: Server):
         mask = a1111.decode_image(g.mask, "mask", lim) if g.mask else None
         decode = lambda text, what: a1111.decode_image(text, what, lim)  # noqa: E731
         units = [extras.native_unit(i, c.model_dump(), decode) for i, c in enumerate(g.controls)]
+        loras = extras.prompt_loras(g.prompt, server.lora_dir)  # checked before anything is queued
         pipe = worker.pipe
         requests = pipe.requests(g.prompt, g.negative_prompt, seed=g.seed, num_inference_steps=g.steps,
                                  guidance_scale=g.guidance, guidance_rescale=g.guidance_rescale, height=g.height,
@@ -406,7 +408,7 @@ def create_app(server: Server):
             m = {**m, "controlnets": extras.control_meta(units)} if units else m
             return {**m, "strength": r.strength, "mode": r.mode} if r.image is not None else m
         resolved = [pipe.resolve(r)[0] for r in requests]
-        pngs = await run_in_threadpool(lambda: [png_bytes(x, with_flag(meta(r), f))
+        pngs = await run_in_threadpool(lambda: [png_bytes(x, with_flag({**meta(r), **loras}, f))
                                                 for r, x, f in zip(resolved, results, job.flags) if x is not None])
         if g.format == "png":
             if not pngs:
@@ -414,9 +416,9 @@ def create_app(server: Server):
             return Response(pngs[0], media_type="image/png")
         return {"images": [base64.b64encode(p).decode() for p in pngs],
                 "seeds": [r.seed for r, x in zip(resolved, results) if x is not None],
-                "parameters": [meta(r) for r, x in zip(resolved, results) if x is not None],
+                "parameters": [{**meta(r), **loras} for r, x in zip(resolved, results) if x is not None],
                 "nsfw_content_detected": nsfw_flags(job),
-                "unsupported": extras.lora_tags(g.prompt, g.negative_prompt)}
+                "unsupported": extras.negative_lora_tags(g.negative_prompt)}
 
     @app.get("/health")
     async def health():
@@ -439,6 +441,38 @@ def create_app(server: Server):
 _KINDS = {400: "bad request", 401: "unauthorized", 404: "not found", 405: "method not allowed", 409: "conflict",
           413: "body too large", 422: "invalid request", 429: "too many requests", 499: "client closed request",
           500: "internal error", 503: "unavailable", 504: "timeout"}
+
+
+# ----------------------------------------------------------------------------- /progress
+def progress_of(worker: BatchWorker, with_image: bool, wait_s: float = 1.0) -> dict:
+    """``/sdapi/v1/progress`` in A1111's shape.  ``progress``: (images done + the running
+    call's share of its steps) / images of the jobs not finished; ``eta_relative``: seconds
+    left at the rate since the oldest job came (A1111's formula).  With ``with_image`` and a
+    step monitor, a preview is asked for (copied from the next steps) and the latest returned,
+    waiting up to ``wait_s`` when the running call has none yet."""
+    p = worker.progress()
+    monitor = worker.monitor
+    snap = {"step": 0, "steps": 0, "image": None, "image_step": 0}
+    if monitor is not None:
+        if with_image:
+            monitor.want()
+        snap = monitor.snapshot(wait_s if with_image and p["jobs"] else 0.0)
+    frac = snap["step"] / snap["steps"] if snap["steps"] else 0.0
+    total = p["images"]
+    running = min(total - p["done"], worker.max_batch) if total else 0
+    share = (p["done"] + frac * running) / total if total else 0.0
+    elapsed = time.perf_counter() - p["since"] if p["since"] is not None else 0.0
+    eta = elapsed / share - elapsed if share > 0 else 0.0
+    image = None
+    if with_image and snap["image"] is not None and p["jobs"]:
+        image = base64.b64encode(png_bytes(snap["image"])).decode()
+    text = f"{p['done']}/{total} images" + (f", step {snap['step']}/{snap['steps']}" if snap["steps"] else "")
+    return {"progress": min(share, 1.0), "eta_relative": eta,
+            "state": {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+                      "job_count": p["jobs"], "job_timestamp": "0", "job_no": 0,
+                      "sampling_step": snap["step"], "sampling_steps": snap["steps"],
+                      "queued_images": p["queued"], "preview_step": snap["image_step"] if image else 0},
+            "current_image": image, "textinfo": text if total else None}
 
 
 # ----------------------------------------------------------------------------- models folder

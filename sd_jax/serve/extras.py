@@ -1,7 +1,7 @@
 """What ``sd-jax serve`` lists of the extra networks it has: ``/sdapi/v1/loras`` (the LoRA files
 of ``--lora-dir``) and ``/sdapi/v1/embeddings`` (the textual-inversion embeddings loaded from
-``--embeddings-dir``), in the AUTOMATIC1111 API's shapes; and the ``<lora:name:w>`` tags of a
-prompt, which the server reports as not applied (it does not switch LoRAs per request)."""
+``--embeddings-dir``), in the AUTOMATIC1111 API's shapes; the ``<lora:name:w>`` tags of a
+request's prompt, checked against ``--lora-dir`` (the batch worker merges them); ControlNet units."""
 from __future__ import annotations
 
 import json
@@ -82,12 +82,33 @@ def list_embeddings(pipe, embeddings_dir: str | None, allow_pickle: bool = False
             "skipped": {name: entry(name) for name in sorted(files) if name not in loaded}}
 
 
-def lora_tags(*prompts: str) -> list[str]:
-    """The ``<lora:name:w>`` tags of the prompts, each as an ``unsupported`` entry: the server
-    serves the model as loaded and does not merge LoRAs per request (the tags are removed from
-    the text the model reads, as A1111 does)."""
-    return [f"<lora:{name}:{w:g}>: LoRA tags are not applied by this server, ignored"
-            for p in prompts if isinstance(p, str) for name, w in extract_loras(p)[1]]
+def negative_lora_tags(negative) -> list[str]:
+    """The ``<lora:name:w>`` tags of a negative prompt, each as an ``unsupported`` entry: as
+    A1111, they are removed from its text and not applied."""
+    if not isinstance(negative, str):
+        return []
+    return [f"<lora:{name}:{w:g}> in negative_prompt: LoRA tags apply from the prompt only, ignored"
+            for name, w in extract_loras(negative)[1]]
+
+
+def prompt_loras(prompt: str, lora_dir: str | None, syntax: str = "a1111") -> dict:
+    """The LoRAs a prompt's ``<lora:name:w>`` tags name, checked against ``lora_dir`` before
+    anything is queued (a one-line LoraError naming the folder otherwise), as the metadata of
+    ``sd-jax generate``'s PNGs: ``{"loras": {name: weight}, "lora_hashes": {name: hash}}``
+    (``{}`` without tags).  The batch worker merges them (:meth:`BatchWorker._use_loras`)."""
+    from sd_jax.lora.loading import LoraError
+    from sd_jax.lora.prompts import file_record, prompt_loras as tags_of, resolve_tags
+    tags = tags_of(prompt, syntax)
+    if tags and not lora_dir:
+        name, w = tags[0]
+        raise LoraError(f"the prompt's <lora:{name}:{w:g}>: this server has no LoRA folder "
+                        f"(start it with --lora-dir FOLDER)")
+    files = resolve_tags(tags, lora_dir, "--lora-dir")
+    names = [os.path.splitext(os.path.basename(f))[0] for f, _ in files]
+    if not files:
+        return {}
+    return {"loras": {n: w for n, (_, w) in zip(names, files)},
+            "lora_hashes": {n: file_record(f)["hash"] for n, (f, _) in zip(names, files)}}
 
 
 # ----------------------------------------------------------------------------- ControlNet

@@ -94,7 +94,8 @@ def serve(args, pipe, shapes: list, loader) -> int:
     """Serve ``pipe`` as ``args`` say until SIGTERM/SIGINT; ``loader``: path -> pipeline (for
     ``/sdapi/v1/options``)."""
     pipe.memory_check = not args.no_memory_check
-    worker = BatchWorker(pipe, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size)
+    worker = BatchWorker(pipe, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
+                         lora_dir=getattr(args, "lora_dir", None), live_preview=getattr(args, "live_preview", False))
     server = Server(worker, limits_of(args), auth=args.api_auth, token=args.api_token, models_dir=args.models_dir,
                     loader=loader, model=model_name(pipe.source), lora_dir=getattr(args, "lora_dir", None),
                     embeddings_dir=getattr(args, "embeddings_dir", None),

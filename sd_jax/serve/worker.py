@@ -24,7 +24,9 @@ import threading
 import time
 from typing import Callable, Optional
 
+from sd_jax.lora import prompts as lora_prompts
 from sd_jax.request import Dispatcher, GenerationRequest, RequestError, bucket_sizes
+from sd_jax.serve.preview import StepMonitor
 
 log = logging.getLogger("sd_jax.serve")
 
@@ -106,10 +108,17 @@ class BatchWorker:
     which :meth:`submit` raises :class:`QueueFull`.
     """
 
-    def __init__(self, pipe, *, max_batch: int = 8, max_wait_ms: float = 20.0, queue_size: int = 64):
+    def __init__(self, pipe, *, max_batch: int = 8, max_wait_ms: float = 20.0, queue_size: int = 64,
+                 lora_dir: Optional[str] = None, live_preview: bool = False):
         if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and queue_size must be at least 1, max_wait_ms at least 0")
         self.pipe = pipe
+        self.lora_dir = lora_dir  # where the prompts' <lora:name:w> tags are looked up
+        self._loras: dict = {}      # id(pipe) -> (its own LoRAs, the tags merged now, the params they gave)
+        # per-step progress and previews (sd_jax.serve.preview): host callbacks in every plan
+        self.monitor = StepMonitor() if live_preview else None
+        if self.monitor is not None:
+            pipe.preview = self.monitor
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.queue_size = queue_size
@@ -173,7 +182,8 @@ class BatchWorker:
             jobs = list(self._jobs)
         total = sum(len(j.requests) for j in jobs)
         done = sum(j.finished_images for j in jobs)
-        return {"jobs": len(jobs), "images": total, "done": done, "queued": self.queued}
+        since = min((j.created for j in jobs), default=None)  # the oldest unfinished job (eta)
+        return {"jobs": len(jobs), "images": total, "done": done, "queued": self.queued, "since": since}
 
     # ------------------------------------------------------------------ lifetime
     def start(self) -> None:
@@ -191,6 +201,8 @@ class BatchWorker:
     def switch(self, pipe) -> None:
         """Serve ``pipe`` from the next batch on (the previous batch finishes on the old one)."""
         with self.lock:
+            if self.monitor is not None:
+                pipe.preview = self.monitor
             self.pipe = pipe
 
     # ------------------------------------------------------------------ worker thread
@@ -287,8 +299,41 @@ class BatchWorker:
                     t0 = time.perf_counter()
                     self._run(live)
                     self.busy_seconds += time.perf_counter() - t0
+                if self.monitor is not None:
+                    self.monitor.reset()
 
     def _run(self, live: list) -> None:
+        """The images of ``live``, one group per LoRA set (a prompt's ``<lora:...>`` tags), each
+        group in as few calls as its plans allow; switching sets re-merges the parameters (no
+        recompilation: they are an argument of the compiled calls)."""
+        groups: dict = {}
+        for job, i in live:
+            r = job.requests[i]
+            groups.setdefault(tuple(lora_prompts.prompt_loras(r.prompt, r.prompt_syntax)), []).append((job, i))
+        for tags, items in groups.items():
+            try:
+                self._use_loras(tags)
+            except Exception as e:  # a LoRA that does not fit the model fails its requests alone
+                for job, _ in items:
+                    job.error = job.error or e
+                    self._finish(job)
+                continue
+            self._run_group(items)
+
+    def _use_loras(self, tags: tuple) -> None:
+        """Merge the pipeline's own LoRAs plus ``tags`` (as the Python API's ``pipe(prompt)``
+        does for a tagged prompt), unless they are merged already."""
+        pipe = self.pipe
+        base, current, params = self._loras.get(id(pipe), (None, (), None))
+        if base is None or pipe.params is not params:  # a new model, or its parameters changed meanwhile:
+            if not tags:  # it holds its own LoRAs (if any): nothing to merge
+                return
+            base, current = [(lora.path, w) for lora, _, w in pipe.loras.loras.values()], ()
+        if tags != current:
+            pipe.use_loras(base + lora_prompts.resolve_tags(list(tags), self.lora_dir, "--lora-dir"))
+        self._loras = {id(pipe): (base, tags, pipe.params)}
+
+    def _run_group(self, live: list) -> None:
         pipe = self.pipe
         buckets = bucket_sizes(pipe.mesh.devices.size, self.max_batch)
         try:
