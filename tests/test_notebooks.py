@@ -54,3 +54,28 @@ def test_training_notebook_runs(model, tmp_path):
     text = outputs_text(nb)
     assert "stopped at step 2 (finished: False)" in text and "finished at step 4" in text
     assert os.path.isfile(tmp_path / "ft" / "run" / "loss.jsonl")
+
+
+def test_sdxl_and_adapters_notebook_runs(tmp_path, monkeypatch):
+    """Tiny random SDXL base + refiner, a random kohya LoRA, an embedding and a random ControlNet."""
+    import re
+    # one CPU device, as on a user's machine (conftest's 8 fake devices would pad each image to 8)
+    monkeypatch.setenv("XLA_FLAGS", " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                             if "device_count" not in f))
+    nb = run("sdxl_and_adapters.ipynb", "SDXL_BASE = None\nSDXL_REFINER = None\nCONTROLNET = None\nSTEPS = 3\n"
+                                        "GUIDANCE = 5.0\nSIZE = None\n", tmp_path)
+    text = outputs_text(nb)
+    assert "backend: cpu, 1 device(s)" in text
+    assert "prompt_2 and micro-conditioning: 0 recompilations" in text
+    assert "refiner output: (1, 64, 64, 3) float32; ensemble programs compiled: 1" in text
+    # LoRA: two weights give other images, nothing recompiled, unloading restores the base bit for bit
+    assert int(re.search(r"LoRA weight 1.0 vs 0.4: (\d+) grey levels apart", text).group(1)) > 0
+    assert "unloaded equals the image before: True" in text and "LoRA recompilations: 0" in text
+    assert "<lora:watercolor:0.4> equals load_lora at 0.4: True; loaded after the call: {}; recompilations: 0" in text
+    assert "embeddings added: ['glowstyle']" in text
+    # ControlNet: the further from scale 0, the more the image changes; one program for every scale
+    far = {float(s): float(d) for s, d in re.findall(r"scale ([\d.]+): ([\d.]+)", text)}
+    assert far[0.0] == 0.0 and 0.0 < far[0.5] < far[1.0], far
+    assert "ControlNet programs compiled: 1" in text
+    assert sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])) >= 7
+    assert os.path.isfile(tmp_path / "sdxl-adapters-files" / "loras" / "watercolor.safetensors")
