@@ -89,7 +89,9 @@ def peft_state_dict(table: TargetTable, factors: dict, rank: int, alpha: float) 
         sd[f"{name}.lora_A.weight"] = np.asarray(f["down"], np.float32)
         sd[f"{name}.lora_B.weight"] = np.asarray(f["up"], np.float32)
         prefix = _prefix(DOTTED_PREFIXES, comp, False)
-        modules.setdefault(prefix[:-1], []).append(name[len(prefix):])
+        # PEFT matches a target module by the end of its name: without transformers 4's
+        # ``text_model.`` level, the names fit the text encoders of transformers 4 and 5 alike.
+        modules.setdefault(prefix[:-1], []).append(name[len(prefix):].removeprefix("text_model."))
     meta = {}
     for comp, names in modules.items():
         meta.update({f"{comp}.r": int(rank), f"{comp}.lora_alpha": float(alpha),

@@ -39,6 +39,7 @@ from sd_jax.train.checkpointing import check_run_folder
 from sd_jax.train.config import TrainConfig
 from sd_jax.train.diffusion import build_diffusion_task
 from sd_jax.train.loop import run
+from sd_jax.train.step import compile_cheap
 from sd_jax.train.task import Task
 
 __all__ = ["TARGETS", "BASE_DTYPES", "LoraTrainConfig", "LoraLoss", "select_targets", "init_lora",
@@ -143,6 +144,11 @@ def init_lora(shapes: dict, seed: int) -> dict:
     """The factors at the start: ``down`` as PEFT's ``kaiming_uniform_(a=sqrt(5))``
     (``U(+-1/sqrt(fan_in))``, ``fan_in = in * kh * kw``), ``up`` zero.  Each layer's key is
     folded from the run's seed and the layer's position, so a run's start depends on ``seed`` only."""
+    # one compiled program for every layer (eagerly, each factor shape would compile its own)
+    return compile_cheap(functools.partial(_init_lora, shapes, seed))()
+
+
+def _init_lora(shapes: dict, seed: int) -> dict:
     key = jax.random.fold_in(jax.random.key(seed), 0x10A)
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     out = []
@@ -164,7 +170,8 @@ class LoraLoss:
     targets: tuple[tuple[str, tuple], ...]
     scale: float
 
-    def __call__(self, params, batch, key):
+    def merge(self, params) -> dict:
+        """``params`` without ``"lora"``, its targeted kernels replaced by the merged float32 ones."""
         lora = params["lora"]
         merged = {k: v for k, v in params.items() if k != "lora"}
         for comp, path in self.targets:
@@ -172,7 +179,10 @@ class LoraLoss:
             kernel = _get(merged[comp], path + ("kernel",))
             d = merge.to_flax(merge.delta("lora", f, merge.torch_shape(kernel.shape)))
             merged = _set(merged, (comp,) + path + ("kernel",), kernel.astype(jnp.float32) + self.scale * d)
-        return self.base(merged, batch, key)
+        return merged
+
+    def __call__(self, params, batch, key):
+        return self.base(self.merge(params), batch, key)
 
 
 def lora_folder(out: str) -> str:
