@@ -124,8 +124,6 @@ def test_only_the_adapters_train_and_the_base_stays_bit_identical(setup, run_a):
     assert np.mean(losses[3:]) < np.mean(losses[:3])
     # the optimizer / EMA / checkpoints hold the factors only
     assert set(result.params) == {"lora"} and set(result.ema) == {"lora"}
-    ckpt = os.listdir(os.path.join(cfg.out, "checkpoints", "6"))
-    assert any("state" in c or "default" in c or c.startswith("_") for c in ckpt)
     n_ckpt = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(cfg.out, "checkpoints", "6"))
                  for f in fs)
     n_lora = sum(x.nbytes for x in jax.tree.leaves(result.params))

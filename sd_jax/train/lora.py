@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sd_jax.lora import merge, saving
+from sd_jax.lora.state import _get, _set  # the pipeline's merge walks parameter trees the same way
 from sd_jax.lora.targets import TargetTable
 from sd_jax.train.checkpointing import check_run_folder
 from sd_jax.train.config import TrainConfig
@@ -42,8 +43,8 @@ from sd_jax.train.loop import run
 from sd_jax.train.step import compile_cheap
 from sd_jax.train.task import Task
 
-__all__ = ["TARGETS", "BASE_DTYPES", "LoraTrainConfig", "LoraLoss", "select_targets", "init_lora",
-           "build_lora_task", "train_lora", "lora_folder"]
+__all__ = ["TARGETS", "BASE_DTYPES", "LoraTrainConfig", "LoraLoss", "select_targets", "lora_shapes", "init_lora",
+           "build_lora_task", "train_lora", "lora_folder", "kohya_file_name"]
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # name -> (components, regex over a kernel's layer path "down_blocks_0/attentions_0/...").
@@ -106,19 +107,6 @@ def select_targets(table: TargetTable, targets) -> tuple[tuple[str, tuple], ...]
             raise ValueError(f"LoRA target {name!r} matches no layer of this model")
         found |= hits
     return tuple(sorted(found))
-
-
-def _get(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _set(tree: dict, path: tuple, value) -> dict:
-    """A copy of ``tree`` with the leaf at ``path`` replaced (only the dicts along it are copied)."""
-    out = dict(tree)
-    out[path[0]] = value if len(path) == 1 else _set(tree[path[0]], path[1:], value)
-    return out
 
 
 def _factor_shapes(kernel_shape: tuple, rank: int) -> tuple[tuple, tuple]:
