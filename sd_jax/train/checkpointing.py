@@ -22,7 +22,7 @@ def _jsonable(x):
 
 # What a run writes in its folder besides run.json: a folder holding one of these but no
 # run.json of sd-jax's is someone else's, and is not written into.
-RESERVED = ("loss.jsonl", "loss.png", "checkpoints", "model", "vae")
+RESERVED = ("loss.jsonl", "loss.png", "checkpoints", "model", "vae", "lora")
 
 
 def _read_run_json(path: str) -> dict | None:

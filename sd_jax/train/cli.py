@@ -4,7 +4,9 @@
 * ``diffusion``: train the text encoder + UNet from scratch on the shapes, with a
   trained VAE (``--vae``) frozen;
 * ``finetune``: fine-tune a diffusers-format model (``--model``) on a folder of images
-  with captions (``--data``).
+  with captions (``--data``);
+* ``lora``: train a LoRA on a model (``--model``) and such a folder (``--data``), written
+  in diffusers/PEFT and kohya formats to ``--out``/lora/ (:mod:`sd_jax.train.lora`).
 
 Every run writes to ``--out`` (checkpoints, ``loss.jsonl``, ``loss.png``, the exported
 model) and resumes from there when started again with the same options (after a crash,
@@ -34,6 +36,8 @@ RECIPES: dict[str, dict] = {
                       caption_dropout=0.1, snr_gamma=5.0, weight_decay=1e-2),
     "finetune": dict(steps=1000, batch_size=4, lr=1e-5, warmup=50, ema=0.0, save_every=250, keep=2,
                      caption_dropout=0.1, snr_gamma=None, weight_decay=1e-2),
+    "lora": dict(steps=1000, batch_size=4, lr=1e-4, warmup=50, ema=0.0, save_every=250, keep=2,
+                 caption_dropout=0.1, snr_gamma=None, weight_decay=1e-2),
 }
 
 
@@ -42,6 +46,7 @@ RECIPE_HELP: dict[str, str] = {
     "vae": "train the small VAE on the synthetic shapes (or --data)",
     "diffusion": "train a text encoder + UNet from scratch (shapes), with a trained VAE frozen",
     "finetune": "fine-tune a diffusers-format model on a folder of captioned images",
+    "lora": "train a LoRA (diffusers/PEFT and kohya files) on a model and a folder of captioned images",
 }
 
 
@@ -109,7 +114,7 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, default=None, help="image side in pixels (default: 64, or the model's)")
     p.add_argument("--data", default=None,
                    help="folder of images with captions (.txt files or metadata.jsonl)"
-                        + ("" if recipe == "finetune" else "; default: the synthetic shapes"))
+                        + ("" if recipe in ("finetune", "lora") else "; default: the synthetic shapes"))
     p.add_argument("--skip-bad-images", action="store_true",
                    help="train without the --data images that cannot be read (their number is reported)")
     p.add_argument("--flip", action="store_true", help="random horizontal flips (swapping left/right in captions)")
@@ -126,15 +131,18 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
     else:
         p.add_argument("--vae", default=None, help="a trained VAE (run folder of `train vae`, or a vae/ folder)"
                        + ("" if recipe == "diffusion" else " to use instead of the model's"))
-        if recipe == "finetune":
+        if recipe in ("finetune", "lora"):
             p.add_argument("--model", required=True,
                            help="the model to fine-tune (diffusers folder, sd-jax checkpoint or single-file .safetensors)")
         else:
             p.add_argument("--model", default=None,
                            help="continue training this model (e.g. an earlier run's model/) on the shapes data")
-        p.add_argument("--train", type=_components, default=None,
-                       help="components or regexes over parameter paths to train, comma-separated "
-                            f"(default: {'unet,text_encoder' if recipe == 'diffusion' else 'unet'})")
+        if recipe == "lora":
+            _lora_arguments(p)
+        else:
+            p.add_argument("--train", type=_components, default=None,
+                           help="components or regexes over parameter paths to train, comma-separated "
+                                f"(default: {'unet,text_encoder' if recipe == 'diffusion' else 'unet'})")
         p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                        help="default: epsilon, or the model's when fine-tuning")
         p.add_argument("--snr-gamma", type=float, default=d["snr_gamma"],
@@ -142,6 +150,17 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
         p.add_argument("--caption-dropout", type=float, default=d["caption_dropout"],
                        help="probability of training on the empty prompt (for guidance)")
     return p
+
+
+def _lora_arguments(p: argparse.ArgumentParser) -> None:
+    from sd_jax.train.lora import BASE_DTYPES, TARGETS
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank (default %(default)s)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha; the scale is alpha/rank (default: the rank)")
+    p.add_argument("--targets", default="attn",
+                   help=f"layers to adapt, comma-separated from {', '.join(TARGETS)} (te: the text encoder(s); "
+                        f"conv: LoCon; default %(default)s)")
+    p.add_argument("--base-dtype", choices=list(BASE_DTYPES), default="fp32",
+                   help="how the frozen base model is stored (bf16: half the memory; default %(default)s)")
 
 
 def _model_size(path: str) -> int:
@@ -193,12 +212,18 @@ def config_from_args(recipe: str | None, argv) -> object:
     model = getattr(a, "model", None)
     if recipe == "diffusion" and a.vae is None and model is None:
         raise ValueError("the diffusion recipe needs a trained VAE: --vae DIR (train one with `sd-jax train vae`)")
-    if recipe == "finetune":
+    if recipe in ("finetune", "lora"):
         if a.data is None:
             raise ValueError("fine-tuning needs --data DIR (images with .txt captions or a metadata.jsonl)")
         if not os.path.exists(model):
             raise ValueError(f"--model {model!r} not found")
     size = a.size or (_model_size(model) if model else 64)
+    if recipe == "lora":
+        from sd_jax.train.lora import LoraTrainConfig
+        return LoraTrainConfig(**common, size=size, model=model, vae=a.vae, prediction_type=a.prediction_type,
+                               snr_gamma=a.snr_gamma or None, caption_dropout=a.caption_dropout, rank=a.rank,
+                               alpha=a.alpha, targets=tuple(t.strip() for t in a.targets.split(",") if t.strip()),
+                               base_dtype=a.base_dtype)
     return TrainConfig(**common, size=size, model=model, vae=a.vae, train=a.train,
                        prediction_type=a.prediction_type, snr_gamma=a.snr_gamma or None,
                        caption_dropout=a.caption_dropout)
@@ -212,13 +237,16 @@ def run(recipe: str | None, argv) -> int:
         if recipe == "vae":
             from sd_jax.train.vae import train_vae
             result = train_vae(config)
+        elif recipe == "lora":
+            from sd_jax.train.lora import train_lora
+            result = train_lora(config)
         else:
             from sd_jax.train.loop import train
             result = train(config)
     except TrainingInterrupted:  # the run said where it stopped, in one line
         return 130
     last = result.log[-1]["loss"] if result.log else float("nan")
-    where = f"; model: {result.export_dir}" if result.export_dir else ""
+    where = f"; {'LoRA' if recipe == 'lora' else 'model'}: {result.export_dir}" if result.export_dir else ""
     print(f"{recipe}: {result.step} steps, last loss {last:.4f}{where}")
     return 0
 

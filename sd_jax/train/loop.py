@@ -130,6 +130,12 @@ class _Prefetch:
 
 # --------------------------------------------------------------------------- the loop
 
+def _export_weights(state, labels) -> dict:
+    """The host weights an export writes: the EMA on the trained leaves if there is one."""
+    host = jax.tree.map(sharding.to_host, {k: state[k] for k in ("params", "ema") if k in state})
+    return optim.ema_params(host["ema"], host["params"], labels) if "ema" in host else host["params"]
+
+
 def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
     """Train ``task`` as ``config`` says, resuming from ``config.out``'s latest checkpoint."""
 
@@ -233,8 +239,12 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
                 if log_file is not None:
                     log_file.flush()
                 save(mngr, step + 1, state)
+                if task.on_save is not None:
+                    weights = _export_weights(state, labels)
                 if jax.process_index() == 0:
                     plot_log(config.out, records)
+                    if task.on_save is not None:
+                        task.on_save(weights)
         flush()
     except KeyboardInterrupt:
         # Save where we are, if the state is intact and the log has caught up with it (a second

@@ -19,7 +19,8 @@ class Task:
     ``frozen``: parameters the loss reads but nobody trains (the VAE), not checkpointed;
     ``loss``: a hashable ``(params | frozen, batch, key) -> (loss, metrics)``; ``source``
     + ``tokenize``: the data; ``batch_keys``: the arrays of a batch the loss needs;
-    ``export(folder, params)`` writes the final model.
+    ``export(folder, params)`` writes the final model; ``on_save(params)``, if given, is
+    called (on process 0) after every checkpoint with the weights an export would write.
     """
     name: str
     params: dict
@@ -33,6 +34,7 @@ class Task:
     init: Callable[[], dict] | None = None
     export_name: str = "model"
     notes: tuple[str, ...] = ()
+    on_save: Callable[[dict], None] | None = None
 
 
 @dataclasses.dataclass
