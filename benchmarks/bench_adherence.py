@@ -222,8 +222,8 @@ def main(argv=None):
     model = args.model or default_model()
     steps, scheduler, cli_guidance, pipe = cli_defaults(args.steps, args.scheduler, model)
     os.makedirs(args.out, exist_ok=True)
-    settings = {"model": args.model or "the shipped model (sd_jax.cli.default_model())", "seed": args.seed, "per_combo": args.per_combo, "size_share": args.size_share,
-                "position_share": args.position_share,
+    settings = {"model": args.model or "the shipped model (sd_jax.cli.default_model())", "seed": args.seed,
+                "per_combo": args.per_combo, "size_share": args.size_share, "position_share": args.position_share,
                 "sd-jax": {"steps": steps, "scheduler": scheduler, "guidance": args.guidance}}
     results = {"sd-jax": {}}
     print(HEADER, flush=True)
