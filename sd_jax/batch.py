@@ -736,6 +736,7 @@ def _generate(pipe, rows, out, model, per_device, progress, write_threads, t_sta
         gathered = np.asarray(multihost_utils.process_allgather(flags)).reshape(nproc, len(rows))
         done = {r.name for r, f in zip(rows, gathered.any(axis=0)) if f}
     todo = [r for r in rows if r.name not in done]
+    refiner = getattr(pipe, "metadata", None) or {}  # an SDXLEnsemble's refiner and switch (A1111's fields)
 
     ndev = pipe.mesh.devices.size
     batch_size = ndev * per_device  # images per device call, over all devices
@@ -756,6 +757,7 @@ def _generate(pipe, rows, out, model, per_device, progress, write_threads, t_sta
         # the safety checker's flag, where it ran: in the PNG's metadata and the manifest
         meta = _meta(row, model) if nsfw is None else {**_meta(row, model), "nsfw_content_detected": nsfw}
         meta.update(loras or {})
+        meta.update(refiner)
         with _writing(path):
             save_png(path, img, meta)
         return {"file": row.name, "row": row.index, **meta, "seconds": round(seconds, 4),

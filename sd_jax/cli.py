@@ -103,12 +103,13 @@ def _add_lora_args(p):
                    help="load a LoRA even if some of its keys match no layer of the model (they are ignored)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """``generate_defaults``: generate's defaults replaced (``--from-png``: the PNG's settings)."""
     parser = Parser(prog=PROG, description="Stable Diffusion in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate images from a prompt")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?", default=None, help="the prompt (default with --from-png: the PNG's)")
     _add_gen_args(g)
     g.add_argument("--num", type=int, default=1, help="number of images (seeds seed, seed+1, ...)")
     g.add_argument("--init-image", default=None, help="img2img: the starting image")
@@ -129,8 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="control image for the matching --controlnet: canny (edges computed, needs "
                         "sd-jax[canny]) or pose/depth/normal/scribble/tile/... (used as given); SCALE default 1")
     g.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode (as diffusers)")
+    g.add_argument("--from-png", default=None, metavar="PNG",
+                   help="take the prompt and settings from a PNG's A1111 parameters (sd-jax's or A1111's: "
+                        "steps, sampler, CFG scale, seed, size, clip skip, refiner switch, ...); options given win")
     _add_model_args(g)
     _add_lora_args(g)
+    if generate_defaults:
+        g.set_defaults(**generate_defaults)
 
     b = sub.add_parser("batch", help="generate every row of a prompt file (.txt, .jsonl, .csv), resumably")
     b.add_argument("prompts", help=".txt (one prompt a line), .jsonl or .csv (columns prompt, negative_prompt, "
@@ -225,6 +231,8 @@ def main(argv=None) -> int:
     from sd_jax import commands
     commands.route_warnings()
     try:
+        if getattr(args, "from_png", None):  # the PNG's settings become the defaults: the options given win
+            args = build_parser(commands.png_defaults(args)).parse_args(argv)
         return getattr(commands, args.command)(args) or 0
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

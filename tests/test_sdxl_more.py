@@ -15,7 +15,7 @@
 """
 from __future__ import annotations
 
-import os
+import hashlib
 import sys
 
 import jax
@@ -248,3 +248,92 @@ def test_timestep_spacing_is_checked(capsys, tmp_path):
         cli.main(["generate", "x", "--timestep-spacing", "uniform", "-o", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("sd-jax: error: ") and "--timestep-spacing" in err, err
+
+
+# ------------------------------------------------------------------ the refiner in A1111 metadata
+@pytest.fixture(scope="module")
+def refiner_dir(tmp_path_factory):
+    """The tiny SDXL refiner folder of test_sdxl_refiner."""
+    from test_sdxl_refiner import build_tiny_refiner
+    folder = str(tmp_path_factory.mktemp("refiner") / "my_refiner")
+    build_tiny_refiner(folder)
+    return folder
+
+
+def test_refiner_in_a1111_parameters_and_pasted_back(xl, refiner_dir, tmp_path, monkeypatch, capsys):
+    """``--refiner DIR --refiner-switch 0.7``: the PNG's parameters say ``Refiner: my_refiner, Refiner
+    switch at: 0.7`` as A1111 writes them (a folder has no A1111 hash; a single file's title is
+    ``NAME [HASH]``: the next test), read back by A1111's parser; the sd-jax JSON too;
+    ``generate --from-png`` with the same models gives the same pixels (the switch, sampler,
+    steps, CFG, seed and size from the PNG)."""
+    from PIL import Image
+    from sd_jax import cli
+    from sd_jax.images import read_metadata
+    from test_cli import parse_a1111
+    folder = xl[0]
+    monkeypatch.setenv("SD_JAX_CACHE", str(tmp_path / "xla"))
+    _one_device(monkeypatch)
+    a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    title = "my_refiner"
+    assert cli.main(["generate", PROMPT, "--negative", "blurry, dark", "--model", folder, "--refiner", refiner_dir,
+                     "--refiner-switch", "0.7", "--steps", "5", "--guidance", "5", "--scheduler", "euler",
+                     "--seed", "4", "--size", f"{SIZE}x{SIZE}", "--no-progress", "-o", a]) == 0
+    params = Image.open(a).text["parameters"]
+    assert f"Refiner: {title}, Refiner switch at: 0.7" in params, params
+    fields = parse_a1111(params)
+    assert (fields["Refiner"], fields["Refiner switch at"], fields["Sampler"]) == (title, "0.7", "Euler")
+    meta = read_metadata(a)
+    assert (meta["refiner"], meta["refiner_switch"]) == (title, 0.7)
+    capsys.readouterr()
+    assert cli.main(["generate", "--from-png", a, "--model", folder, "--refiner", refiner_dir, "--no-progress",
+                     "-o", b]) == 0
+    assert "warning" not in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(Image.open(b)), np.asarray(Image.open(a)))
+    assert Image.open(b).text["parameters"] == params
+    assert np.asarray(Image.open(a)).std() > 2
+
+
+def _png_args(png, *extra):
+    from sd_jax import cli
+    return cli.build_parser().parse_args(["generate", "--from-png", png, *extra])
+
+
+def test_from_png_settings_options_win_and_refiner_warnings(tmp_path, capsys):
+    """A single file's A1111 title ``NAME [HASH]``; what ``--from-png`` takes from an A1111 infotext (A1111's own, with a Karras sampler and its
+    Clip skip numbering), that options given win over it, and the warnings for a refiner the
+    command line does not give or another one than the PNG names."""
+    from PIL import Image, PngImagePlugin
+    from sd_jax import cli, commands, infotext
+    png = str(tmp_path / "a1111.png")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", 'a castle, (moat:1.2)\nNegative prompt: fog\nSteps: 12, Sampler: DPM++ 2M, '
+                                'Schedule type: Karras, CFG scale: 6.5, Seed: 42, Size: 48x32, Model hash: 31e35c80fc, '
+                                'Model: sd_xl_base_1.0, Clip skip: 2, Refiner: sd_xl_refiner_1.0 [7440042bbd], '
+                                'Refiner switch at: 0.75, Version: v1.10.1')
+    Image.new("RGB", (8, 8)).save(png, pnginfo=info)
+    args = _png_args(png, "--model", str(tmp_path))
+    found = commands.png_defaults(args)
+    err = capsys.readouterr().err
+    assert "made with the refiner sd_xl_refiner_1.0 [7440042bbd]; give it with --refiner PATH" in err
+    assert "made with the model sd_xl_base_1.0" in err
+    assert found == {"prompt": "a castle, (moat:1.2)", "negative": "fog", "steps": 12, "guidance": 6.5, "seed": 42,
+                     "size": (48, 32), "scheduler": "dpmpp_2m_karras", "clip_skip": 1}
+    refiner = tmp_path / "sd_xl_refiner_1.0.safetensors"
+    refiner.write_bytes(b"not the same file")
+    assert infotext.checkpoint_title(str(refiner)) == \
+        f"sd_xl_refiner_1.0 [{hashlib.sha256(b'not the same file').hexdigest()[:10]}]"  # A1111's shorthash
+    assert infotext.checkpoint_title(str(tmp_path)) == tmp_path.name  # a folder: its name
+    args = _png_args(png, "--refiner", str(refiner), "--steps", "3")
+    found = commands.png_defaults(args)
+    assert found["refiner_switch"] == 0.75
+    assert "made with the refiner sd_xl_refiner_1.0 [7440042bbd], --refiner is sd_xl_refiner_1.0 [" \
+        in capsys.readouterr().err
+    again = cli.build_parser(found).parse_args(["generate", "--from-png", png, "--steps", "3", "--seed", "1"])
+    assert (again.prompt, again.steps, again.seed, again.refiner_switch, again.size) == \
+        ("a castle, (moat:1.2)", 3, 1, 0.75, (48, 32))
+    assert cli.main(["generate", "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "give a prompt" in err and "--from-png" in err
+    assert cli.main(["generate", "--from-png", str(tmp_path / "none.png"), "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sd-jax: error: --from-png") and "not a readable image" in err
