@@ -337,3 +337,115 @@ def test_from_png_settings_options_win_and_refiner_warnings(tmp_path, capsys):
     assert cli.main(["generate", "--from-png", str(tmp_path / "none.png"), "-o", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("sd-jax: error: --from-png") and "not a readable image" in err
+
+
+# ------------------------------------------------------------------ text encoders at their real widths
+def _sgm_text_encoders(te, te2) -> dict:
+    """The two encoders under the SGM single-file names, written here from the layout itself
+    (not by sd-jax): CLIP ViT-L with transformers' names under ``conditioner.embedders.0.transformer.``,
+    OpenCLIP bigG under ``conditioner.embedders.1.model.`` with q/k/v fused into ``in_proj_*`` and
+    ``text_projection`` as the matrix P of ``x @ P``."""
+    out = {}
+    for k, v in te.state_dict().items():
+        if not k.endswith("position_ids"):
+            out["conditioner.embedders.0.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = \
+                v.numpy()
+    sd = {k.removeprefix("text_model."): v.numpy() for k, v in te2.state_dict().items()}
+    p = "conditioner.embedders.1.model."
+    out[p + "token_embedding.weight"] = sd["embeddings.token_embedding.weight"]
+    out[p + "positional_embedding"] = sd["embeddings.position_embedding.weight"]
+    for w in ("weight", "bias"):
+        out[p + "ln_final." + w] = sd["final_layer_norm." + w]
+    out[p + "text_projection"] = np.ascontiguousarray(sd["text_projection.weight"].T)
+    out[p + "logit_scale"] = np.asarray(np.log(1 / 0.07), np.float32)
+    for i in range(te2.config.num_hidden_layers):
+        src, dst = f"encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."
+        for w in ("weight", "bias"):
+            out[dst + "attn.in_proj_" + w] = np.concatenate([sd[f"{src}self_attn.{n}_proj.{w}"] for n in "qkv"])
+            for a, b in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                         ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                out[f"{dst}{a}.{w}"] = sd[f"{src}{b}.{w}"]
+    return out
+
+
+def test_sdxl_prompt_encoding_at_real_text_encoder_widths(tmp_path):
+    """CLIP ViT-L (768 wide, 12 heads, MLP 3072, quick-GELU) and OpenCLIP bigG (1280 wide, 20 heads,
+    MLP 5120, GELU, projection 1280), 2 layers each, a small vocabulary: SDXL's prompt embeddings
+    (both penultimate states, 2048 wide) and pooled embedding against diffusers'
+    ``StableDiffusionXLPipeline.encode_prompt`` (transformers' encoders), <= 1e-4, with and without
+    clip_skip, read (a) from the encoders' transformers folders and (b) from an SGM single file
+    (bigG's fused ``in_proj`` split, ``text_projection`` transposed; sd-jax's own export writes
+    the same keys and values)."""
+    import jax.numpy as jnp
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from sd_jax import families
+    from sd_jax.models import clip
+    from sd_jax.models.unet import UNetConfig
+    from sd_jax.models.vae import VAEConfig
+    from sd_jax.weights import loader
+    from sd_jax.weights import single_file as sf
+    from sd_jax.weights.safetensors_io import save_file
+    from test_sdxl_pipeline import _tokenizer
+    torch.manual_seed(0)
+    tok, vocab = _tokenizer(str(tmp_path / "tok"))
+    tok2, _ = _tokenizer(str(tmp_path / "tok2"), pad="!")
+    common = dict(vocab_size=vocab, max_position_embeddings=77, num_hidden_layers=2, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                      hidden_act="quick_gelu", pad_token_id=tok.eos_token_id, **common)).eval()
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                                                     projection_dim=1280, hidden_act="gelu", pad_token_id=0,
+                                                     **common)).eval()
+    ref = StableDiffusionXLPipeline(vae=None, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
+                                    unet=None, scheduler=None, add_watermarker=False)
+    prompts = ["a small red circle at the top left on a blue background", "a green square"]
+    ids = tuple(np.asarray(t(prompts, padding="max_length", max_length=77, truncation=True).input_ids, np.int32)
+                for t in (tok, tok2))
+    refs = {}
+    for skip in (None, 1):
+        with torch.no_grad():
+            pe, _, pooled, _ = ref.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
+                                                 do_classifier_free_guidance=False, clip_skip=skip)
+        refs[skip] = pe.numpy(), pooled.numpy()
+    assert refs[None][0].shape == (2, 77, 2048) and refs[None][1].shape == (2, 1280)
+
+    def check(models, params, what):
+        for skip, (ctx_ref, pool_ref) in refs.items():
+            ctx, pool = families.SDXL.prompt.encode(models, params, ids, skip)
+            for ours, theirs in ((ctx, ctx_ref), (pool, pool_ref)):
+                assert _diff(ours, theirs) <= 1e-4, (what, skip)
+
+    # (a) the encoders' folders, as a diffusers SDXL folder holds them
+    import types
+    te.save_pretrained(tmp_path / "text_encoder")
+    te2.save_pretrained(tmp_path / "text_encoder_2")
+    (m1, p1), (m2, p2) = (clip.load(tmp_path / n, dtype=jnp.float32) for n in ("text_encoder", "text_encoder_2"))
+    assert (m1.config.num_attention_heads, m2.config.num_attention_heads, m2.config.projection_dim) == (12, 20, 1280)
+    check(types.SimpleNamespace(text_encoder=m1, text_encoder_2=m2), {"text_encoder": p1, "text_encoder_2": p2},
+          "folders")
+    del p1, p2
+
+    # (b) an SGM single file: a tiny UNet (2048-wide cross-attention, 1280-wide pooled input) and VAE around them
+    ucfg = UNetConfig.tiny_sdxl(cross_attention_dim=2048, projection_class_embeddings_input_dim=1280 + 6 * 8,
+                                layers_per_block=1, transformer_layers_per_block=(1, 1)).to_dict()
+    vcfg = VAEConfig.tiny().to_dict()
+    unet = UNet2DConditionModel(**{k: v for k, v in ucfg.items() if not k.startswith("_")})
+    vae = AutoencoderKL(**{k: v for k, v in vcfg.items() if not k.startswith("_")})
+    sds = {n: {k: v.detach().numpy() for k, v in m.state_dict().items() if not k.endswith("position_ids")}
+           for n, m in (("unet", unet), ("vae", vae), ("text_encoder", te), ("text_encoder_2", te2))}
+    configs = {"unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": te.config.to_dict(),
+               "text_encoder_2": te2.config.to_dict()}
+    sgm = _sgm_text_encoders(te, te2)
+    exported = sf.to_single_file(configs, sds)
+    for k, v in sgm.items():  # sd-jax's export writes the layout as it is
+        np.testing.assert_array_equal(exported[k], v, err_msg=k)
+    assert {k for k in exported if k.startswith("conditioner.")} == set(sgm)
+    path = str(tmp_path / "sdxl.safetensors")
+    save_file({**{k: v for k, v in exported.items() if not k.startswith("conditioner.")}, **sgm}, path)
+    del exported, sds
+    m = loader.load(path)
+    assert m.family is families.SDXL
+    assert (m.models.text_encoder.config.num_attention_heads, m.models.text_encoder_2.config.num_attention_heads) == \
+        (12, 20)
+    check(m.models, m.params, "single file")
