@@ -1,17 +1,20 @@
 """SDXL as few-step users run it, the refiner in A1111 metadata, and the text encoders at real width.
 
 * Few-step models against diffusers 0.42's ``StableDiffusionXLPipeline`` (fp32) on a tiny random
-  SDXL saved in the hub layout (tests/test_sdxl_pipeline.py's builder): SDXL-Lightning style (a
-  UNet-only file given with ``--unet``, Euler at trailing timesteps chosen with
-  ``--timestep-spacing trailing``, guidance 0), SDXL-Turbo style (Euler ancestral, trailing,
-  guidance 0, diffusers fed sd-jax's per-step noise) and an LCM-distilled SDXL UNet with the
-  LCM sampler.  Images within 2/255 (measured: <= 1/255 through the CLI's uint8 PNG, ~1e-6 as
-  float32); guidance off runs the UNet once per step on the batch (counted while tracing).
-* The refiner in the PNG's A1111 ``parameters`` (``Refiner: NAME [HASH], Refiner switch at: 0.8``)
-  and read back by ``sd-jax generate --from-png``.
+  SDXL saved in the hub layout (tests/test_sdxl_pipeline.py's builder), the same initial noise
+  (sd-jax's, from the seed) on both sides: SDXL-Lightning's way (a UNet-only fp16 file into the
+  base, ``unet=`` / ``--unet``; Euler at trailing timesteps, guidance 0), SDXL-Turbo's (Euler
+  ancestral, trailing, guidance 0; diffusers draws sd-jax's per-step noise) and an
+  LCM-distilled SDXL UNet with the LCM sampler.  Images as float32 within 2/255 (measured
+  ~1e-6); with guidance off the UNet runs once per step on the batch (counted while sd-jax
+  traces, and in diffusers' calls).
+* The refiner in the PNG's A1111 ``parameters`` (``Refiner: NAME [HASH], Refiner switch at: 0.7``),
+  read back by ``sd-jax generate --from-png`` (the same pixels), and ``--timestep-spacing``.
 * SDXL prompt encoding with CLIP ViT-L (768 wide, 12 heads) and OpenCLIP bigG (1280 wide, 20
   heads, projection 1280) at their real widths, 2 layers each, against transformers (<= 1e-4),
-  from a diffusers folder and from an SGM single file (bigG's fused ``in_proj`` split).
+  from their folders and from an SGM single file (bigG's fused ``in_proj`` split).
+
+Compiled at LLVM -O0 (``_fast_compile``), as the CLI subprocess tests are.
 """
 from __future__ import annotations
 
@@ -136,78 +139,82 @@ def _ref_with_unet(ref, path, **config):
     return pipe
 
 
+@pytest.fixture(autouse=True)
+def _fast_compile(monkeypatch):
+    """LLVM -O0 for XLA:CPU, as tests/cli_helpers.py gives the CLI's subprocesses: about half the
+    compile time of these tiny programs, the same arithmetic (no fast-math either way)."""
+    real = jax.stages.Lowered.compile
+
+    def compile(self, compiler_options=None, **kw):
+        return real(self, {"xla_backend_optimization_level": 0, **(compiler_options or {})}, **kw)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", compile)
+
+
 # ------------------------------------------------------------------ few-step models
-def test_lightning_unet_file_euler_trailing_cli_matches_diffusers(xl, tmp_path, monkeypatch):
-    """``sd-jax generate --unet LIGHTNING --scheduler euler --timestep-spacing trailing --guidance 0
-    --steps 4`` against diffusers with that UNet and ``EulerDiscreteScheduler.from_config(...,
-    timestep_spacing="trailing")`` (SDXL-Lightning's model card); the UNet runs once per step
-    on both sides.  The PNG's sd-jax metadata records the spacing."""
-    from PIL import Image
-    from diffusers import EulerDiscreteScheduler
-    from sd_jax import cli
-    from sd_jax.images import read_metadata
+@pytest.fixture(scope="module")
+def lightning(xl):
+    """The base model with the Lightning-style UNet-only file (``unet=``, as ``--unet FILE``), in
+    sd-jax and in diffusers (the file's UNet loaded into the base pipeline)."""
     folder, ref, files = xl
-    monkeypatch.setenv("SD_JAX_CACHE", str(tmp_path / "xla"))
-    _one_device(monkeypatch)
+    return _load(folder, unet=files["lightning"]), _ref_with_unet(ref, files["lightning"])
+
+
+def test_lightning_unet_file_euler_trailing_matches_diffusers(lightning, monkeypatch):
+    """SDXL-Lightning's model card: its UNet file into the base, ``EulerDiscreteScheduler.from_config(
+    ..., timestep_spacing="trailing")``, guidance 0, 4 steps; sd-jax: ``scheduler="euler",
+    timestep_spacing="trailing", guidance_scale=0``.  The UNet runs once per step on both sides
+    (counted while sd-jax traces: one call on the one image)."""
+    from diffusers import EulerDiscreteScheduler
+    pipe, ref = lightning
+    seed, steps = 3, 4
     rows = _count_unet_rows(monkeypatch)
-    out, seed, steps = str(tmp_path / "l.png"), 3, 4
-    assert cli.main(["generate", PROMPT, "--model", folder, "--unet", files["lightning"], "--scheduler", "euler",
-                     "--timestep-spacing", "trailing", "--guidance", "0", "--steps", str(steps), "--seed", str(seed),
-                     "--size", f"{SIZE}x{SIZE}", "--no-progress", "-o", out]) == 0
-    assert rows == [1]  # one UNet call per step, on the one image
-    got = np.asarray(Image.open(out).convert("RGB"), np.float32)[None] / 255
-    assert read_metadata(out)["timestep_spacing"] == "trailing"
-    pipe = _ref_with_unet(ref, files["lightning"])
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
-    assert pipe.scheduler.config.timestep_spacing == "trailing"
-    calls = _count_ref_unet(monkeypatch, pipe)
-    with torch.no_grad():
-        want = pipe(PROMPT, latents=nchw(_noise(seed, 0)), num_inference_steps=steps, guidance_scale=0.0,
-                    height=SIZE, width=SIZE, output_type="np").images
+    got = np.asarray(pipe(PROMPT, seed=seed, num_inference_steps=steps, guidance_scale=0.0, height=SIZE, width=SIZE,
+                          scheduler="euler", timestep_spacing="trailing", output_type="np"))
+    assert rows == [1]
+    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config, timestep_spacing="trailing")
+    calls = _count_ref_unet(monkeypatch, ref)
+
+    def reference():
+        with torch.no_grad():
+            return ref(PROMPT, latents=nchw(_noise(seed, 0)), num_inference_steps=steps, guidance_scale=0.0,
+                       height=SIZE, width=SIZE, output_type="np").images
+
+    want = reference()
     assert calls == [1] * steps
     assert _diff(got, want) <= TOL
     assert got.std() > 0.01
-    # the spacing is what the flag says: leading timesteps give another image
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
-    with torch.no_grad():
-        leading = pipe(PROMPT, latents=nchw(_noise(seed, 0)), num_inference_steps=steps, guidance_scale=0.0,
-                       height=SIZE, width=SIZE, output_type="np").images
-    assert np.abs(leading - want).max() > 0.02
+    # the spacing matters: leading timesteps give another image
+    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config, timestep_spacing="leading")
+    assert np.abs(reference() - want).max() > 0.02
 
 
-def test_turbo_euler_ancestral_trailing_matches_diffusers(xl, monkeypatch):
-    """SDXL-Turbo style: Euler ancestral, trailing, guidance 0, 2 steps, two prompts; diffusers
-    draws sd-jax's per-step noise.  ``timestep_spacing=`` in the Python API; guidance 0 traces
-    one UNet call on the batch per step, guidance 5 one on the doubled batch."""
+def test_turbo_euler_ancestral_trailing_matches_diffusers(lightning, monkeypatch):
+    """SDXL-Turbo's way: Euler ancestral at trailing timesteps, guidance 0, 2 steps; diffusers draws
+    sd-jax's per-step noise.  Guidance 0 traces one UNet call on the batch per step; guidance 5
+    (traced, not compiled) one on the doubled batch."""
     from diffusers import EulerAncestralDiscreteScheduler
-    folder, ref, _ = xl
-    pipe = _load(folder)
-    prompts, seeds, steps = [PROMPT, "a green square"], [5, 6], 2
+    pipe, ref = lightning
+    seed, steps = 5, 2
     rows = _count_unet_rows(monkeypatch)
-    kw = dict(seed=seeds, num_inference_steps=steps, height=SIZE, width=SIZE, scheduler="euler_a",
+    kw = dict(seed=seed, num_inference_steps=steps, height=SIZE, width=SIZE, scheduler="euler_a",
               timestep_spacing="trailing")
-    got = np.asarray(pipe(prompts, guidance_scale=0.0, output_type="np", **kw))
-    assert rows == [2]
-    r, plan = pipe.resolve(pipe.requests(prompts, guidance_scale=0.0, **kw)[0])
+    got = np.asarray(pipe(PROMPT, guidance_scale=0.0, output_type="np", **kw))
+    assert rows == [1]
+    r, plan = pipe.resolve(pipe.requests(PROMPT, guidance_scale=0.0, **kw)[0])
     assert not plan.guidance and plan.sampler.config.timestep_spacing == "trailing"
     np.testing.assert_array_equal(plan.sampler.timesteps, [999, 499])
     rows.clear()
-    pipe.lower(batch_size=2, height=SIZE, width=SIZE, num_inference_steps=steps, scheduler="euler_a",
-               guidance_scale=5.0, output="latent")  # traced, not compiled
-    assert rows == [4]
-
-    sched = EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config, timestep_spacing="trailing")
-    ref_pipe = type(ref)(**{**ref.components, "scheduler": sched}, add_watermarker=False)
-    ref_pipe.set_progress_bar_config(disable=True)
-    mod = type(sched).__module__
-    want = []
-    for p, s in zip(prompts, seeds):  # one image at a time: each draws its own seed's noise
-        step = _feed_noise(monkeypatch, mod, s)
-        with torch.no_grad():
-            want.append(ref_pipe(p, latents=nchw(_noise(s, 0)), num_inference_steps=steps, guidance_scale=0.0,
-                                 height=SIZE, width=SIZE, output_type="np").images)
-        assert step["k"] == steps
-    assert _diff(got, np.concatenate(want)) <= TOL
+    pipe.lower(batch_size=1, height=SIZE, width=SIZE, num_inference_steps=steps, scheduler="euler_a",
+               guidance_scale=5.0, output="latent")
+    assert rows == [2]
+    ref.scheduler = EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config, timestep_spacing="trailing")
+    step = _feed_noise(monkeypatch, type(ref.scheduler).__module__, seed)
+    with torch.no_grad():
+        want = ref(PROMPT, latents=nchw(_noise(seed, 0)), num_inference_steps=steps, guidance_scale=0.0,
+                   height=SIZE, width=SIZE, output_type="np").images
+    assert step["k"] == steps
+    assert _diff(got, want) <= TOL
 
 
 def test_sdxl_lcm_unet_with_lcm_sampler_matches_diffusers(xl, monkeypatch):
@@ -265,25 +272,35 @@ def test_refiner_in_a1111_parameters_and_pasted_back(xl, refiner_dir, tmp_path, 
     switch at: 0.7`` as A1111 writes them (a folder has no A1111 hash; a single file's title is
     ``NAME [HASH]``: the next test), read back by A1111's parser; the sd-jax JSON too;
     ``generate --from-png`` with the same models gives the same pixels (the switch, sampler,
-    steps, CFG, seed and size from the PNG)."""
+    timestep spacing, steps, CFG, seed and size from the PNG).  ``--timestep-spacing trailing``
+    reaches the sampler the CLI runs."""
     from PIL import Image
     from sd_jax import cli
     from sd_jax.images import read_metadata
+    from sd_jax.request import Dispatcher
     from test_cli import parse_a1111
     folder = xl[0]
     monkeypatch.setenv("SD_JAX_CACHE", str(tmp_path / "xla"))
     _one_device(monkeypatch)
     a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    planned, plan_of = [], Dispatcher.plan
+    monkeypatch.setattr(Dispatcher, "plan", lambda self, requests: planned.append(plan_of(self, requests)) or
+                        planned[-1])
     title = "my_refiner"
     assert cli.main(["generate", PROMPT, "--negative", "blurry, dark", "--model", folder, "--refiner", refiner_dir,
                      "--refiner-switch", "0.7", "--steps", "5", "--guidance", "5", "--scheduler", "euler",
-                     "--seed", "4", "--size", f"{SIZE}x{SIZE}", "--no-progress", "-o", a]) == 0
+                     "--timestep-spacing", "trailing", "--seed", "4", "--size", f"{SIZE}x{SIZE}", "--no-progress",
+                     "-o", a]) == 0
     params = Image.open(a).text["parameters"]
-    assert f"Refiner: {title}, Refiner switch at: 0.7" in params, params
+    assert f"Refiner: {title}, Refiner switch at: 0.7, Timestep spacing: trailing" in params, params
     fields = parse_a1111(params)
     assert (fields["Refiner"], fields["Refiner switch at"], fields["Sampler"]) == (title, "0.7", "Euler")
     meta = read_metadata(a)
-    assert (meta["refiner"], meta["refiner_switch"]) == (title, 0.7)
+    assert (meta["refiner"], meta["refiner_switch"], meta["timestep_spacing"]) == (title, 0.7, "trailing")
+    (plan, _), = planned[0]  # what the CLI ran: the base's sampler at trailing timesteps, the switch at 0.7
+    assert plan.base.sampler.config.timestep_spacing == "trailing"
+    np.testing.assert_array_equal(plan.base.sampler.timesteps, [999, 799, 599, 399, 199])
+    assert (plan.base.end, plan.refiner.start) == (4, 4)  # diffusers' rule at 0.7: the base takes t >= 300
     capsys.readouterr()
     assert cli.main(["generate", "--from-png", a, "--model", folder, "--refiner", refiner_dir, "--no-progress",
                      "-o", b]) == 0
@@ -372,8 +389,8 @@ def test_sdxl_prompt_encoding_at_real_text_encoder_widths(tmp_path):
     """CLIP ViT-L (768 wide, 12 heads, MLP 3072, quick-GELU) and OpenCLIP bigG (1280 wide, 20 heads,
     MLP 5120, GELU, projection 1280), 2 layers each, a small vocabulary: SDXL's prompt embeddings
     (both penultimate states, 2048 wide) and pooled embedding against diffusers'
-    ``StableDiffusionXLPipeline.encode_prompt`` (transformers' encoders), <= 1e-4, with and without
-    clip_skip, read (a) from the encoders' transformers folders and (b) from an SGM single file
+    ``StableDiffusionXLPipeline.encode_prompt`` (transformers' encoders), <= 1e-4 (measured 4e-6),
+    read (a) from the encoders' transformers folders and (b) from an SGM single file
     (bigG's fused ``in_proj`` split, ``text_projection`` transposed; sd-jax's own export writes
     the same keys and values)."""
     import jax.numpy as jnp
@@ -402,19 +419,15 @@ def test_sdxl_prompt_encoding_at_real_text_encoder_widths(tmp_path):
     prompts = ["a small red circle at the top left on a blue background", "a green square"]
     ids = tuple(np.asarray(t(prompts, padding="max_length", max_length=77, truncation=True).input_ids, np.int32)
                 for t in (tok, tok2))
-    refs = {}
-    for skip in (None, 1):
-        with torch.no_grad():
-            pe, _, pooled, _ = ref.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
-                                                 do_classifier_free_guidance=False, clip_skip=skip)
-        refs[skip] = pe.numpy(), pooled.numpy()
-    assert refs[None][0].shape == (2, 77, 2048) and refs[None][1].shape == (2, 1280)
+    with torch.no_grad():
+        pe, _, pooled, _ = ref.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
+                                             do_classifier_free_guidance=False)
+    assert pe.shape == (2, 77, 2048) and pooled.shape == (2, 1280)
 
     def check(models, params, what):
-        for skip, (ctx_ref, pool_ref) in refs.items():
-            ctx, pool = families.SDXL.prompt.encode(models, params, ids, skip)
-            for ours, theirs in ((ctx, ctx_ref), (pool, pool_ref)):
-                assert _diff(ours, theirs) <= 1e-4, (what, skip)
+        ctx, pool = families.SDXL.prompt.encode(models, params, ids)
+        for ours, theirs in ((ctx, pe), (pool, pooled)):
+            assert _diff(ours, theirs.numpy()) <= 1e-4, what
 
     # (a) the encoders' folders, as a diffusers SDXL folder holds them
     import types
