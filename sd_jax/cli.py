@@ -205,6 +205,8 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     pc.add_argument("--scheduler", default=None, help="as generate's (default: the model's own)")
     pc.add_argument("--guidance", type=float, default=None, help="as generate's: <= 1 compiles the unguided program")
     pc.add_argument("--clip-skip", type=int, default=None)
+    pc.add_argument("--timestep-spacing", choices=["leading", "trailing", "linspace"], default=None,
+                    help="as generate's")
     pc.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto")
     pc.add_argument("--no-memory-check", action="store_true")
     _add_model_args(pc)

@@ -729,7 +729,8 @@ def precompile(args) -> int:
     for w, h, steps in args.shapes:
         t = time.perf_counter()
         request = GenerationRequest("", steps=steps, guidance=guidance, width=w, height=h,
-                                    scheduler=args.scheduler or pipe.scheduler_name, clip_skip=args.clip_skip)
+                                    scheduler=args.scheduler or pipe.scheduler_name, clip_skip=args.clip_skip,
+                                    timestep_spacing=args.timestep_spacing)
         n = Dispatcher(pipe, batch_size=chunk, output="uint8").precompile([request])
         print(f"{w}x{h}:{steps}: {n} program(s) compiled in {time.perf_counter() - t:.1f}s", flush=True)
     print(f"compilation cache: {jax.config.jax_compilation_cache_dir} "

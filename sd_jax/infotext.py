@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 
+from sd_jax.images import A1111_SAMPLERS
+
 _TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -88,7 +90,6 @@ def generate_settings(fields: dict) -> tuple[dict, list[str]]:
     their argparse names, warnings).  What sd-jax cannot use is left out with a warning (a
     sampler it does not have); ``refiner`` is the A1111 title (NAME [HASH]): a model's path
     is the user's to give."""
-    from sd_jax.images import A1111_SAMPLERS
     out: dict = {}
     warnings: list[str] = []
 

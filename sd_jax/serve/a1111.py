@@ -16,10 +16,13 @@ import json
 import secrets
 import time
 
+from sd_jax import infotext
 from sd_jax.images import A1111_SAMPLERS, a1111_controlnets, a1111_parameters
-from sd_jax.infotext import parse_parameters  # noqa: F401  (/png-info; shared with generate --from-png)
 from sd_jax.request import MAX_SEED, RequestError
 from sd_jax.serve import extras
+
+# /png-info's parser (shared with ``sd-jax generate --from-png``)
+parse_parameters = infotext.parse_parameters
 
 # A1111 sampler name -> sd-jax sampler ("Euler a" -> "euler_a"); "X Karras" adds "_karras".
 SAMPLERS = {v: k for k, v in A1111_SAMPLERS.items()}
