@@ -356,6 +356,30 @@ def test_from_png_settings_options_win_and_refiner_warnings(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("sd-jax: error: --from-png") and "not a readable image" in err
 
 
+def test_batch_pngs_name_the_refiner_and_spacing(tmp_path):
+    """``sd-jax batch --refiner R --timestep-spacing trailing``: each row's request has the spacing
+    (its own compiled group), each PNG and manifest entry the refiner's A1111 fields (a fake
+    ensemble: test_batch's fake pipeline with the ensemble's ``metadata``)."""
+    import json
+    from PIL import Image
+    from sd_jax import batch
+    from test_batch import DEFAULTS, FakePipe
+
+    class FakeEnsemble(FakePipe):
+        metadata = {"refiner": "sd_xl_refiner_1.0 [7440042bbd]", "refiner_switch": 0.75}
+
+    rows = batch.make_rows([(1, {"prompt": "a"}), (2, {"prompt": "b"})],
+                           {**DEFAULTS, "timestep_spacing": "trailing"}, "p.txt")
+    assert [r.request().timestep_spacing for r in rows] == ["trailing"] * 2 and rows[0].group[-1] == "trailing"
+    batch.run(FakeEnsemble(), rows, str(tmp_path), progress=False)
+    for r in rows:
+        params = Image.open(tmp_path / r.name).text["parameters"]
+        assert "Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.75, Timestep spacing: trailing" in params
+    entry = json.loads((tmp_path / "manifest.jsonl").read_text().splitlines()[0])
+    assert (entry["refiner"], entry["refiner_switch"], entry["timestep_spacing"]) == \
+        ("sd_xl_refiner_1.0 [7440042bbd]", 0.75, "trailing")
+
+
 # ------------------------------------------------------------------ text encoders at their real widths
 def _sgm_text_encoders(te, te2) -> dict:
     """The two encoders under the SGM single-file names, written here from the layout itself
