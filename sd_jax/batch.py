@@ -109,7 +109,7 @@ class Row:
     @property
     def group(self):
         """The static settings: rows of one group share a compiled function."""
-        return (self.steps, self.width, self.height, self.scheduler, self.clip_skip, self.timestep_spacing)
+        return (self.steps, self.width, self.height, self.scheduler, self.clip_skip)
 
 
 def _slug(text: str, n: int = 40) -> str:
