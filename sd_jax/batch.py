@@ -97,12 +97,14 @@ class Row:
     name: str
     clip_skip: int | None = None
     line: int = 0
+    timestep_spacing: str | None = None  # --timestep-spacing (None: the scheduler config's)
 
     def request(self) -> GenerationRequest:
         """This row as the request every entry point hands to the dispatcher."""
         return GenerationRequest(self.prompt, self.negative_prompt, seed=self.seed, steps=self.steps,
                                  guidance=self.guidance, guidance_rescale=self.guidance_rescale, width=self.width,
-                                 height=self.height, scheduler=self.scheduler, clip_skip=self.clip_skip)
+                                 height=self.height, scheduler=self.scheduler, clip_skip=self.clip_skip,
+                                 timestep_spacing=self.timestep_spacing)
 
     @property
     def group(self):
@@ -245,7 +247,8 @@ def make_rows(raw: list[tuple[int, dict]], defaults: dict, path: str, schedulers
             sched = check_scheduler(str(rec.get("scheduler", defaults["scheduler"])))
         except ValueError as e:
             raise PromptFileError(f"{where}: {e}") from None
-        row = Row(i, prompt, neg, seed, steps, guidance, rescale, w, h, sched, "", defaults.get("clip_skip"), ln)
+        row = Row(i, prompt, neg, seed, steps, guidance, rescale, w, h, sched, "", defaults.get("clip_skip"), ln,
+                  defaults.get("timestep_spacing"))
         try:
             row.request()  # the checks every request gets (steps, seed range, finite guidance, ...)
         except RequestError as e:
@@ -401,7 +404,8 @@ def lock_holder(out: str) -> int | None:
 _FLAGS = {"negative_prompt": "--negative", "seed": "--seed", "steps": "--steps", "guidance": "--guidance",
           "guidance_rescale": "--rescale", "size": "--size", "scheduler": "--scheduler", "clip_skip": "--clip-skip",
           "dtype": "--dtype", "watermark": "--no-watermark", "unet": "--unet", "refiner": "--refiner",
-          "refiner_switch": "--refiner-switch", "loras": "--lora", "prompt_loras": "the prompts' <lora:...> files"}
+          "refiner_switch": "--refiner-switch", "loras": "--lora", "prompt_loras": "the prompts' <lora:...> files",
+          "timestep_spacing": "--timestep-spacing"}
 
 
 def make_job(model: str, settings: dict, rows: list) -> dict:
@@ -430,6 +434,8 @@ def job_of_args(args, model: str, raw: list[tuple[int, dict]], loras=(), tagged=
         settings["watermark"] = False
     if getattr(args, "unet", None):
         settings["unet"] = os.path.abspath(args.unet)
+    if getattr(args, "timestep_spacing", None):  # (absent otherwise: older jobs stay the same)
+        settings["timestep_spacing"] = args.timestep_spacing
     if getattr(args, "refiner", None):  # (absent otherwise: jobs written before refiners stay the same)
         settings["refiner"] = os.path.basename(os.path.normpath(args.refiner))
         settings["refiner_switch"] = 0.8 if args.refiner_switch is None else args.refiner_switch
@@ -624,7 +630,7 @@ def _meta(row: Row, model: str) -> dict:
     return {"prompt": row.prompt, "negative_prompt": row.negative_prompt, "seed": row.seed, "steps": row.steps,
             "guidance": row.guidance, "guidance_rescale": row.guidance_rescale, "width": row.width,
             "height": row.height, "scheduler": row.scheduler, "clip_skip": row.clip_skip, "model": model,
-            "generator": "sd-jax"}
+            "generator": "sd-jax", **({"timestep_spacing": row.timestep_spacing} if row.timestep_spacing else {})}
 
 
 def _matches(entry: dict, row: Row, model: str) -> bool:
@@ -730,6 +736,7 @@ def _generate(pipe, rows, out, model, per_device, progress, write_threads, t_sta
         gathered = np.asarray(multihost_utils.process_allgather(flags)).reshape(nproc, len(rows))
         done = {r.name for r, f in zip(rows, gathered.any(axis=0)) if f}
     todo = [r for r in rows if r.name not in done]
+    refiner = getattr(pipe, "metadata", None) or {}  # an SDXLEnsemble's refiner and switch (A1111's fields)
 
     ndev = pipe.mesh.devices.size
     batch_size = ndev * per_device  # images per device call, over all devices
@@ -750,6 +757,7 @@ def _generate(pipe, rows, out, model, per_device, progress, write_threads, t_sta
         # the safety checker's flag, where it ran: in the PNG's metadata and the manifest
         meta = _meta(row, model) if nsfw is None else {**_meta(row, model), "nsfw_content_detected": nsfw}
         meta.update(loras or {})
+        meta.update(refiner)
         with _writing(path):
             save_png(path, img, meta)
         return {"file": row.name, "row": row.index, **meta, "seconds": round(seconds, 4),

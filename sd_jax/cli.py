@@ -88,6 +88,9 @@ def _add_gen_args(p):
                                                    "--refiner-switch, the refiner finishes (text-to-image)")
     p.add_argument("--refiner-switch", type=float, default=None,
                    help="fraction of the noise schedule the base denoises before the refiner (default 0.8)")
+    p.add_argument("--timestep-spacing", choices=["leading", "trailing", "linspace"], default=None,
+                   help="the sampler's timestep spacing, replacing the model's scheduler config's "
+                        "(SDXL-Turbo/-Lightning: trailing)")
 
 
 def _add_lora_args(p):
@@ -100,12 +103,13 @@ def _add_lora_args(p):
                    help="load a LoRA even if some of its keys match no layer of the model (they are ignored)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """``generate_defaults``: generate's defaults replaced (``--from-png``: the PNG's settings)."""
     parser = Parser(prog=PROG, description="Stable Diffusion in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate images from a prompt")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?", default=None, help="the prompt (default with --from-png: the PNG's)")
     _add_gen_args(g)
     g.add_argument("--num", type=int, default=1, help="number of images (seeds seed, seed+1, ...)")
     g.add_argument("--init-image", default=None, help="img2img: the starting image")
@@ -126,8 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="control image for the matching --controlnet: canny (edges computed, needs "
                         "sd-jax[canny]) or pose/depth/normal/scribble/tile/... (used as given); SCALE default 1")
     g.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode (as diffusers)")
+    g.add_argument("--from-png", default=None, metavar="PNG",
+                   help="take the prompt and settings from a PNG's A1111 parameters (sd-jax's or A1111's: "
+                        "steps, sampler, CFG scale, seed, size, clip skip, refiner switch, ...); options given win")
     _add_model_args(g)
     _add_lora_args(g)
+    if generate_defaults:
+        g.set_defaults(**generate_defaults)
 
     b = sub.add_parser("batch", help="generate every row of a prompt file (.txt, .jsonl, .csv), resumably")
     b.add_argument("prompts", help=".txt (one prompt a line), .jsonl or .csv (columns prompt, negative_prompt, "
@@ -199,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--scheduler", default=None, help="as generate's (default: the model's own)")
     pc.add_argument("--guidance", type=float, default=None, help="as generate's: <= 1 compiles the unguided program")
     pc.add_argument("--clip-skip", type=int, default=None)
+    pc.add_argument("--timestep-spacing", choices=["leading", "trailing", "linspace"], default=None,
+                    help="as generate's")
     pc.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto")
     pc.add_argument("--no-memory-check", action="store_true")
     _add_model_args(pc)
@@ -225,6 +236,8 @@ def main(argv=None) -> int:
     from sd_jax import commands
     commands.route_warnings()
     try:
+        if getattr(args, "from_png", None):  # the PNG's settings become the defaults: the options given win
+            args = build_parser(commands.png_defaults(args)).parse_args(argv)
         return getattr(commands, args.command)(args) or 0
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -387,6 +387,43 @@ def _strength(args) -> float:
     return 0.8 if args.strength is None else args.strength
 
 
+def png_defaults(args) -> dict:
+    """``generate --from-png PNG``: the PNG's A1111 parameters as generate's option defaults
+    (:mod:`sd_jax.infotext`); warnings for what is not used (a refiner without ``--refiner``,
+    another model or refiner than the PNG names)."""
+    from sd_jax import infotext
+    from sd_jax.images import model_name as name_of
+    from sd_jax.request import RequestError, parse_size
+    try:
+        text = infotext.read_png_parameters(args.from_png)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    found, warnings = infotext.generate_settings(infotext.parse_parameters(text))
+    where = f"--from-png {args.from_png}"
+    for w in warnings:
+        warn(f"{where}: {w}")
+    if "size" in found:
+        try:
+            parse_size("x".join(map(str, found["size"])))
+        except RequestError as e:
+            raise UsageError(f"{where}: {e}") from None
+    model = found.pop("model_title", None)
+    if model and infotext.split_title(model)[0] != name_of(model_path(args)):
+        warn(f"{where}: made with the model {model}, generating with {name_of(model_path(args))} (--model)")
+    refiner = found.pop("refiner_title", None)
+    if refiner and not args.refiner:
+        found.pop("refiner_switch", None)
+        warn(f"{where}: made with the refiner {refiner}; give it with --refiner PATH to use it (now: the base alone)")
+    elif refiner:
+        name, digest = infotext.split_title(refiner)
+        given = infotext.split_title(infotext.checkpoint_title(args.refiner))
+        if (digest and given[1] and digest != given[1]) or (not (digest and given[1]) and name != given[0]):
+            warn(f"{where}: made with the refiner {refiner}, --refiner is {infotext.checkpoint_title(args.refiner)}")
+    if not args.init_image:
+        found.pop("strength", None)
+    return found
+
+
 def generate(args) -> int:
     """``--num`` images in batches of ``--batch-size`` (one per device by default): batch k+1 is
     queued on the devices before batch k is copied back and written, so memory does not grow
@@ -400,6 +437,8 @@ def generate(args) -> int:
     from sd_jax import sharding
     from sd_jax.images import save_png
     from sd_jax.request import Dispatcher, GenerationRequest
+    if args.prompt is None:
+        raise UsageError("give a prompt (sd-jax generate \"a lighthouse\"), or --from-png PNG to take the PNG's")
     if args.num < 1:
         raise UsageError("--num must be at least 1")
     if args.batch_size is not None and args.batch_size < 1:
@@ -438,17 +477,24 @@ def generate(args) -> int:
                                   guidance=s["guidance"], guidance_rescale=s["guidance_rescale"],
                                   width=s["width"], height=s["height"], scheduler=s["scheduler"],
                                   clip_skip=s["clip_skip"], image=args.init_image, mask=args.mask,
-                                  strength=strength, prompt_syntax=args.prompt_syntax, control=tuple(c for c, _ in controls), guess_mode=args.guess_mode)
+                                  strength=strength, prompt_syntax=args.prompt_syntax, control=tuple(c for c, _ in controls), guess_mode=args.guess_mode,
+                                  timestep_spacing=args.timestep_spacing)
                 for i in range(args.num)]
+
+    refiner = getattr(pipe, "metadata", None) if args.refiner else None  # SDXLEnsemble: the refiner, its switch
 
     def write(i: int, img, nsfw=None) -> None:
         path = args.output if args.num == 1 else f"{stem}-{i}.png"
         meta = {"prompt": args.prompt, **s, "seed": s["seed"] + i, "model": model_name(pipe), "generator": "sd-jax"}
+        if refiner:
+            meta.update(refiner)
         if pipe.loras.weights:
             meta["loras"] = pipe.loras.weights
             meta["lora_hashes"] = lora_hashes
         if args.prompt_syntax != "a1111":  # the A1111 parameters read the prompt as A1111 syntax
             meta["prompt_syntax"] = args.prompt_syntax
+        if args.timestep_spacing:
+            meta["timestep_spacing"] = args.timestep_spacing
         if nsfw is not None:  # the safety checker ran
             meta["nsfw_content_detected"] = nsfw
         if args.init_image:
@@ -529,7 +575,7 @@ def batch(args) -> int:
         from sd_jax import sharding
         from sd_jax.score import ClipScorer
         scorer = ClipScorer.load(args.score_with, mesh=sharding.make_mesh(jax.local_devices()))
-    rows = batch_lib.make_rows(raw, settings(args, pipe), args.prompts)
+    rows = batch_lib.make_rows(raw, {**settings(args, pipe), "timestep_spacing": args.timestep_spacing}, args.prompts)
     pipe.memory_check = not args.no_memory_check
     pipe.vae_tiling = args.vae_tiling
     ndev = pipe.mesh.devices.size
@@ -683,7 +729,8 @@ def precompile(args) -> int:
     for w, h, steps in args.shapes:
         t = time.perf_counter()
         request = GenerationRequest("", steps=steps, guidance=guidance, width=w, height=h,
-                                    scheduler=args.scheduler or pipe.scheduler_name, clip_skip=args.clip_skip)
+                                    scheduler=args.scheduler or pipe.scheduler_name, clip_skip=args.clip_skip,
+                                    timestep_spacing=args.timestep_spacing)
         n = Dispatcher(pipe, batch_size=chunk, output="uint8").precompile([request])
         print(f"{w}x{h}:{steps}: {n} program(s) compiled in {time.perf_counter() - t:.1f}s", flush=True)
     print(f"compilation cache: {jax.config.jax_compilation_cache_dir} "

@@ -149,6 +149,13 @@ class SDXLEnsemble:
         into the base later are used without recompiling)."""
         return {"base": self.base.params, "refiner": self.refiner.params}
 
+    @functools.cached_property
+    def metadata(self) -> dict:
+        """The refiner in PNG metadata: ``refiner`` as A1111 titles it (``NAME [HASH]`` for a
+        single file: :func:`sd_jax.infotext.checkpoint_title`; hashed once) and ``refiner_switch``."""
+        from sd_jax.infotext import checkpoint_title
+        return {"refiner": checkpoint_title(self.refiner.source), "refiner_switch": self.switch}
+
     # LoRAs apply to the base (the refiner is another network; A1111 does the same)
     @property
     def loras(self):

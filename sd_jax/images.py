@@ -59,6 +59,9 @@ def a1111_parameters(meta: dict) -> str:
               ("Size", f"{meta['width']}x{meta['height']}" if "width" in meta and "height" in meta else None),
               ("Model", meta.get("model") or None), ("Denoising strength", meta.get("strength")),
               ("Clip skip", a1111_clip_skip(meta.get("clip_skip"))), ("CFG Rescale", meta.get("guidance_rescale") or None),
+              # A1111's refiner fields: "Refiner: NAME [HASH]" (sd_jax.infotext.checkpoint_title), the switch
+              ("Refiner", meta.get("refiner")), ("Refiner switch at", meta.get("refiner_switch") if meta.get("refiner") else None),
+              ("Timestep spacing", meta.get("timestep_spacing")),   # sd-jax's own (A1111 keeps unknown fields)
               *a1111_controlnets(meta.get("controlnets")), *a1111_loras(meta), ("Version", "sd-jax")]
     text = a1111_prompt(meta)
     if meta.get("negative_prompt"):

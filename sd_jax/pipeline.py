@@ -53,7 +53,8 @@ OUTPUTS = ("uint8", "float32", "latent")
 # GenerationRequest fields that __call__ takes by their diffusers names, the same for every image
 SDXL_ARGUMENTS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
                   "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
-                  "negative_aesthetic_score", "denoising_start", "denoising_end")
+                  "negative_aesthetic_score", "denoising_start", "denoising_end",
+                  "timestep_spacing")  # (not SDXL's alone: any sampler's spacing, e.g. "trailing")
 
 def enable_compilation_cache(path: str | None = None) -> str:
     """Turn on JAX's persistent compilation cache so a second process starts fast."""
@@ -530,7 +531,8 @@ class StableDiffusionPipeline:
         if height % f or width % f:
             raise RequestError(f"height and width must be multiples of {f} for this model, got {width}x{height}")
         scheduler = r.scheduler or self.scheduler_name
-        sampler = self.sampler(scheduler, r.steps)
+        spacing = {} if r.timestep_spacing is None else {"timestep_spacing": r.timestep_spacing}
+        sampler = self.sampler(scheduler, r.steps, **spacing)
         if self.models.unet.config.in_channels == 9 and r.mode != "inpaint":
             raise RequestError("this is an inpainting model: pass image= and mask_image=")
         start, end = 0, sampler.num_steps
@@ -810,7 +812,9 @@ class StableDiffusionPipeline:
           sdxl: the rest of diffusers' SDXL arguments (:data:`SDXL_ARGUMENTS`): micro-conditioning
             ``original_size``, ``crops_coords_top_left``, ``target_size`` and their
             ``negative_`` counterparts as (height, width), ``aesthetic_score`` /
-            ``negative_aesthetic_score`` (a refiner), ``denoising_start`` / ``denoising_end``.
+            ``negative_aesthetic_score`` (a refiner), ``denoising_start`` / ``denoising_end``;
+            and ``timestep_spacing`` (``"trailing"`` for SDXL-Turbo/-Lightning, ``"leading"``,
+            ``"linspace"``: replaces the scheduler config's).
           lora_dir: the folder the prompts' ``<lora:name:weight>`` tags are looked up in (default
             ``pipe.lora_dir``); those LoRAs are added to the loaded ones for this call (every
             prompt of a call must name the same ones; no recompilation).

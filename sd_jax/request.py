@@ -65,6 +65,16 @@ def canonical_scheduler(name: str) -> str:
     return key
 
 
+def check_timestep_spacing(name) -> str:
+    """``"trailing"`` etc. (diffusers' ``timestep_spacing``); a RequestError naming the choices otherwise."""
+    from sd_jax.diffusion.schedules import TIMESTEP_SPACINGS
+    key = str(name).strip().lower()
+    if key not in TIMESTEP_SPACINGS:
+        raise RequestError(f"timestep spacing {name!r} is not one of {', '.join(TIMESTEP_SPACINGS)} "
+                           f"(SDXL-Turbo/-Lightning: trailing)")
+    return key
+
+
 def _number(value, what: str) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise RequestError(f"{what} must be a number, got {value!r}")
@@ -156,6 +166,10 @@ class GenerationRequest:
     # (SDXL's base -> refiner hand-off, diffusers' ``denoising_end`` / ``denoising_start``).
     denoising_start: Optional[float] = None
     denoising_end: Optional[float] = None
+    # the sampler's timestep spacing (diffusers' ``timestep_spacing``: "leading", "trailing",
+    # "linspace"), replacing the scheduler config's; None: the config's.  SDXL-Turbo/-Lightning
+    # are trained for "trailing".  Static (part of the compiled plan).
+    timestep_spacing: Optional[str] = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -209,6 +223,8 @@ class GenerationRequest:
         set_("control", control)
         set_("guess_mode", bool(self.guess_mode))
         _check_sdxl_fields(self, set_)
+        if self.timestep_spacing is not None:
+            set_("timestep_spacing", check_timestep_spacing(self.timestep_spacing))
 
     @property
     def mode(self) -> str:

@@ -16,10 +16,14 @@ import json
 import secrets
 import time
 
+from sd_jax import infotext
 from sd_jax.images import A1111_SAMPLERS, a1111_controlnets, a1111_loras, a1111_parameters
 from sd_jax.prompts import extract_loras
 from sd_jax.request import MAX_SEED, RequestError
 from sd_jax.serve import extras
+
+# /png-info's parser (shared with ``sd-jax generate --from-png``)
+parse_parameters = infotext.parse_parameters
 
 # A1111 sampler name -> sd-jax sampler ("Euler a" -> "euler_a"); "X Karras" adds "_karras".
 SAMPLERS = {v: k for k, v in A1111_SAMPLERS.items()}
@@ -232,36 +236,3 @@ def info(settings: dict, seeds: list, nsfw: list | None = None) -> str:
         "infotexts": [a1111_parameters(image_meta(settings, s)) for s in seeds],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "sd-jax", **checked,
     })
-
-
-def parse_parameters(text: str) -> dict:
-    """An A1111 ``parameters`` string -> {"Prompt", "Negative prompt", "Steps", ...} (``/png-info``)."""
-    lines = text.strip().split("\n")
-    out: dict = {}
-    last = lines[-1] if lines and ": " in lines[-1] and "Steps:" in lines[-1] else ""
-    body = lines[:-1] if last else lines
-    neg = [i for i, line in enumerate(body) if line.startswith("Negative prompt:")]
-    if neg:
-        out["Prompt"] = "\n".join(body[:neg[0]])
-        out["Negative prompt"] = "\n".join(body[neg[0]:]).removeprefix("Negative prompt:").strip()
-    else:
-        out["Prompt"] = "\n".join(body)
-    for part in _split_fields(last):
-        if ": " in part:
-            k, v = part.split(": ", 1)
-            out[k.strip()] = json.loads(v) if v.startswith('"') else v
-    return out
-
-
-def _split_fields(line: str) -> list[str]:
-    """``a: 1, b: "x, y"`` -> ["a: 1", 'b: "x, y"'] (commas inside quotes kept)."""
-    parts, cur, quoted = [], "", False
-    for i, c in enumerate(line):
-        if c == '"' and (i == 0 or line[i - 1] != "\\"):
-            quoted = not quoted
-        if c == "," and not quoted:
-            parts.append(cur.strip())
-            cur = ""
-        else:
-            cur += c
-    return parts + ([cur.strip()] if cur.strip() else [])
