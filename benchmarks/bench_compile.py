@@ -17,7 +17,7 @@ Prints, for ``jax.jit(generate).trace(params, batch)``, ``.lower()`` and ``.comp
 (timed separately, compiled with the persistent cache off): seconds, the jaxpr's equation
 count (sub-jaxprs included: a scan body counts once) and how many times the UNet, the text
 encoder and the VAE decoder were traced into it (Flax's name stack in the
-jaxpr: :func:`traces`), and the StableHLO size.
+jaxpr: :func:`sd_jax.jaxpr_stats.network_traces`), and the StableHLO size.
 """
 from __future__ import annotations
 
@@ -57,23 +57,10 @@ def build(size: int, steps: int, batch: int, scheduler: str | None, guidance: fl
     return fn, params, inputs, plan
 
 
-def count_eqns(jaxpr) -> int:
-    """Equations of a jaxpr, those of its sub-jaxprs (scan/cond/pjit bodies, once each) included."""
-    import jax.extend as jex
-    n = 0
-    for e in jaxpr.eqns:
-        n += 1
-        for v in e.params.values():
-            for sub in (v if isinstance(v, (list, tuple)) else [v]):
-                if isinstance(sub, jex.core.ClosedJaxpr):
-                    n += count_eqns(sub.jaxpr)
-                elif isinstance(sub, jex.core.Jaxpr):
-                    n += count_eqns(sub)
-    return n
-
-
 def measure(args) -> dict:
     import jax
+
+    from sd_jax import jaxpr_stats
     fn, params, inputs, plan = build(args.size, args.steps, args.batch, args.scheduler, args.guidance, args.attention)
     t0 = time.perf_counter()
     traced = fn.trace(params, inputs)
@@ -86,8 +73,8 @@ def measure(args) -> dict:
     out = {"size": args.size, "steps": args.steps, "batch": args.batch, "scheduler": plan.sampler.name,
            "scan_steps": plan.sampler.num_steps, "guidance": plan.guidance,
            "trace_s": t1 - t0, "lower_s": t2 - t1, "compile_s": t3 - t2, "compile_cpu_s": c3 - c2,
-           "jaxpr_eqns": count_eqns(traced.jaxpr.jaxpr), "stablehlo_mb": len(text) / 1e6,
-           "traces": traces(traced.jaxpr.jaxpr), "backend": jax.default_backend()}
+           "jaxpr_eqns": jaxpr_stats.count_equations(traced.jaxpr), "stablehlo_mb": len(text) / 1e6,
+           "traces": jaxpr_stats.network_traces(traced.jaxpr), "backend": jax.default_backend()}
     if args.first_image:
         import numpy as np
         rng = np.random.default_rng(0)
@@ -96,32 +83,6 @@ def measure(args) -> dict:
         jax.block_until_ready(compiled(real, inputs))
         out["first_call_s"] = time.perf_counter() - t
     return out
-
-
-# (primitive, name-stack suffix) that each network's trace has exactly once: Flax names every
-# module call's equations by its module path.
-MARKERS = {"unet": ("dot_general", "UNet2DConditionModel/time_embedding/linear_1"),
-           "text_encoder": ("add", "CLIPTextModel/text_model/embeddings"),
-           "vae_decode": ("conv_general_dilated", "AutoencoderKL.decode/post_quant_conv")}
-
-
-def traces(jaxpr) -> dict:
-    """How many times each network was traced into ``jaxpr`` (sub-jaxprs once each, as they
-    are compiled: a scan body counts once however many steps it runs)."""
-    import jax.extend as jex
-    found = dict.fromkeys(MARKERS, 0)
-
-    def walk(j):
-        for e in j.eqns:
-            for name, (prim, suffix) in MARKERS.items():
-                if e.primitive.name == prim and str(e.source_info.name_stack).endswith(suffix):
-                    found[name] += 1
-            for v in e.params.values():
-                for sub in (v if isinstance(v, (list, tuple)) else [v]):
-                    if isinstance(sub, (jex.core.ClosedJaxpr, jex.core.Jaxpr)):
-                        walk(getattr(sub, "jaxpr", sub))
-    walk(jaxpr)
-    return found
 
 
 def parts(args) -> dict:
