@@ -79,10 +79,10 @@ def test_im2col_patches_are_one_kernel_and_the_same_result(k, stride, pad):
     new = jax.jit(layers.conv_im2col, static_argnums=(2, 3))
     old = jax.jit(_shifted_slices_im2col, static_argnums=(2, 3))
     np.testing.assert_array_equal(np.asarray(new(x, kernel, stride, pad)), np.asarray(old(x, kernel, stride, pad)))
-    if jax.default_backend() == "cpu":
-        hlo = new.lower(x, kernel, stride, pad).compile().as_text()
-        loops = hlo.count("kind=kLoop")
-        assert loops <= 2, hlo  # (pad and) the patches; the slices were one kernel per tap
+    if jax.default_backend() == "cpu" and k == 3:
+        kernels = lambda f: f.lower(x, kernel, stride, pad).compile().as_text().count("kind=kLoop")  # noqa: E731
+        # pad, row-shifted views, column-shifted views; the slices were a kernel per tap
+        assert kernels(new) <= 3 < kernels(old) - 3, (kernels(new), kernels(old))
 
 
 @pytest.mark.parametrize("command", [["generate", "a cat"], ["batch", "prompts.txt", "--out", "o"], ["serve"],
