@@ -94,8 +94,17 @@ def test_attention_choices_are_offered_where_the_pipeline_is_built(command):
 
 def test_attention_pallas_off_a_tpu_is_one_line_error(capsys, tmp_path):
     assert jax.default_backend() != "tpu"
-    code = cli.main(["generate", "a red circle", "--model", SHIPPED, "--size", "64x64", "--steps", "2",
-                     "--attention", "pallas", "--compile-cache", str(tmp_path / "cache"), "-o", str(tmp_path / "a.png")])
+    # the CLI turns on the persistent cache (process-wide): put the settings back afterwards
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    try:
+        code = cli.main(["generate", "a red circle", "--model", SHIPPED, "--size", "64x64", "--steps", "2",
+                         "--attention", "pallas", "--compile-cache", str(tmp_path / "cache"),
+                         "-o", str(tmp_path / "a.png")])
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("sd-jax: error: --attention pallas: ") and "TPU" in err[0] and "'auto'" in err[0], err
