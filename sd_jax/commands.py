@@ -125,6 +125,7 @@ def load_model(path: str, *, dtype: str = "fp32", attention: str = "auto", mesh=
     from sd_jax.weights.safetensors_io import CheckpointError
     try:
         check_impl(attention)  # not the model's fault: no "cannot load model" before it
+        _check_pallas(attention)
     except ValueError as e:
         raise UsageError(f"--attention {attention}: {e}") from e
     try:
@@ -142,6 +143,16 @@ def load_model(path: str, *, dtype: str = "fp32", attention: str = "auto", mesh=
         else:
             what = f"{type(e).__name__}: {_one_line(e)} (SD_JAX_DEBUG=1 shows where)"
         raise UsageError(f"cannot load model {path}: {what}") from e
+
+
+def _check_pallas(attention: str) -> None:
+    """``--attention pallas`` off a TPU is refused: elsewhere the TPU kernel runs only in Pallas
+    interpret mode, exact but far too slow to generate with (the library keeps it for tests)."""
+    import jax
+    if attention == "pallas" and jax.default_backend() != "tpu":
+        raise ValueError(f"the Pallas attention kernel is written for TPUs and JAX runs on {jax.default_backend()} "
+                         f"here (off a TPU it only runs in interpret mode, far too slow to generate with); "
+                         f"use 'auto' (Pallas on TPU, cuDNN on GPU, XLA elsewhere) or 'xla'")
 
 
 def model_path(args) -> str:

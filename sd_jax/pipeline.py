@@ -228,8 +228,11 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
                           None if zero is None else jnp.repeat(zero, k), rows(w))
         return editing.stack(c, k).replace(time_ids=tids)
 
-    cond = encode(False)
-    uncond = encode(True) if plan.guidance else None
+    if plan.guidance and k == 1 and plan.clip_skip is None:
+        cond, uncond = _encode_pair(models, encoding, params, batch, time_ids)
+    else:
+        cond = encode(False)
+        uncond = encode(True) if plan.guidance else None
     proj = models.unet.config.time_cond_proj_dim
     if proj:  # LCM-distilled UNet: guidance as an embedding of w = scale - 1 (LatentConsistencyModelPipeline)
         w = get_guidance_scale_embedding(batch["guidance"].astype(jnp.float32) - 1.0, proj)
@@ -288,6 +291,22 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
         return x
     images = vae_decode(models, params, x, plan.output, plan.watermark, plan.vae_tile)
     return images if plan.safety is None else plan.safety(params["safety_checker"], images)
+
+
+def _encode_pair(models: Models, encoding: families.PromptEncoding, params, batch, time_ids):
+    """(cond, uncond): the prompts and the negative prompts encoded by one text-encoder call
+    on [negatives; prompts] rows, so the text encoders are traced and compiled once, not twice
+    (each row is encoded on its own: the same as two calls).  Without ``clip_skip`` only: the
+    negative prompt never takes it (diffusers)."""
+    b = batch["seeds"].shape[0]
+    both = lambda what: jax.tree.map(lambda n, p: jnp.concatenate([n, p]),  # noqa: E731
+                                     _batch_ids(encoding, batch, True, what), _batch_ids(encoding, batch, False, what))
+    weights = both("weights") if _batch_ids(encoding, batch, False, "weights") is not None else None
+    zero = batch.get("neg_zero")
+    zero = None if zero is None else jnp.concatenate([zero, jnp.zeros_like(zero)])
+    c = encode_prompt(models, encoding, params, both("ids"), None, None, zero, weights)
+    half = lambda lo: jax.tree.map(lambda a: a[lo:lo + b], c)  # noqa: E731
+    return half(b).replace(time_ids=time_ids), half(0).replace(time_ids=batch.get("neg_time_ids", time_ids))
 
 
 def img2img_start(num_inference_steps: int, strength: float, order: int = 1) -> int:

@@ -54,9 +54,14 @@ def conv_im2col(x, kernel, stride: int = 1, padding: int = 1):
         x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     ho = (h + 2 * padding - kh) // stride + 1
     wo = (w + 2 * padding - kw) // stride + 1
-    cols = [x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
-            for i in range(kh) for j in range(kw)]
-    cols = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+    # The patches [B, Ho, Wo, kh, kw, C] (tap-major, as the kernel's rows) from kh row-shifted,
+    # then kw column-shifted views, stacked: XLA:CPU fuses this into one loop kernel, where kh*kw
+    # shifted slices concatenated along channels compiled to kh*kw kernels and a copy.  The same
+    # matrix, so the same result bit for bit, in a third of the compile time and no slower
+    # (benchmarks/README.md, "Compile time").
+    rows = jnp.stack([x[:, i:i + stride * (ho - 1) + 1:stride] for i in range(kh)], axis=2)         # [B, Ho, kh, W, C]
+    cols = jnp.stack([rows[:, :, :, j:j + stride * (wo - 1) + 1:stride] for j in range(kw)], axis=4)  # [B, Ho, kh, Wo, kw, C]
+    cols = cols.transpose(0, 1, 3, 2, 4, 5)
     y = jnp.dot(cols.reshape(b * ho * wo, kh * kw * cin), kernel.reshape(kh * kw * cin, cout))
     return y.reshape(b, ho, wo, cout)
 
