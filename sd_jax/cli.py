@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "images again (by default a changed job is refused)")
     b.add_argument("--score-with", default=None, metavar="CLIP",
                    help="after the job, CLIP-score every image with this CLIPModel folder: OUT/clip_scores.jsonl")
+    b.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="a ControlNet (repeatable) steering the rows with a control column: KIND:IMAGE[:SCALE] "
+                        "entries, one per --controlnet, separated by ';' (image paths relative to the prompt file)")
+    b.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode for the rows with a control")
     _add_model_args(b)
     _add_lora_args(b)
 
@@ -154,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="single-file: one original-layout .safetensors (CompVis; SGM for SDXL), DEST ending in .safetensors")
     c.add_argument("--overwrite", action="store_true",
                    help="replace DEST if it is a model (sd-jax checkpoint or diffusers folder) or an empty folder")
+    c.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="a ControlNet (diffusers folder or original .safetensors) to save with the model "
+                        "(repeatable; DEST is then a ControlNet pipeline: controlnet/, controlnet_1/, ...)")
 
     i = sub.add_parser("info", help="devices, backend, default model, compilation cache; with --lora: "
                                     "which layers of --model each LoRA key changes")

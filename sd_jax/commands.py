@@ -353,10 +353,8 @@ def _check_controls(args) -> list:
     if args.guess_mode and not args.controlnet:
         raise UsageError("--guess-mode needs --controlnet and --control")
     out = []
+    _check_controlnet_paths(args.controlnet)
     for path, spec in zip(args.controlnet, args.control):
-        if not (os.path.isdir(path) or os.path.isfile(path) and path.endswith(".safetensors")):
-            raise UsageError(f"--controlnet {path!r}: not found; give a diffusers ControlNetModel folder "
-                             f"(config.json + diffusion_pytorch_model.safetensors) or an original .safetensors")
         try:
             kind, image, scale = parse_control(spec)
             if not os.path.isfile(image):
@@ -368,19 +366,28 @@ def _check_controls(args) -> list:
     return out
 
 
+def _check_controlnet_paths(paths) -> None:
+    for path in paths:
+        if not (os.path.isdir(path) or os.path.isfile(path) and path.endswith(".safetensors")):
+            raise UsageError(f"--controlnet {path!r}: not found; give a diffusers ControlNetModel folder "
+                             f"(config.json + diffusion_pytorch_model.safetensors) or an original .safetensors")
+
+
+def _add_controlnet(pipe, path: str) -> str:
+    """``pipe.load_controlnet(path)``; its name, or a UsageError naming ``--controlnet``."""
+    try:
+        return pipe.load_controlnet(path)
+    except NotImplementedError as e:
+        raise UsageError(f"--controlnet {path}: {_one_line(e)}") from None
+    except ValueError as e:
+        raise UsageError(_one_line(e)) from None
+
+
 def _load_controlnets(pipe, args, controls) -> list:
     """Load each ``--controlnet``; [(Control, kind)] for the requests and the metadata."""
     from sd_jax.request import Control
-    out = []
-    for path, (kind, image, scale) in zip(args.controlnet, controls):
-        try:
-            name = pipe.load_controlnet(path)
-        except NotImplementedError as e:
-            raise UsageError(f"--controlnet {path}: {_one_line(e)}") from None
-        except ValueError as e:
-            raise UsageError(_one_line(e)) from None
-        out.append((Control(name, image, scale), kind))
-    return out
+    return [(Control(_add_controlnet(pipe, path), image, scale), kind)
+            for path, (kind, image, scale) in zip(args.controlnet, controls)]
 
 
 def _strength(args) -> float:
@@ -579,8 +586,15 @@ def convert(args) -> int:
     if os.path.lexists(args.dest) and not args.overwrite:
         raise UsageError(f"{args.dest} already exists; pass --overwrite to replace it, or choose another DEST")
     _check_writable(os.path.abspath(args.dest), "DEST")
+    nets = getattr(args, "controlnet", [])
+    if nets and single:
+        raise UsageError("a single-file checkpoint holds no ControlNets; give --to sd-jax or --to diffusers "
+                         "to save --controlnet with the model")
+    _check_controlnet_paths(nets)
     with _signals_interrupt():
         pipe = load_model(args.source, dtype="fp32", attention="xla", safety_checker=False)
+        for path in nets:
+            _add_controlnet(pipe, path)
         pipe.save_pretrained(args.dest, format={"sd-jax": "orbax"}.get(args.to, args.to))
     print(f"wrote {args.to} model to {args.dest}")
     return 0
