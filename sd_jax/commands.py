@@ -514,7 +514,8 @@ def batch(args) -> int:
         raise UsageError("--batch-size must be at least 1")
     check_generation_args(args)
     raw = batch_lib.read_prompt_file(args.prompts)
-    batch_lib.make_rows(raw, settings(args), args.prompts)  # a bad row fails before the (slow) model load
+    nets = _batch_controlnets(args)
+    batch_lib.make_rows(raw, settings(args), args.prompts, **nets)  # a bad row fails before the (slow) model load
     loras, tagged = check_loras(args), {}
     for line, rec in raw:  # every row's <lora:...> tags found in --lora-dir before the model load
         try:
@@ -531,12 +532,14 @@ def batch(args) -> int:
         raise UsageError(f"{args.model or 'the model'} is an inpainting model (9 input channels); "
                          f"batch does text-to-image only")
     apply_loras(pipe, loras, args)
+    for path in args.controlnet:
+        _add_controlnet(pipe, path)
     scorer = None
     if args.score_with and jax.process_index() == 0:  # loaded before the job: a bad folder fails early
         from sd_jax import sharding
         from sd_jax.score import ClipScorer
         scorer = ClipScorer.load(args.score_with, mesh=sharding.make_mesh(jax.local_devices()))
-    rows = batch_lib.make_rows(raw, settings(args, pipe), args.prompts)
+    rows = batch_lib.make_rows(raw, settings(args, pipe), args.prompts, **nets)
     pipe.memory_check = not args.no_memory_check
     pipe.vae_tiling = args.vae_tiling
     ndev = pipe.mesh.devices.size
@@ -565,6 +568,18 @@ def batch(args) -> int:
         write_table(scored, os.path.join(args.out, "clip_scores.jsonl"))
         print(f"{summary(scored)}; table in {os.path.join(args.out, 'clip_scores.jsonl')}", file=sys.stderr)
     return 0
+
+
+def _batch_controlnets(args) -> dict:
+    """``batch``'s ``--controlnet``s checked before the model load: make_rows' ControlNet arguments
+    (their names, as :meth:`load_controlnet` gives them)."""
+    _check_controlnet_paths(args.controlnet)
+    names = [os.path.basename(os.path.normpath(p)).removesuffix(".safetensors") for p in args.controlnet]
+    if len(set(names)) != len(names):
+        raise UsageError(f"two --controlnet have the same name ({', '.join(names)}); give folders of other names")
+    if args.guess_mode and not names:
+        raise UsageError("--guess-mode needs --controlnet (and control entries in the prompt file)")
+    return {"controlnets": names, "guess_mode": args.guess_mode}
 
 
 def convert(args) -> int:
