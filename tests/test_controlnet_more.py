@@ -208,3 +208,31 @@ def test_batch_control_columns(tiny, tmp_path, monkeypatch, capsys):
         assert not os.path.exists(tmp_path / "bad_out")
     assert cli.main(common[:1] + [str(bad), "--out", str(tmp_path / "bad_out")] + common[4:]) == 2
     assert "a control needs a ControlNet: give --controlnet PATH" in capsys.readouterr().err
+
+
+def test_cli_inpaint_with_control(tiny, tmp_path, monkeypatch):
+    """``sd-jax generate --init-image --mask --controlnet --control``: the image the Python API
+    makes (the same compiled program), with inpainting and the ControlNet in its metadata.  (The
+    model load is replaced by the tiny pipeline, so the compilations can be counted.)"""
+    from PIL import Image
+
+    from sd_jax import cli, commands
+    from sd_jax.images import read_metadata
+    from sd_jax.pipeline import StableDiffusionPipeline
+    root = tiny[0]
+    pipe = StableDiffusionPipeline.from_pretrained(str(root / "sd4"))
+    monkeypatch.setattr(commands, "load", lambda args, mesh=None: pipe)
+    for name, arr in (("init", _image(6)), ("mask", _mask()), ("ctl", _image(7))):
+        Image.fromarray(arr).save(tmp_path / f"{name}.png")
+    out = tmp_path / "out.png"
+    assert cli.main(["generate", PROMPT, "--model", str(root / "sd4"), "--size", "32x32", "--steps", "4",
+                     "--scheduler", "ddim", "--seed", "5", "--init-image", str(tmp_path / "init.png"),
+                     "--mask", str(tmp_path / "mask.png"), "--strength", "0.75", "--controlnet", str(root / "cn4"),
+                     "--control", f"depth:{tmp_path / 'ctl.png'}:0.7", "-o", str(out), "--no-progress"]) == 0
+    want = pipe(PROMPT, seed=5, num_inference_steps=4, height=SIZE, width=SIZE, scheduler="ddim", output_type="uint8",
+                image=str(tmp_path / "init.png"), mask_image=str(tmp_path / "mask.png"), strength=0.75,
+                control_image=str(tmp_path / "ctl.png"), controlnet_conditioning_scale=0.7)[0]
+    assert np.array_equal(np.asarray(Image.open(out)), want) and pipe.compilations == 1
+    meta = read_metadata(str(out))
+    assert meta["mode"] == "inpaint" and meta["controlnets"] == [
+        {"module": "depth", "model": "cn4", "weight": 0.7, "guidance_start": 0.0, "guidance_end": 1.0}]
