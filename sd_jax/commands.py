@@ -346,15 +346,20 @@ def _check_controls(args) -> list:
     """``--controlnet``/``--control`` checked before the model load: [(kind, image, scale)], the
     image a path, or for ``canny`` the computed edges."""
     from sd_jax.control import control_image, parse_control
+    from sd_jax.models.controlnet import saved_count
     from sd_jax.request import RequestError
-    if len(args.control) != len(args.controlnet):
+    saved = saved_count(model_path(args)) if args.control and not args.controlnet else 0
+    if saved and len(args.control) != saved:  # no --controlnet: the --control entries steer the model's own
+        raise UsageError(f"{len(args.control)} --control given for the model's {saved} ControlNet(s); give one "
+                         f"--control KIND:IMAGE[:SCALE] per ControlNet, or --controlnet PATH for each --control")
+    if not saved and len(args.control) != len(args.controlnet):
         raise UsageError(f"{len(args.controlnet)} --controlnet and {len(args.control)} --control given; "
                          f"give one --control KIND:IMAGE[:SCALE] per --controlnet PATH")
-    if args.guess_mode and not args.controlnet:
+    if args.guess_mode and not (args.controlnet or saved):
         raise UsageError("--guess-mode needs --controlnet and --control")
     out = []
     _check_controlnet_paths(args.controlnet)
-    for path, spec in zip(args.controlnet, args.control):
+    for spec in args.control:
         try:
             kind, image, scale = parse_control(spec)
             if not os.path.isfile(image):
@@ -386,6 +391,8 @@ def _add_controlnet(pipe, path: str) -> str:
 def _load_controlnets(pipe, args, controls) -> list:
     """Load each ``--controlnet``; [(Control, kind)] for the requests and the metadata."""
     from sd_jax.request import Control
+    if not args.controlnet:  # the model's own (saved with it), in order
+        return [(Control(name, image, scale), kind) for (name, _), (kind, image, scale) in zip(pipe.controlnets, controls)]
     return [(Control(_add_controlnet(pipe, path), image, scale), kind)
             for path, (kind, image, scale) in zip(args.controlnet, controls)]
 

@@ -138,6 +138,19 @@ def test_saved_with_controlnets_and_loaded_back_bit_for_bit(tiny, tmp_path, caps
     back = StableDiffusionPipeline.from_pretrained(str(dest))
     assert [n for n, _ in back.controlnets] == ["cn4"]
     _same_params(back.params["controlnets"][0], pipe.params["controlnets"][0])
+    # generate --control without --controlnet: the model's own ControlNet, named in the metadata.
+    from PIL import Image
+
+    from sd_jax.images import read_metadata
+    Image.fromarray(_image(8)).save(tmp_path / "ctl.png")
+    gen = ["generate", PROMPT, "--model", str(dest), "--size", "32x32", "--steps", "2", "--no-progress",
+           "-o", str(tmp_path / "own.png"), "--control", f"depth:{tmp_path / 'ctl.png'}:0.4"]
+    capsys.readouterr()
+    assert cli.main(gen + ["--control", f"pose:{tmp_path / 'ctl.png'}"]) == 2
+    assert "2 --control given for the model's 1 ControlNet(s)" in capsys.readouterr().err
+    assert cli.main(gen) == 0
+    assert read_metadata(str(tmp_path / "own.png"))["controlnets"][0] == {
+        "module": "depth", "model": "cn4", "weight": 0.4, "guidance_start": 0.0, "guidance_end": 1.0}
     capsys.readouterr()
     assert cli.main(["convert", str(dest), str(tmp_path / "one.safetensors"), "--to", "single-file"]) == 2
     err = capsys.readouterr().err.strip()

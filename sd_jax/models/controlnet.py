@@ -302,6 +302,23 @@ def index_entry(n: int) -> list:
     return ["diffusers", "ControlNetModel" if n == 1 else "MultiControlNetModel"]
 
 
+def saved_count(path: str) -> int:
+    """How many ControlNets a model folder holds (diffusers ControlNet pipeline or sd-jax
+    checkpoint), from its description files alone; 0 for anything else."""
+    try:
+        if os.path.isfile(os.path.join(path, "sd_jax.json")):
+            return len(read_config(path, "sd_jax.json").get("controlnets", ()))
+        entry = read_config(path, "model_index.json").get("controlnet") if os.path.isdir(path) else None
+    except (OSError, ValueError):
+        return 0
+    if not entry or not entry[0]:
+        return 0
+    n = 0
+    while os.path.isdir(os.path.join(path, folder_name(n))) and (n == 0 or entry[1] != "ControlNetModel"):
+        n += 1
+    return n
+
+
 def save(folder: str, config: ControlNetConfig, params, name: str | None = None) -> None:
     """Write a diffusers ``ControlNetModel`` folder (``config.json`` + safetensors);
     ``name``: the name sd-jax gives it when the pipeline folder is loaded again."""
