@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("batch", help="generate every row of a prompt file (.txt, .jsonl, .csv), resumably")
     b.add_argument("prompts", help=".txt (one prompt a line), .jsonl or .csv (columns prompt, negative_prompt, "
-                                   "seed, steps, guidance, size, scheduler, name)")
+                                   "seed, steps, guidance, size, scheduler, name, control)")
     b.add_argument("--out", required=True, help="output folder (PNGs and manifest.jsonl)")
     _add_gen_args(b)
     b.add_argument("--batch-size", type=int, default=None,
