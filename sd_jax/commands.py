@@ -581,7 +581,8 @@ def _batch_controlnets(args) -> dict:
     """``batch``'s ``--controlnet``s checked before the model load: make_rows' ControlNet arguments
     (their names, as :meth:`load_controlnet` gives them)."""
     _check_controlnet_paths(args.controlnet)
-    names = [os.path.basename(os.path.normpath(p)).removesuffix(".safetensors") for p in args.controlnet]
+    from sd_jax.models.controlnet import default_name
+    names = [default_name(p) for p in args.controlnet]
     if len(set(names)) != len(names):
         raise UsageError(f"two --controlnet have the same name ({', '.join(names)}); give folders of other names")
     if args.guess_mode and not names:

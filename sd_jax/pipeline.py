@@ -459,8 +459,7 @@ class StableDiffusionPipeline:
         policy = self.models.unet.policy
         model, params = controlnet_model.load(path, policy=policy, variant=variant, allow_pickle=allow_pickle,
                                               base=self.models.unet.config)
-        return self._add_controlnet(name or os.path.basename(os.path.normpath(path)).removesuffix(".safetensors"),
-                                    model.config, params)
+        return self._add_controlnet(name or controlnet_model.default_name(path), model.config, params)
 
     def _add_controlnet(self, name: str, config, params) -> str:
         """Add a ControlNet (its config and parameters) under ``name``, after checking it fits."""

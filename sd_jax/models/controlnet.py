@@ -286,6 +286,11 @@ def load(path: str, *, policy: Policy | None = None, variant: str | None = None,
 NAME_KEY = "_sd_jax_name"
 
 
+def default_name(path: str) -> str:
+    """The name a ControlNet loaded from ``path`` gets unless given one: its folder's (or file's) name."""
+    return os.path.basename(os.path.normpath(path)).removesuffix(".safetensors")
+
+
 def folder_name(i: int) -> str:
     """The folder of a pipeline's ``i``-th ControlNet, as diffusers' MultiControlNetModel."""
     return "controlnet" if i == 0 else f"controlnet_{i}"
