@@ -6,6 +6,10 @@
   ``guidance``, ``guidance_rescale``, ``size`` (WxH) or ``width`` + ``height``,
   ``scheduler``, ``name`` (the output file name).  A row without a seed gets
   ``--seed`` + its index; a row without a name gets ``{index:06d}-{prompt slug}-{seed}.png``.
+* ``control``: the row's ControlNet images, ``KIND:IMAGE[:SCALE]`` as the CLI's ``--control``,
+  one per ControlNet of the job (``--controlnet``), separated by ``;`` (or a JSON list); image
+  paths are relative to the prompt file.  Rows that differ only in control images and scales
+  share a compiled function (they are arguments); a row without one runs without ControlNet.
 * Rows are grouped by their static settings (steps, size, scheduler), so each group
   compiles once; each call fills every device of every host (``per_device`` rows on
   each), and a group's last, partial batch is padded so it reuses a compiled shape.
@@ -43,6 +47,7 @@ import dataclasses
 import errno
 import fcntl
 import glob
+import functools
 import hashlib
 import io
 import json
@@ -60,7 +65,7 @@ from sd_jax.lora import prompts as lora_prompts
 from sd_jax.request import Chunk, Dispatcher, GenerationRequest, RequestError, canonical_scheduler, parse_size
 
 FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "guidance_rescale", "size", "width", "height",
-          "scheduler", "name")
+          "scheduler", "name", "control")
 ALIASES = {"negative": "negative_prompt", "cfg": "guidance", "cfg_scale": "guidance", "guidance_scale": "guidance",
            "file": "name", "output": "name", "num_inference_steps": "steps", "sampler": "scheduler",
            "rescale": "guidance_rescale"}
@@ -98,18 +103,84 @@ class Row:
     clip_skip: int | None = None
     line: int = 0
     timestep_spacing: str | None = None  # --timestep-spacing (None: the scheduler config's)
+    control: tuple = ()  # RowControl entries, one per ControlNet of the job (or none)
+    guess_mode: bool = False
 
     def request(self) -> GenerationRequest:
         """This row as the request every entry point hands to the dispatcher."""
+        from sd_jax.request import Control
+        control = tuple(Control(c.controlnet, _control_image(c.kind, c.path), c.scale) for c in self.control)
         return GenerationRequest(self.prompt, self.negative_prompt, seed=self.seed, steps=self.steps,
                                  guidance=self.guidance, guidance_rescale=self.guidance_rescale, width=self.width,
                                  height=self.height, scheduler=self.scheduler, clip_skip=self.clip_skip,
-                                 timestep_spacing=self.timestep_spacing)
+                                 timestep_spacing=self.timestep_spacing,
+                                 control=control, guess_mode=self.guess_mode and bool(control))
 
     @property
     def group(self):
         """The static settings: rows of one group share a compiled function."""
         return (self.steps, self.width, self.height, self.scheduler, self.clip_skip)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowControl:
+    """One ControlNet's part in a row: the ControlNet's name, the kind (``canny``: edges computed),
+    the image's path (resolved) and as the prompt file gives it, the conditioning scale."""
+    controlnet: str
+    kind: str
+    path: str
+    given: str
+    scale: float
+
+    def meta(self) -> dict:
+        """The ``controlnets`` metadata entry (as ``sd-jax generate`` writes it; A1111 parameters)."""
+        return {"module": self.kind, "model": self.controlnet, "weight": self.scale, "image": self.given,
+                "guidance_start": 0.0, "guidance_end": 1.0}
+
+
+@functools.lru_cache(maxsize=16)
+def _canny(path: str):
+    from sd_jax.control import canny
+    return canny(path)
+
+
+def _control_image(kind: str, path: str):
+    """A row's control image: canny edges of ``path`` (cached: a row is resolved more than once), or the path."""
+    return _canny(path) if kind == "canny" else path
+
+
+def _row_controls(value, folder: str, controlnets) -> tuple:
+    """A row's ``control`` field (``;``-separated ``KIND:IMAGE[:SCALE]`` entries or a list of
+    them) -> RowControl entries; ValueError (one line) for a bad entry or image."""
+    from PIL import Image
+
+    from sd_jax.control import parse_control
+    value = "" if value is None else value
+    entries = value if isinstance(value, list) else [e for e in str(value).split(";") if e.strip()] \
+        if isinstance(value, str) else None
+    if entries is None or not all(isinstance(e, str) for e in entries):
+        raise ValueError(f"control must be KIND:IMAGE[:SCALE] entries separated by ';', got {value!r}")
+    if not entries:
+        return ()
+    if not controlnets:
+        raise ValueError("a control needs a ControlNet: give --controlnet PATH (one per control entry)")
+    if len(entries) != len(controlnets):
+        raise ValueError(f"{len(entries)} control entr{'y' if len(entries) == 1 else 'ies'} for "
+                         f"{len(controlnets)} --controlnet; give one KIND:IMAGE[:SCALE] per ControlNet, "
+                         f"separated by ';'")
+    out = []
+    for name, entry in zip(controlnets, entries):
+        kind, given, scale = parse_control(entry.strip())
+        path = os.path.join(folder, os.path.expanduser(given))
+        if not os.path.isfile(path):
+            raise ValueError(f"control image {given!r}: no such file {path!r} (paths are relative to the prompt file)")
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, ValueError) as e:
+            raise ValueError(f"control image {given!r} is not a readable image ({e})") from None
+        out.append(RowControl(name, kind, os.path.abspath(path), given, scale))
+    return tuple(out)
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -192,8 +263,11 @@ def _float(value, what: str) -> float:
     return x
 
 
-def make_rows(raw: list[tuple[int, dict]], defaults: dict, path: str, schedulers=None) -> list[Row]:
+def make_rows(raw: list[tuple[int, dict]], defaults: dict, path: str, schedulers=None, controlnets=(),
+              guess_mode: bool = False) -> list[Row]:
     """Rows from :func:`read_prompt_file`'s output, every field checked (errors name the line).
+    ``controlnets``: the names of the job's ControlNets, which a row's ``control`` entries
+    steer, in order (``guess_mode`` for them all).
 
     ``defaults``: ``negative_prompt, seed, steps, guidance, guidance_rescale, width, height,
     scheduler`` and optionally ``clip_skip``.  ``schedulers``: the sampler names allowed (a
@@ -245,10 +319,11 @@ def make_rows(raw: list[tuple[int, dict]], defaults: dict, path: str, schedulers
                 h = _int(rec.get("height", defaults["height"]), "height")
                 parse_size(f"{w}x{h}")
             sched = check_scheduler(str(rec.get("scheduler", defaults["scheduler"])))
+            control = _row_controls(rec.get("control", ""), os.path.dirname(os.path.abspath(path)), controlnets)
         except ValueError as e:
             raise PromptFileError(f"{where}: {e}") from None
         row = Row(i, prompt, neg, seed, steps, guidance, rescale, w, h, sched, "", defaults.get("clip_skip"), ln,
-                  defaults.get("timestep_spacing"))
+                  defaults.get("timestep_spacing"), control, guess_mode)
         try:
             row.request()  # the checks every request gets (steps, seed range, finite guidance, ...)
         except RequestError as e:
@@ -405,7 +480,7 @@ _FLAGS = {"negative_prompt": "--negative", "seed": "--seed", "steps": "--steps",
           "guidance_rescale": "--rescale", "size": "--size", "scheduler": "--scheduler", "clip_skip": "--clip-skip",
           "dtype": "--dtype", "watermark": "--no-watermark", "unet": "--unet", "refiner": "--refiner",
           "refiner_switch": "--refiner-switch", "loras": "--lora", "prompt_loras": "the prompts' <lora:...> files",
-          "timestep_spacing": "--timestep-spacing"}
+          "timestep_spacing": "--timestep-spacing", "controlnets": "--controlnet", "guess_mode": "--guess-mode"}
 
 
 def make_job(model: str, settings: dict, rows: list) -> dict:
@@ -443,6 +518,9 @@ def job_of_args(args, model: str, raw: list[tuple[int, dict]], loras=(), tagged=
         from sd_jax.lora.prompts import file_record
         settings["loras"] = [file_record(f, w) for f, w in loras]
         settings["prompt_loras"] = [file_record(f) for f in tagged]
+    if getattr(args, "controlnet", None):  # (absent otherwise: jobs written before ControlNets stay the same)
+        settings["controlnets"] = [os.path.abspath(p) for p in args.controlnet]
+        settings["guess_mode"] = bool(args.guess_mode)
     return make_job(model, settings, [rec for _, rec in raw])
 
 
@@ -627,15 +705,20 @@ def _order(e: dict):
 
 
 def _meta(row: Row, model: str) -> dict:
-    return {"prompt": row.prompt, "negative_prompt": row.negative_prompt, "seed": row.seed, "steps": row.steps,
+    meta = {"prompt": row.prompt, "negative_prompt": row.negative_prompt, "seed": row.seed, "steps": row.steps,
             "guidance": row.guidance, "guidance_rescale": row.guidance_rescale, "width": row.width,
             "height": row.height, "scheduler": row.scheduler, "clip_skip": row.clip_skip, "model": model,
             "generator": "sd-jax", **({"timestep_spacing": row.timestep_spacing} if row.timestep_spacing else {})}
+    if row.control:  # (absent otherwise: rows without ControlNet keep the metadata they had)
+        meta["controlnets"] = [c.meta() for c in row.control]
+        if row.guess_mode:
+            meta["guess_mode"] = True
+    return meta
 
 
 def _matches(entry: dict, row: Row, model: str) -> bool:
     want = _meta(row, model)
-    return all(entry.get(k) == want[k] for k in _SETTINGS)
+    return all(entry.get(k) == want.get(k) for k in _SETTINGS + ("controlnets", "guess_mode"))
 
 
 def recover(out: str, rows: list[Row], manifest: str, model: str, other_manifests=(), primary: bool = True) -> set[str]:

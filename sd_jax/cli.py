@@ -142,7 +142,7 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
 
     b = sub.add_parser("batch", help="generate every row of a prompt file (.txt, .jsonl, .csv), resumably")
     b.add_argument("prompts", help=".txt (one prompt a line), .jsonl or .csv (columns prompt, negative_prompt, "
-                                   "seed, steps, guidance, size, scheduler, name)")
+                                   "seed, steps, guidance, size, scheduler, name, control)")
     b.add_argument("--out", required=True, help="output folder (PNGs and manifest.jsonl)")
     _add_gen_args(b)
     b.add_argument("--batch-size", type=int, default=None,
@@ -154,6 +154,10 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
                         "images again (by default a changed job is refused)")
     b.add_argument("--score-with", default=None, metavar="CLIP",
                    help="after the job, CLIP-score every image with this CLIPModel folder: OUT/clip_scores.jsonl")
+    b.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="a ControlNet (repeatable) steering the rows with a control column: KIND:IMAGE[:SCALE] "
+                        "entries, one per --controlnet, separated by ';' (image paths relative to the prompt file)")
+    b.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode for the rows with a control")
     _add_model_args(b)
     _add_lora_args(b)
 
@@ -165,6 +169,9 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
                    help="single-file: one original-layout .safetensors (CompVis; SGM for SDXL), DEST ending in .safetensors")
     c.add_argument("--overwrite", action="store_true",
                    help="replace DEST if it is a model (sd-jax checkpoint or diffusers folder) or an empty folder")
+    c.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="a ControlNet (diffusers folder or original .safetensors) to save with the model "
+                        "(repeatable; DEST is then a ControlNet pipeline: controlnet/, controlnet_1/, ...)")
 
     i = sub.add_parser("info", help="devices, backend, default model, compilation cache; with --lora: "
                                     "which layers of --model each LoRA key changes")

@@ -357,17 +357,20 @@ def _check_controls(args) -> list:
     """``--controlnet``/``--control`` checked before the model load: [(kind, image, scale)], the
     image a path, or for ``canny`` the computed edges."""
     from sd_jax.control import control_image, parse_control
+    from sd_jax.models.controlnet import saved_count
     from sd_jax.request import RequestError
-    if len(args.control) != len(args.controlnet):
+    saved = saved_count(model_path(args)) if args.control and not args.controlnet else 0
+    if saved and len(args.control) != saved:  # no --controlnet: the --control entries steer the model's own
+        raise UsageError(f"{len(args.control)} --control given for the model's {saved} ControlNet(s); give one "
+                         f"--control KIND:IMAGE[:SCALE] per ControlNet, or --controlnet PATH for each --control")
+    if not saved and len(args.control) != len(args.controlnet):
         raise UsageError(f"{len(args.controlnet)} --controlnet and {len(args.control)} --control given; "
                          f"give one --control KIND:IMAGE[:SCALE] per --controlnet PATH")
-    if args.guess_mode and not args.controlnet:
+    if args.guess_mode and not (args.controlnet or saved):
         raise UsageError("--guess-mode needs --controlnet and --control")
     out = []
-    for path, spec in zip(args.controlnet, args.control):
-        if not (os.path.isdir(path) or os.path.isfile(path) and path.endswith(".safetensors")):
-            raise UsageError(f"--controlnet {path!r}: not found; give a diffusers ControlNetModel folder "
-                             f"(config.json + diffusion_pytorch_model.safetensors) or an original .safetensors")
+    _check_controlnet_paths(args.controlnet)
+    for spec in args.control:
         try:
             kind, image, scale = parse_control(spec)
             if not os.path.isfile(image):
@@ -379,19 +382,30 @@ def _check_controls(args) -> list:
     return out
 
 
+def _check_controlnet_paths(paths) -> None:
+    for path in paths:
+        if not (os.path.isdir(path) or os.path.isfile(path) and path.endswith(".safetensors")):
+            raise UsageError(f"--controlnet {path!r}: not found; give a diffusers ControlNetModel folder "
+                             f"(config.json + diffusion_pytorch_model.safetensors) or an original .safetensors")
+
+
+def _add_controlnet(pipe, path: str) -> str:
+    """``pipe.load_controlnet(path)``; its name, or a UsageError naming ``--controlnet``."""
+    try:
+        return pipe.load_controlnet(path)
+    except NotImplementedError as e:
+        raise UsageError(f"--controlnet {path}: {_one_line(e)}") from None
+    except ValueError as e:
+        raise UsageError(_one_line(e)) from None
+
+
 def _load_controlnets(pipe, args, controls) -> list:
     """Load each ``--controlnet``; [(Control, kind)] for the requests and the metadata."""
     from sd_jax.request import Control
-    out = []
-    for path, (kind, image, scale) in zip(args.controlnet, controls):
-        try:
-            name = pipe.load_controlnet(path)
-        except NotImplementedError as e:
-            raise UsageError(f"--controlnet {path}: {_one_line(e)}") from None
-        except ValueError as e:
-            raise UsageError(_one_line(e)) from None
-        out.append((Control(name, image, scale), kind))
-    return out
+    if not args.controlnet:  # the model's own (saved with it), in order
+        return [(Control(name, image, scale), kind) for (name, _), (kind, image, scale) in zip(pipe.controlnets, controls)]
+    return [(Control(_add_controlnet(pipe, path), image, scale), kind)
+            for path, (kind, image, scale) in zip(args.controlnet, controls)]
 
 
 def _strength(args) -> float:
@@ -564,7 +578,8 @@ def batch(args) -> int:
         raise UsageError("--batch-size must be at least 1")
     check_generation_args(args)
     raw = batch_lib.read_prompt_file(args.prompts)
-    batch_lib.make_rows(raw, settings(args), args.prompts)  # a bad row fails before the (slow) model load
+    nets = _batch_controlnets(args)
+    batch_lib.make_rows(raw, settings(args), args.prompts, **nets)  # a bad row fails before the (slow) model load
     loras, tagged = check_loras(args), {}
     for line, rec in raw:  # every row's <lora:...> tags found in --lora-dir before the model load
         try:
@@ -581,12 +596,15 @@ def batch(args) -> int:
         raise UsageError(f"{args.model or 'the model'} is an inpainting model (9 input channels); "
                          f"batch does text-to-image only")
     apply_loras(pipe, loras, args)
+    for path in args.controlnet:
+        _add_controlnet(pipe, path)
     scorer = None
     if args.score_with and jax.process_index() == 0:  # loaded before the job: a bad folder fails early
         from sd_jax import sharding
         from sd_jax.score import ClipScorer
         scorer = ClipScorer.load(args.score_with, mesh=sharding.make_mesh(jax.local_devices()))
-    rows = batch_lib.make_rows(raw, {**settings(args, pipe), "timestep_spacing": args.timestep_spacing}, args.prompts)
+    rows = batch_lib.make_rows(raw, {**settings(args, pipe), "timestep_spacing": args.timestep_spacing}, args.prompts,
+                               **nets)
     pipe.memory_check = not args.no_memory_check
     pipe.vae_tiling = args.vae_tiling
     ndev = pipe.mesh.devices.size
@@ -617,6 +635,19 @@ def batch(args) -> int:
     return 0
 
 
+def _batch_controlnets(args) -> dict:
+    """``batch``'s ``--controlnet``s checked before the model load: make_rows' ControlNet arguments
+    (their names, as :meth:`load_controlnet` gives them)."""
+    _check_controlnet_paths(args.controlnet)
+    from sd_jax.models.controlnet import default_name
+    names = [default_name(p) for p in args.controlnet]
+    if len(set(names)) != len(names):
+        raise UsageError(f"two --controlnet have the same name ({', '.join(names)}); give folders of other names")
+    if args.guess_mode and not names:
+        raise UsageError("--guess-mode needs --controlnet (and control entries in the prompt file)")
+    return {"controlnets": names, "guess_mode": args.guess_mode}
+
+
 def convert(args) -> int:
     """Load SOURCE (any format) and write DEST, atomically: DEST is written in a hidden sibling
     folder ``.DEST.tmp-PID`` and renamed into place once complete, so an interrupted conversion
@@ -636,8 +667,15 @@ def convert(args) -> int:
     if os.path.lexists(args.dest) and not args.overwrite:
         raise UsageError(f"{args.dest} already exists; pass --overwrite to replace it, or choose another DEST")
     _check_writable(os.path.abspath(args.dest), "DEST")
+    nets = getattr(args, "controlnet", [])
+    if nets and single:
+        raise UsageError("a single-file checkpoint holds no ControlNets; give --to sd-jax or --to diffusers "
+                         "to save --controlnet with the model")
+    _check_controlnet_paths(nets)
     with _signals_interrupt():
         pipe = load_model(args.source, dtype="fp32", attention="xla", safety_checker=False)
+        for path in nets:
+            _add_controlnet(pipe, path)
         pipe.save_pretrained(args.dest, format={"sd-jax": "orbax"}.get(args.to, args.to))
     print(f"wrote {args.to} model to {args.dest}")
     return 0

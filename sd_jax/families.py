@@ -433,7 +433,8 @@ def detect(configs: Mapping[str, Any], model_index: Mapping[str, Any] | None = N
     ``configs``: component -> ``config.json`` dict (or config dataclass).  Raises
     CheckpointError (one line) for a pipeline of a family sd-jax does not have.
     """
-    cls = str((model_index or {}).get("_class_name", ""))
+    # a ControlNet pipeline's folder is its base pipeline's plus controlnet/ (read by the loader)
+    cls = str((model_index or {}).get("_class_name", "")).replace("ControlNet", "")
     for marker, what in _UNSUPPORTED_PIPELINES.items():
         if marker in cls:
             raise CheckpointError(f"{where} is a {what} model ({cls}); sd-jax loads Stable Diffusion 1.x/2.x "

@@ -434,6 +434,8 @@ class StableDiffusionPipeline:
         pipe = cls(m.models, m.params, m.tokenizer, m.scheduler_config, m.scheduler_name, mesh=mesh, source=m.source,
                    family=m.family, tokenizers=m.tokenizers, options=m.options, safety_checker=checker,
                    safety_policy=safety_policy)
+        for name, config, params in m.controlnets:  # a ControlNet pipeline's (saved with the model)
+            pipe._add_controlnet(name, config, params)
         if watermark is not None:
             pipe.watermark = bool(watermark)
         if embeddings_dir is not None:
@@ -465,9 +467,11 @@ class StableDiffusionPipeline:
         if format not in ("orbax", "diffusers", "single-file"):
             raise ValueError(f"unknown format {format!r}; use 'orbax', 'diffusers' or 'single-file'")
         family = self.family
-        params = {k: v for k, v in self.params.items() if k != "controlnets"}  # not part of the model
+        params = {k: v for k, v in self.params.items() if k != "controlnets"}  # saved apart, as diffusers does
+        nets = [(name, cfg, p) for (name, cfg), p in zip(self.controlnets, self.params.get("controlnets", ()))]
         model = loader.LoadedModel(family, self.models, params, self.tokenizers,
-                                   self.scheduler_config.to_dict(), self.scheduler_name, self.source, self.options)
+                                   self.scheduler_config.to_dict(), self.scheduler_name, self.source, self.options,
+                                   controlnets=nets)
         loader.save(model, path, format)
 
     def load_controlnet(self, path: str, name: str | None = None, *, variant: str | None = None,
@@ -479,13 +483,16 @@ class StableDiffusionPipeline:
         policy = self.models.unet.policy
         model, params = controlnet_model.load(path, policy=policy, variant=variant, allow_pickle=allow_pickle,
                                               base=self.models.unet.config)
-        name = name or os.path.basename(os.path.normpath(path)).removesuffix(".safetensors")
-        why = model.config.mismatch(self.models.unet.config, self.latent_channels)
+        return self._add_controlnet(name or controlnet_model.default_name(path), model.config, params)
+
+    def _add_controlnet(self, name: str, config, params) -> str:
+        """Add a ControlNet (its config and parameters) under ``name``, after checking it fits."""
+        why = config.mismatch(self.models.unet.config, self.latent_channels)
         if why:
             raise ValueError(f"ControlNet {name} does not fit this model: {why} (a ControlNet for another base model?)")
         if name in [n for n, _ in self.controlnets]:
             raise ValueError(f"a ControlNet named {name!r} is loaded already; pass another name=")
-        self.controlnets.append((name, model.config))
+        self.controlnets.append((name, config))
         self.params = {**self.params, "controlnets": tuple(self.params.get("controlnets", ()))
                        + (sharding.replicate(params, self.mesh),)}
         self._compiled.clear()  # the parameter tree changed: compiled calls take the old one

@@ -92,9 +92,14 @@ def test_detect():
         assert families.detect({}, {"_class_name": cls, "text_encoder": te}) is families.SDXL
         assert families.detect({}, {"_class_name": cls, "text_encoder": [None, None]}) is families.SDXL_REFINER
     for cls, what in (("StableDiffusionXLInstructPix2PixPipeline", "SDXL InstructPix2Pix"), ("FluxPipeline", "Flux"),
-                      ("StableDiffusionXLControlNetPipeline", "SDXL pipeline")):
+                      ("StableDiffusionXLAdapterPipeline", "SDXL pipeline")):
         with pytest.raises(CheckpointError, match=what):
             families.detect({}, {"_class_name": cls}, where="m")
+    # a ControlNet pipeline's folder is its base's plus controlnet/ (sd_jax.models.controlnet.load_all)
+    assert families.detect({}, {"_class_name": "StableDiffusionXLControlNetInpaintPipeline",
+                                "text_encoder": ["transformers", "CLIPTextModel"]}) is families.SDXL
+    assert families.detect({"text_encoder": clip.CLIPTextConfig.sd15()},
+                           {"_class_name": "StableDiffusionControlNetPipeline"}) is families.SD1
     sd1_keys = ["model.diffusion_model.x", "cond_stage_model.transformer.text_model.y"]
     assert families.detect_single_file(sd1_keys) is families.SD1
     assert families.detect_single_file(["cond_stage_model.model.token_embedding.weight"]) is families.SD2

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 
 import flax.linen as nn
@@ -25,14 +26,21 @@ import jax.numpy as jnp
 from sd_jax.models.layers import conv2d
 from sd_jax.models.policy import Policy
 from sd_jax.models.unet import UNetConfig, UNetEncoder, _tup, dummy_added
-from sd_jax.weights.convert import state_dict_to_params
-from sd_jax.weights.diffusers import read_config, read_state_dict
+from sd_jax.weights.convert import params_to_state_dict, state_dict_to_params
+from sd_jax.weights.diffusers import read_config, read_state_dict, write_component
 from sd_jax.weights.safetensors_io import CheckpointError, load_file
 from sd_jax.weights.single_file import _indices, _one, _unet_table, rename_all
 
 # config.json keys of a ControlNetModel that its UNet-like encoder does not have.
 _OWN = ("conditioning_channels", "conditioning_embedding_out_channels",
         "controlnet_conditioning_channel_order", "global_pool_conditions")
+# UNet config.json keys that a ControlNetModel does not take (its encoder has no up path, no
+# output conv, and the defaults of these settings).
+_NOT_OWN = ("attention_type", "center_input_sample", "class_embeddings_concat", "conv_in_kernel", "conv_out_kernel",
+            "cross_attention_norm", "dual_cross_attention", "mid_block_only_cross_attention", "out_channels",
+            "resnet_out_scale_factor", "resnet_skip_time_act", "reverse_transformer_layers_per_block", "sample_size",
+            "time_cond_proj_dim", "time_embedding_act_fn", "time_embedding_dim", "time_embedding_type",
+            "timestep_post_act", "up_block_types")
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,13 @@ class ControlNetConfig:
     def from_unet(cls, unet: UNetConfig, **kw) -> "ControlNetConfig":
         """The ControlNet of a UNet's shape (as diffusers' ``ControlNetModel.from_unet``)."""
         return cls(dataclasses.replace(unet, time_embedding_dim=None), **kw)
+
+    def to_dict(self) -> dict:
+        """A diffusers ``ControlNetModel`` ``config.json`` dict (:meth:`from_dict` reads it back)."""
+        d = {k: v for k, v in self.unet.to_dict().items() if k not in _NOT_OWN}
+        d.update({k: list(v) if isinstance(v, tuple) else v
+                  for k, v in ((f, getattr(self, f)) for f in _OWN)})
+        return {**d, "_class_name": "ControlNetModel"}
 
     def mismatch(self, unet: UNetConfig, latent_channels: int) -> str | None:
         """Why this ControlNet cannot steer ``unet`` (a short clause), or None when it fits."""
@@ -262,6 +277,82 @@ def load(path: str, *, policy: Policy | None = None, variant: str | None = None,
     model = ControlNetModel(config, policy=policy)
     params = state_dict_to_params(sd, model.param_shapes(), what="controlnet", dtype=policy.param_dtype)
     return model, jax.tree.map(jnp.asarray, params)
+
+
+# ------------------------------------------------------------------ inside a pipeline folder
+# diffusers' ControlNet pipelines hold their ControlNet in ``controlnet/`` (several: a
+# MultiControlNetModel in ``controlnet/``, ``controlnet_1/``, ...); sd-jax also records each
+# one's name there (``_sd_jax_name``, a private key diffusers ignores).
+NAME_KEY = "_sd_jax_name"
+
+
+def default_name(path: str) -> str:
+    """The name a ControlNet loaded from ``path`` gets unless given one: its folder's (or file's) name."""
+    return os.path.basename(os.path.normpath(path)).removesuffix(".safetensors")
+
+
+def folder_name(i: int) -> str:
+    """The folder of a pipeline's ``i``-th ControlNet, as diffusers' MultiControlNetModel."""
+    return "controlnet" if i == 0 else f"controlnet_{i}"
+
+
+def pipeline_class(name: str) -> str:
+    """diffusers' ControlNet pipeline of a pipeline class (``StableDiffusionXLInpaintPipeline``
+    -> ``StableDiffusionXLControlNetInpaintPipeline``)."""
+    return re.sub(r"(Img2Img|Inpaint)?Pipeline$", r"ControlNet\1Pipeline", name)
+
+
+def index_entry(n: int) -> list:
+    """The ``model_index.json`` entry of ``n`` ControlNets."""
+    return ["diffusers", "ControlNetModel" if n == 1 else "MultiControlNetModel"]
+
+
+def saved_count(path: str) -> int:
+    """How many ControlNets a model folder holds (diffusers ControlNet pipeline or sd-jax
+    checkpoint), from its description files alone; 0 for anything else."""
+    try:
+        if os.path.isfile(os.path.join(path, "sd_jax.json")):
+            return len(read_config(path, "sd_jax.json").get("controlnets", ()))
+        entry = read_config(path, "model_index.json").get("controlnet") if os.path.isdir(path) else None
+    except (OSError, ValueError):
+        return 0
+    if not entry or not entry[0]:
+        return 0
+    n = 0
+    while os.path.isdir(os.path.join(path, folder_name(n))) and (n == 0 or entry[1] != "ControlNetModel"):
+        n += 1
+    return n
+
+
+def save(folder: str, config: ControlNetConfig, params, name: str | None = None) -> None:
+    """Write a diffusers ``ControlNetModel`` folder (``config.json`` + safetensors);
+    ``name``: the name sd-jax gives it when the pipeline folder is loaded again."""
+    cfg = config.to_dict()
+    if name is not None:
+        cfg[NAME_KEY] = name
+    # the ControlNet's own module lists, which the generic table does not know: name_N -> name.N
+    sd = {re.sub(r"(controlnet_down_blocks|controlnet_cond_embedding\.blocks)_(\d+)\.", r"\1.\2.", k): v
+          for k, v in params_to_state_dict(jax.device_get(params)).items()}
+    write_component(folder, cfg, sd)
+
+
+def load_all(path: str, index: dict, *, policy: Policy, base: UNetConfig, variant: str | None = None,
+             allow_pickle: bool = False) -> list:
+    """The ControlNets of a diffusers pipeline folder (``index``: its ``model_index.json``):
+    ``[(name, ControlNetConfig, params)]``, named as they were saved (else by folder)."""
+    entry = index.get("controlnet")
+    if not entry or not entry[0]:
+        return []
+    out = []
+    while os.path.isdir(os.path.join(path, folder_name(len(out)))):
+        folder = os.path.join(path, folder_name(len(out)))
+        model, params = load(folder, policy=policy, variant=variant, allow_pickle=allow_pickle, base=base)
+        out.append((read_config(folder).get(NAME_KEY) or folder_name(len(out)), model.config, params))
+        if entry[1] == "ControlNetModel":
+            break
+    if not out:
+        raise CheckpointError(f"{path}: model_index.json names a ControlNet but there is no controlnet/ folder")
+    return out
 
 
 __all__ = ["ControlNetConfig", "ControlNetModel", "ControlNetConditioningEmbedding", "convert_single_file", "load"]

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from sd_jax import families, sharding
 from sd_jax.diffusion.samplers import SchedulerConfig, default_scheduler_name, diffusers_class_name
+from sd_jax.models import controlnet as controlnet_model
 from sd_jax.models.policy import Policy
 from sd_jax.tokenizer import load_tokenizer, save_tokenizer
 from sd_jax.weights import checkpoint, single_file
@@ -46,7 +47,9 @@ class LoadedModel:
     dict (keys the checkpoint leaves out stay out); ``scheduler_name``: the sampler it
     names (:func:`sd_jax.diffusion.samplers.default_scheduler_name`); ``source``: the path;
     ``options``: the pipeline options of ``model_index.json`` (SDXL's
-    ``force_zeros_for_empty_prompt``; :meth:`sd_jax.families.Family.pipeline_options`).
+    ``force_zeros_for_empty_prompt``; :meth:`sd_jax.families.Family.pipeline_options`);
+    ``controlnets``: ``[(name, ControlNetConfig, params)]``, the ControlNets saved with it
+    (a diffusers ControlNet pipeline's ``controlnet/``, ``controlnet_1/``, ...).
     """
     family: families.Family
     models: families.Models
@@ -56,6 +59,7 @@ class LoadedModel:
     scheduler_name: str
     source: str | None = None
     options: dict = dataclasses.field(default_factory=dict)
+    controlnets: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         self.options = self.family.pipeline_options(self.options)
@@ -138,8 +142,10 @@ def _load_diffusers(path, policy: Policy, *, variant, allow_pickle) -> LoadedMod
                                                 variant=variant, allow_pickle=allow_pickle)
     sched = read_config(os.path.join(path, "scheduler"), "scheduler_config.json")
     tokenizers = {t.name: load_tokenizer(os.path.join(path, t.name)) for t in family.tokenizers}
+    nets = controlnet_model.load_all(path, index, policy=models["unet"].policy, base=models["unet"].config,
+                                     variant=variant, allow_pickle=allow_pickle)
     return LoadedModel(family, families.Models(**models), params, tokenizers, sched, _scheduler_name(sched),
-                       source=path, options=family.pipeline_options(index))
+                       source=path, options=family.pipeline_options(index), controlnets=nets)
 
 
 def _load_single_file(path, policy: Policy, prediction_type=None) -> LoadedModel:
@@ -162,8 +168,11 @@ def _load_sd_jax(path, policy: Policy, *, mesh) -> LoadedModel:
     family = _sd_jax_family(meta)
     models = families.build_models(family, meta, policy=policy)
     tokenizers = {t.name: load_tokenizer(os.path.join(path, t.name)) for t in family.tokenizers}
+    saved = params.pop("controlnets", {})
+    nets = [(c["name"], controlnet_model.ControlNetConfig.from_dict(c["config"]), saved[controlnet_model.folder_name(i)])
+            for i, c in enumerate(meta.get("controlnets", ()))]
     return LoadedModel(family, models, params, tokenizers, dict(meta["scheduler_config"]), meta["scheduler_name"],
-                       source=path, options=family.pipeline_options(meta.get("pipeline_options")))
+                       source=path, options=family.pipeline_options(meta.get("pipeline_options")), controlnets=nets)
 
 
 def with_unet(loaded: LoadedModel, path: str) -> LoadedModel:
@@ -234,7 +243,12 @@ def _save_sd_jax(loaded: LoadedModel, path: str) -> None:
                             "scheduler_config": loaded.scheduler, "scheduler_name": loaded.scheduler_name}
     if loaded.options:
         meta["pipeline_options"] = dict(loaded.options)
-    checkpoint.write(path, meta, loaded.params, loaded.tokenizers, sources=[loaded.source])
+    params = loaded.params
+    if loaded.controlnets:  # (absent otherwise: checkpoints without ControlNets stay as they were)
+        meta["controlnets"] = [{"name": n, "config": cfg.to_dict()} for n, cfg, _ in loaded.controlnets]
+        params = {**params, "controlnets": {controlnet_model.folder_name(i): p
+                                            for i, (_, _, p) in enumerate(loaded.controlnets)}}
+    checkpoint.write(path, meta, params, loaded.tokenizers, sources=[loaded.source])
 
 
 def _save_single_file(loaded: LoadedModel, path: str) -> None:
@@ -247,6 +261,9 @@ def _save_single_file(loaded: LoadedModel, path: str) -> None:
     if loaded.family.single_file is None:
         raise CheckpointError(f"{loaded.family.name} models have no single-file layout; write a diffusers "
                               f"folder or an sd-jax checkpoint instead")
+    if loaded.controlnets:
+        raise CheckpointError("a single-file checkpoint holds no ControlNets; write a diffusers folder or an "
+                              "sd-jax checkpoint to keep them with the model")
     params = jax.device_get(loaded.params)
     if jax.process_index() != 0:
         return
@@ -280,5 +297,11 @@ def _write_diffusers(loaded: LoadedModel, params, path: str) -> None:
     os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
     with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
         json.dump(sched, f, indent=2)
+    index = loaded.family.model_index(scheduler_class, loaded.inpainting, loaded.options)
+    if loaded.controlnets:  # diffusers' StableDiffusion(XL)ControlNet*Pipeline layout
+        for i, (name, cfg, p) in enumerate(loaded.controlnets):
+            controlnet_model.save(os.path.join(path, controlnet_model.folder_name(i)), cfg, p, name)
+        index["_class_name"] = controlnet_model.pipeline_class(index["_class_name"])
+        index["controlnet"] = controlnet_model.index_entry(len(loaded.controlnets))
     with open(os.path.join(path, "model_index.json"), "w", encoding="utf-8") as f:
-        json.dump(loaded.family.model_index(scheduler_class, loaded.inpainting, loaded.options), f, indent=2)
+        json.dump(index, f, indent=2)
