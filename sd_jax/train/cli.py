@@ -210,7 +210,8 @@ def config_from_args(recipe: str | None, argv) -> object:
 def run(recipe: str | None, argv) -> int:
     """``sd-jax train RECIPE ARGV...``: train, print where the result went, return 0."""
     config = config_from_args(recipe, argv)
-    from sd_jax.train.loop import TrainingInterrupted
+    from sd_jax.train.loop import TrainingInterrupted, check_shard_params
+    check_shard_params(config)
     try:
         if recipe == "vae":
             from sd_jax.train.vae import train_vae

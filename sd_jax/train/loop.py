@@ -134,6 +134,14 @@ class _Prefetch:
 
 # --------------------------------------------------------------------------- the loop
 
+def check_shard_params(config: RunConfig, mesh=None) -> None:
+    """Refuse ``shard_params`` where there is nothing to split over (checked before a model is loaded)."""
+    mesh = mesh if mesh is not None else sharding.make_mesh()
+    if config.shard_params and mesh.devices.size == 1:
+        raise ValueError("--shard-params splits the parameters over several devices but there is only one; "
+                         "leave it out")
+
+
 def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
     """Train ``task`` as ``config`` says, resuming from ``config.out``'s latest checkpoint."""
 
@@ -142,9 +150,7 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
     if config.batch_size % ndev:
         raise ValueError(f"batch size {config.batch_size} does not divide over the {ndev} devices; "
                          f"use a multiple of {ndev}")
-    if config.shard_params and ndev == 1:
-        raise ValueError("--shard-params splits the parameters over several devices but there is only one; "
-                         "leave it out")
+    check_shard_params(config, mesh)
     opt = config.optim_config(task.trainable)
     rep = sharding.replicated(mesh)
     # The layout of the state (and of the frozen parameters): replicated, or split by name
