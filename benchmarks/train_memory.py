@@ -108,7 +108,7 @@ def with_shardings(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def measure(model: str, batch: int, layout: str) -> dict:
+def measure(model: str, batch: int, layout: str, state_only: bool = False) -> dict:
     mesh = sharding.make_mesh()
     loss, params, frozen, data = build(model, batch)
     opt = optim.OptimConfig(lr=1e-5, steps=1000, trainable=("unet",))
@@ -118,18 +118,20 @@ def measure(model: str, batch: int, layout: str) -> dict:
     state = with_shardings(state, sharding.shardings_for(state, shard))
     frozen = with_shardings(frozen, sharding.shardings_for(frozen, shard))
     data = with_shardings(data, jax.tree.map(lambda _: sharding.batch_sharded(mesh), data))
+    per_dev = lambda tree: sum(s.dtype.itemsize * _shard_size(s) for s in jax.tree.leaves(tree))  # noqa: E731
+    n_params = sum(x.size for x in jax.tree.leaves(params["unet"]))
+    out = {"model": model, "layout": layout, "batch_per_device": batch, "devices": jax.device_count(),
+           "unet_params": n_params, "state_GiB": per_dev(state) / GiB, "frozen_GiB": per_dev(frozen) / GiB}
+    if state_only:   # exact, from the shapes: nothing compiled
+        return out
     t0 = time.time()
     # The trainer's jitted step (state donated); LLVM optimisation off only to compile faster:
     # buffer assignment, and so the memory figures, come from XLA's HLO passes before it.
     jitted = step._train_step_jit((("xla_backend_optimization_level", 0),))
     compiled = jitted.lower(loss, opt, 0, shard, state, frozen, data).compile()
     m = compiled.memory_analysis()
-    per_dev = lambda tree: sum(s.dtype.itemsize * _shard_size(s) for s in jax.tree.leaves(tree))  # noqa: E731
     peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    n_params = sum(x.size for x in jax.tree.leaves(params["unet"]))
-    return {"model": model, "layout": layout, "batch_per_device": batch, "devices": jax.device_count(),
-            "unet_params": n_params, "state_GiB": per_dev(state) / GiB, "frozen_GiB": per_dev(frozen) / GiB,
-            "arguments_GiB": m.argument_size_in_bytes / GiB, "outputs_GiB": m.output_size_in_bytes / GiB,
+    return {**out, "arguments_GiB": m.argument_size_in_bytes / GiB, "outputs_GiB": m.output_size_in_bytes / GiB,
             "aliased_GiB": m.alias_size_in_bytes / GiB, "temp_GiB": m.temp_size_in_bytes / GiB,
             "peak_GiB": peak / GiB, "fits_v5e_16GiB": peak < V5E_HBM, "compile_s": round(time.time() - t0, 1)}
 
@@ -147,12 +149,14 @@ def main(argv=None):
     p.add_argument("--model", choices=["sd15", "sdxl"], nargs="+", default=["sd15", "sdxl"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="per device")
     p.add_argument("--layout", choices=["replicated", "sharded"], nargs="+", default=["replicated", "sharded"])
+    p.add_argument("--state-only", action="store_true",
+                   help="only the state's and frozen weights' bytes per device (exact; nothing compiled)")
     a = p.parse_args(argv)
     for model in a.model:
         for batch in a.batch:
             for layout in a.layout:
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
-                                  for k, v in measure(model, batch, layout).items()}), flush=True)
+                                  for k, v in measure(model, batch, layout, a.state_only).items()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -306,6 +306,7 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
 
 def train(config: TrainConfig, mesh=None) -> TrainResult:
     """Train (or fine-tune) a text encoder + UNet; see :class:`TrainConfig` and the module docstring."""
+    check_shard_params(config, mesh)
     config = resolve_configs(config)
     check_run_folder(config, "diffusion")
     return run(config, build_diffusion_task(config), mesh=mesh)
