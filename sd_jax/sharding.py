@@ -8,7 +8,9 @@ on one CPU, eight GPUs or a TPU pod.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 
 import jax
 import numpy as np
@@ -114,3 +116,80 @@ def local_rows(x: jax.Array) -> tuple[np.ndarray, np.ndarray]:
         data.append(rows)
     order = np.argsort(np.concatenate(idx))
     return np.concatenate(idx)[order], np.concatenate(data)[order]
+
+
+# --------------------------------------------------------------------------- parameter sharding (FSDP)
+#
+# Fully-sharded data parallelism, as big_vision does it: name rules map each leaf of the
+# training state (parameters, optimizer moments, EMA) to a PartitionSpec over the same
+# "data" axis the batch is split over.  Each device then holds 1/N of the state; XLA
+# all-gathers a weight where it is used and reduce-scatters its gradient.
+
+# (regex over the leaf path, rule) pairs, first match wins; a rule is "fsdp" (split the
+# largest dimension that divides by the device count) or "replicate".
+FSDP_RULES: tuple[tuple[str, str], ...] = ((r".*", "fsdp"),)
+
+# Leaves with fewer elements stay replicated: biases, norms and scalars cost little memory,
+# and gathering them costs a collective each.
+MIN_SHARD_SIZE = 2 ** 12
+
+
+def leaf_path(path) -> str:
+    """A key path of ``jax.tree_util`` as ``"params/unet/conv_in/kernel"``."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def fsdp_spec(shape, n: int, min_size: int = MIN_SHARD_SIZE) -> P:
+    """The PartitionSpec that splits the largest dimension of ``shape`` divisible by ``n``
+    over :data:`AXIS` (the last such on ties: a kernel's output channels), or ``P()``
+    (replicated) when none divides or the leaf is smaller than ``min_size`` elements."""
+    if n <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    for i in sorted(range(len(shape)), key=lambda i: (shape[i], i), reverse=True):
+        if shape[i] % n == 0:
+            return P(*([None] * i + [AXIS]))
+    return P()
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamRules:
+    """How to lay a state tree out over ``mesh`` by name: ``rules`` (see :data:`FSDP_RULES`)
+    applied to each leaf's path.  Hashable, so a jitted step can take it as a static
+    argument; :func:`shardings_for` turns it into a tree of ``NamedSharding``."""
+    mesh: Mesh
+    rules: tuple[tuple[str, str], ...] = FSDP_RULES
+    min_size: int = MIN_SHARD_SIZE
+
+    def __post_init__(self):
+        for pattern, rule in self.rules:
+            re.compile(pattern)
+            if rule not in ("fsdp", "replicate"):
+                raise ValueError(f"unknown sharding rule {rule!r} for {pattern!r}; use fsdp or replicate")
+
+    def spec(self, path: str, shape) -> P:
+        for pattern, rule in self.rules:
+            if re.fullmatch(pattern, path):
+                return fsdp_spec(shape, self.mesh.devices.size, self.min_size) if rule == "fsdp" else P()
+        return P()
+
+
+def shardings_for(tree, layout):
+    """A ``NamedSharding`` per leaf of ``tree`` (arrays or ``ShapeDtypeStruct``): ``layout``
+    is one sharding for every leaf (e.g. :func:`replicated`) or a :class:`ParamRules`."""
+    if not isinstance(layout, ParamRules):
+        return jax.tree.map(lambda _: layout, tree)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: NamedSharding(layout.mesh, layout.spec(leaf_path(p), np.shape(x))), tree)
+
+
+def place(tree, shardings):
+    """Put every leaf of ``tree`` (host or device arrays) on the mesh as ``shardings`` (a tree
+    like it) says; each device receives only its own shard."""
+    return jax.tree.map(_put, tree, shardings)
+
+
+def sharded_fraction(tree) -> float:
+    """Bytes held per device over the bytes of the whole ``tree`` of jax arrays (1.0 when replicated)."""
+    total = sum(x.nbytes for x in jax.tree.leaves(tree))
+    per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+    return per_device / max(total, 1)

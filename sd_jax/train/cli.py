@@ -120,6 +120,9 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true", help="random horizontal flips (swapping left/right in captions)")
     p.add_argument("--max-shapes", type=int, choices=[1, 2], default=1, help="shapes per synthetic image")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--shard-params", action="store_true",
+                   help="split parameters and optimizer state over the devices (fully-sharded data parallel: "
+                        "each holds 1/N; for models too big to replicate)")
     if recipe == "vae":
         p.add_argument("--model", default=None, help="start from this VAE (run folder or vae/ folder)")
         p.add_argument("--widths", default=None,
@@ -187,7 +190,7 @@ def config_from_args(recipe: str | None, argv) -> object:
                   grad_accum=a.grad_accum, ema=a.ema, dtype=a.dtype, remat=a.remat, save_every=a.save_every,
                   keep=a.keep, data=a.data, skip_bad_images=a.skip_bad_images, random_flip=a.flip,
                   max_shapes=a.max_shapes,
-                  progress=not a.no_progress)
+                  progress=not a.no_progress, shard_params=a.shard_params)
     if recipe == "vae":
         from sd_jax.train.vae import VAETrainConfig
         if a.remat:
@@ -232,7 +235,8 @@ def config_from_args(recipe: str | None, argv) -> object:
 def run(recipe: str | None, argv) -> int:
     """``sd-jax train RECIPE ARGV...``: train, print where the result went, return 0."""
     config = config_from_args(recipe, argv)
-    from sd_jax.train.loop import TrainingInterrupted
+    from sd_jax.train.loop import TrainingInterrupted, check_shard_params
+    check_shard_params(config)
     try:
         if recipe == "vae":
             from sd_jax.train.vae import train_vae

@@ -17,7 +17,7 @@ __all__ = ["DTYPES", "RESTART_MAY_CHANGE", "RunConfig", "TrainConfig"]
 DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}
 
 # Settings that may change when a run is restarted (everything else must match run.json).
-RESTART_MAY_CHANGE = ("out", "progress", "save_every", "keep", "stop_after", "export")
+RESTART_MAY_CHANGE = ("out", "progress", "save_every", "keep", "stop_after", "export", "shard_params")
 
 
 # --------------------------------------------------------------------------- configuration
@@ -58,6 +58,7 @@ class RunConfig:
     export: bool = True
     progress: bool = True
     stop_after: int | None = None
+    shard_params: bool = False
 
     def __post_init__(self):
         if not self.out:

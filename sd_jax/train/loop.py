@@ -22,7 +22,11 @@ never stopped: same data, same noise, same losses, same final parameters.
 
 Devices: one ``jax.jit``-compiled step over the data-parallel mesh of
 :mod:`sd_jax.sharding` (parameters and optimizer state replicated, the batch split over
-every device; XLA inserts the gradient all-reduce).  The state is donated to the step,
+every device; XLA inserts the gradient all-reduce).  With ``shard_params``
+(``--shard-params``) the state and the frozen parameters are split over the devices by
+the name rules of :class:`sd_jax.sharding.ParamRules` instead (fully-sharded data
+parallelism: each device holds 1/N; XLA all-gathers each weight where it is used and
+reduce-scatters its gradient); the checkpoints are written and restored sharded.  The state is donated to the step,
 so it is updated in place.  Mixed precision (``dtype="bf16"``): the models compute in
 bfloat16, parameters, optimizer state and the loss stay float32.
 """
@@ -136,6 +140,14 @@ def _export_weights(state, labels) -> dict:
     return optim.ema_params(host["ema"], host["params"], labels) if "ema" in host else host["params"]
 
 
+def check_shard_params(config: RunConfig, mesh=None) -> None:
+    """Refuse ``shard_params`` where there is nothing to split over (checked before a model is loaded)."""
+    mesh = mesh if mesh is not None else sharding.make_mesh()
+    if config.shard_params and mesh.devices.size == 1:
+        raise ValueError("--shard-params splits the parameters over several devices but there is only one; "
+                         "leave it out")
+
+
 def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
     """Train ``task`` as ``config`` says, resuming from ``config.out``'s latest checkpoint."""
 
@@ -144,15 +156,19 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
     if config.batch_size % ndev:
         raise ValueError(f"batch size {config.batch_size} does not divide over the {ndev} devices; "
                          f"use a multiple of {ndev}")
+    check_shard_params(config, mesh)
     opt = config.optim_config(task.trainable)
     rep = sharding.replicated(mesh)
+    # The layout of the state (and of the frozen parameters): replicated, or split by name
+    # rules over the data axis (--shard-params: each device holds 1/N of it).
+    shard = sharding.ParamRules(mesh) if config.shard_params else rep
     os.makedirs(config.out, exist_ok=True)
     check_run_folder(config, task.name, write=True)
 
     labels = optim.labels_for(task.params, opt.trainable)
     n_train, n_all = optim.count_trainable(task.params, labels)
     n_frozen = sum(x.size for x in jax.tree.leaves(task.frozen))
-    frozen = sharding.replicate(task.frozen, mesh)
+    frozen = sharding.place(task.frozen, sharding.shardings_for(task.frozen, shard))
 
     if jax.process_index() == 0:
         tidy_checkpoints(os.path.join(config.out, "checkpoints"), config.keep)
@@ -160,7 +176,8 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
     latest = mngr.latest_step()
     if latest is not None:
         abstract = jax.eval_shape(functools.partial(init_state, opt, rep), task.params)
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                                sharding.shardings_for(abstract, shard))
         try:
             state = restore(mngr, latest, abstract)
         except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
@@ -169,16 +186,19 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
         start = int(state["step"])
         records = truncate_log(config.out, start) if jax.process_index() == 0 else []
     else:
-        params = sharding.replicate(task.init() if task.init is not None else task.params, mesh)
-        state = init_state_jit(opt, rep, params)
+        params = task.init() if task.init is not None else task.params
+        # Placed shard by shard: a big model is never whole on one device.
+        params = sharding.place(params, sharding.shardings_for(params, shard))
+        state = init_state_jit(opt, shard, params)
         del params
         start = 0
         records = []
         if jax.process_index() == 0 and os.path.exists(os.path.join(config.out, "loss.jsonl")):
             os.remove(os.path.join(config.out, "loss.jsonl"))
 
+    sharded = " (state sharded over them)" if config.shard_params else ""
     say(f"{task.name}: training {n_train:,} of {n_all:,} parameters ({n_frozen:,} frozen outside), "
-         f"batch {config.batch_size} on {ndev} device(s), {config.dtype}, "
+         f"batch {config.batch_size} on {ndev} device(s){sharded}, {config.dtype}, "
          f"{'resuming at step ' + str(start) if start else 'from step 0'} of {config.steps}; run folder {config.out}")
     for note in task.notes:
         say(note)
@@ -231,7 +251,7 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
         for step in range(start, stop):
             host = next(data)
             batch = sharding.shard_batch({k: host[k] for k in task.batch_keys}, mesh)
-            state, metrics = train_step(task.loss, opt, config.seed, rep, state, frozen, batch)
+            state, metrics = train_step(task.loss, opt, config.seed, shard, state, frozen, batch)
             unlogged.append((step + 1, metrics))
             flush(keep=1)  # the previous step's metrics: waits for it while this one runs
             if (step + 1) % config.save_every == 0 or step + 1 == stop:
@@ -297,6 +317,7 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
 
 def train(config: TrainConfig, mesh=None) -> TrainResult:
     """Train (or fine-tune) a text encoder + UNet; see :class:`TrainConfig` and the module docstring."""
+    check_shard_params(config, mesh)
     config = resolve_configs(config)
     check_run_folder(config, "diffusion")
     return run(config, build_diffusion_task(config), mesh=mesh)

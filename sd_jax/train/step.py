@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sd_jax import sharding
 from sd_jax.train import optim
 
 __all__ = ["COMPILER_OPTIONS", "init_state", "init_state_jit", "train_step", "compile_cheap"]
@@ -16,7 +17,10 @@ _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.glob
 
 
 def _constrain(tree, shard):
-    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, shard), tree)
+    """``tree`` laid out as ``shard`` says: one sharding for every leaf (replicated), or
+    :class:`sd_jax.sharding.ParamRules` (each leaf by its name and shape).  At the end of a
+    jitted function this is its ``out_shardings``, given by a hashable static argument."""
+    return jax.tree.map(jax.lax.with_sharding_constraint, tree, sharding.shardings_for(tree, shard))
 
 
 def init_state(opt: optim.OptimConfig, shard, params):
