@@ -9,7 +9,10 @@ is exact, the diffusers/PEFT file loads in diffusers 0.42 (``load_lora_weights``
 sd-jax's image (guidance 1, 2 DDIM steps) within 2/255, the kohya file merges in sd-jax to the
 same weights as the PEFT file and as the trained factors (<= 1e-6), every target's names
 (attention, feed-forward, projections, LoCon convolutions, text encoder) load in diffusers onto
-the same layers (fused weights <= 1e-5).
+the same layers (fused weights <= 1e-5).  SDXL (one-level tiny UNet, both text encoders, 3 steps
+set up by the command line's parser): the PEFT file gives diffusers' StableDiffusionXLPipeline
+sd-jax's image within 2/255, the kohya file (SGM block names, lora_te1_/lora_te2_) merges in
+sd-jax to the PEFT file's and the trained weights (<= 1e-6).
 """
 import hashlib
 import os
@@ -264,3 +267,75 @@ def test_cli_builds_the_lora_config(setup):
         "--alpha", "4", "--targets", "attn, conv,te", "--base-dtype", "bf16", "--remat"])
     assert isinstance(cfg, LoraTrainConfig) and cfg.rank == 8 and cfg.scale == 0.5 and cfg.remat
     assert cfg.targets == ("attn", "conv", "te") and cfg.base_dtype == "bf16" and cfg.size == SIZE
+
+
+# --------------------------------------------------------------------------- SDXL
+# The tiny random SDXL of test_sdxl_pipeline with test_train_sdxl's one-level UNet (a third of
+# the two-level one's compile time); a few steps on the same four images, attention + both text
+# encoders: the files carry lora_te1_ / lora_te2_ and text_encoder. / text_encoder_2. names.
+
+@pytest.fixture(scope="module")
+def sdxl_run(setup):
+    from test_sdxl_pipeline import build_tiny_sdxl
+    from test_train_sdxl import ONE_LEVEL
+    _, root = setup
+    ref = build_tiny_sdxl(str(root / "sdxl"), **ONE_LEVEL)
+    ref.set_progress_bar_config(disable=True)
+    # as the command line makes it (the size from the model: 16 latents x 2)
+    argv = ["--model", str(root / "sdxl"), "--data", str(root / "data"), "--out", str(root / "xl"), "--steps", "3",
+            "--batch-size", "2", "--lr", "3e-2", "--warmup", "0", "--save-every", "3", "--targets", "attn,te",
+            "--rank", "2", "--alpha", "32", "--ema", "0", "--no-progress"]
+    cfg = train_cli.config_from_args("lora", argv)
+    assert cfg == _config(root, "xl", model=str(root / "sdxl"), lr=3e-2, steps=3, save_every=3, rank=2, alpha=32.0,
+                          ema=0.0, keep=2)
+    task = build_lora_task(cfg)
+    return ref, cfg, task, loop.run(cfg, task, mesh=_mesh())
+
+
+def test_sdxl_lora_loads_in_diffusers_with_the_same_image_and_kohya_merges_the_same(setup, sdxl_run):
+    from tiny_models import nchw
+    _, root = setup
+    ref, cfg, task, result = sdxl_run
+    assert result.finished and set(result.params) == {"lora"}
+    comps = {c for c, _ in task.loss.targets}
+    assert comps == {"unet", "text_encoder", "text_encoder_2"}
+    folder = lora_folder(cfg.out)
+    peft, kohya = os.path.join(folder, saving.PEFT_FILE), os.path.join(folder, "xl.safetensors")
+    from safetensors import safe_open
+    with safe_open(kohya, "np") as f:
+        names = list(f.keys())
+    with safe_open(peft, "np") as f:
+        names += list(f.keys())
+    for prefix in ("lora_unet_input_blocks_1_1_", "lora_te1_", "lora_te2_", "unet.", "text_encoder.",
+                   "text_encoder_2."):
+        assert any(n.startswith(prefix) for n in names), prefix
+    pipe = _one_device_pipe(root / "sdxl")
+    prompt = ["a red circle"]
+    lat = np.random.RandomState(0).randn(1, SIZE // 2, SIZE // 2, 4).astype(np.float32)
+    gen = dict(num_inference_steps=2, guidance_scale=1.0, height=SIZE, width=SIZE, output_type="np")
+    base_img = np.asarray(pipe(prompt, latents=lat, **gen))
+    trained = _np_merged(task, result.params["lora"])
+    merged = {}
+    try:
+        for name, path in (("peft", peft), ("kohya", kohya)):
+            lora = pipe.load_lora(path, name=name)
+            assert not lora.unmatched and len(lora.matches) == len(task.loss.targets)
+            merged[name] = _leaves({c: pipe.params[c] for c in comps})
+            diff = max(float(np.abs(merged[name][k] - trained[k]).max()) for k in trained)
+            assert diff <= 1e-6, (name, diff)
+            if name == "kohya":
+                assert merged["kohya"].keys() == merged["peft"].keys()
+                assert max(float(np.abs(v - merged["peft"][k]).max()) for k, v in merged["kohya"].items()) <= 1e-6
+                break
+            pipe.unload_lora()
+        ours = np.asarray(pipe(prompt, latents=lat, **gen))   # the kohya file's merge
+        ref.load_lora_weights(folder, adapter_name="trained")
+        with torch.no_grad():
+            theirs = ref(prompt=prompt, latents=nchw(lat), **gen).images
+    finally:
+        pipe.unload_lora()
+        ref.unload_lora_weights()
+    d = float(np.abs(ours - theirs).max())
+    print(f"SDXL: max |sd-jax - diffusers| {d:.2e}; LoRA vs base {np.abs(ours - base_img).max():.2e}")
+    assert d <= IMG_TOL
+    assert np.abs(ours - base_img).max() > max(IMG_TOL, 1000 * d)   # the LoRA matters

@@ -50,10 +50,15 @@ def test_quickstart_runs(model, tmp_path):
 
 def test_training_notebook_runs(model, tmp_path):
     nb = run("training.ipynb", f'BASE_MODEL = {model!r}\nDATA_DIR = None\nOUT = {str(tmp_path / "ft")!r}\n'
-                               f'STEPS = 4\nBATCH = 8\nLR = 1e-4\nSAMPLE_STEPS = 2\n', tmp_path)
+                               f'STEPS = 4\nBATCH = 8\nLR = 1e-4\nSAMPLE_STEPS = 2\n'
+                               f'LORA_STEPS = 1\nLORA_RANK = 2\nLORA_LR = 5e-2\n', tmp_path)
     text = outputs_text(nb)
     assert "stopped at step 2 (finished: False)" in text and "finished at step 4" in text
     assert os.path.isfile(tmp_path / "ft" / "run" / "loss.jsonl")
+    # the LoRA section: both files written, and generating with the LoRA changes the images
+    import re
+    assert "LoRA finished at step 1; files: ['lora-run.safetensors', 'pytorch_lora_weights.safetensors']" in text
+    assert int(re.search(r"the LoRA moves the images by up to (\d+) grey levels", text).group(1)) > 0
 
 
 def test_sdxl_and_adapters_notebook_runs(tmp_path, monkeypatch):

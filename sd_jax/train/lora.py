@@ -11,7 +11,10 @@ Generic over the loss: the recipe is the fine-tuning task (:func:`sd_jax.train.d
 build_diffusion_task`) with its parameters moved out of the optimizer into the frozen
 inputs of the step, and its loss wrapped by :class:`LoraLoss`, which merges the adapters into
 the targeted kernels inside the differentiated function.  Whatever that loss supports
-(models, prediction types, min-SNR, remat) works with LoRA.  The optimizer, the EMA and the
+(models, prediction types, min-SNR, remat) works with LoRA, SDXL included (its task,
+:mod:`sd_jax.train.sdxl`, runs both text encoders inside the step: ``te`` adapts both, written
+as ``lora_te1_`` / ``lora_te2_`` and ``text_encoder.`` / ``text_encoder_2.``; the UNet in
+kohya's SGM block names).  The optimizer, the EMA and the
 checkpoints hold only the factors; the base is not checkpointed (it is the ``--model``) and
 can be stored in bfloat16 (``base_dtype="bf16"``: half its memory; merged kernels are
 computed in float32).
