@@ -10,8 +10,8 @@ outputs - donated (aliased) + temporaries.
 * ``sd15``: the ``finetune`` recipe's loss as it is (512x512 pixels through the frozen
   VAE encoder, the frozen CLIP text encoder, the SD 1.5 UNet trained);
 * ``sdxl``: the SDXL base UNet (320/640/1280, 1/2/10 transformer layers, 2048-wide
-  context, text_time) at 1024x1024 (128x128 latents).  The trainer cannot build an SDXL
-  loss yet, so this is the UNet-only denoising loss with the text encoders' outputs and
+  context, text_time) at 1024x1024 (128x128 latents).  This is the UNet-only denoising loss
+  (the text encoders frozen outside the step) with the text encoders' outputs and
   the added conditioning (pooled embedding, 6 time ids) given as arrays.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/train_memory.py --model sd15 --batch 1
