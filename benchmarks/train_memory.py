@@ -78,10 +78,11 @@ class UNetOnlyLoss:
         return loss, {"mse": loss}
 
 
-def build(model: str, batch: int):
+def build(model: str, batch: int, attention: str = "xla"):
     """(loss, abstract params, abstract frozen, abstract global batch) for ``batch`` per device."""
-    # The plain formulation a TPU traces (no CPU-specific blocked attention or patch convolutions).
-    policy = Policy(jnp.bfloat16, param_dtype=jnp.float32, cpu_lowerings=False)
+    # The plain formulation a TPU traces (no CPU-specific blocked attention or patch convolutions);
+    # ``attention="chunked"``: the query-chunked formulation, whose memory is what a flash kernel's is.
+    policy = Policy(jnp.bfloat16, param_dtype=jnp.float32, attention=attention, cpu_lowerings=False)
     b = batch * jax.device_count()
     i32, f32 = jnp.int32, jnp.float32
     if model == "sd15":
@@ -108,9 +109,9 @@ def with_shardings(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def measure(model: str, batch: int, layout: str, state_only: bool = False) -> dict:
+def measure(model: str, batch: int, layout: str, state_only: bool = False, attention: str = "xla") -> dict:
     mesh = sharding.make_mesh()
-    loss, params, frozen, data = build(model, batch)
+    loss, params, frozen, data = build(model, batch, attention)
     opt = optim.OptimConfig(lr=1e-5, steps=1000, trainable=("unet",))
     rep = sharding.replicated(mesh)
     shard = sharding.ParamRules(mesh) if layout == "sharded" else rep
@@ -120,7 +121,8 @@ def measure(model: str, batch: int, layout: str, state_only: bool = False) -> di
     data = with_shardings(data, jax.tree.map(lambda _: sharding.batch_sharded(mesh), data))
     per_dev = lambda tree: sum(s.dtype.itemsize * _shard_size(s) for s in jax.tree.leaves(tree))  # noqa: E731
     n_params = sum(x.size for x in jax.tree.leaves(params["unet"]))
-    out = {"model": model, "layout": layout, "batch_per_device": batch, "devices": jax.device_count(),
+    out = {"model": model, "layout": layout, "attention": attention, "batch_per_device": batch,
+           "devices": jax.device_count(),
            "unet_params": n_params, "state_GiB": per_dev(state) / GiB, "frozen_GiB": per_dev(frozen) / GiB}
     if state_only:   # exact, from the shapes: nothing compiled
         return out
@@ -151,12 +153,14 @@ def main(argv=None):
     p.add_argument("--layout", choices=["replicated", "sharded"], nargs="+", default=["replicated", "sharded"])
     p.add_argument("--state-only", action="store_true",
                    help="only the state's and frozen weights' bytes per device (exact; nothing compiled)")
+    p.add_argument("--attention", choices=["xla", "chunked"], default="xla",
+                   help="xla: full score matrices (default); chunked: query chunks, a flash kernel's memory")
     a = p.parse_args(argv)
     for model in a.model:
         for batch in a.batch:
             for layout in a.layout:
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
-                                  for k, v in measure(model, batch, layout, a.state_only).items()}), flush=True)
+                                  for k, v in measure(model, batch, layout, a.state_only, a.attention).items()}), flush=True)
 
 
 if __name__ == "__main__":
