@@ -38,14 +38,7 @@ from sd_jax.weights import loader  # noqa: E402
 SIZE = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-    saved = dict(loop.COMPILER_OPTIONS)
-    if jax.default_backend() == "cpu":
-        loop.COMPILER_OPTIONS["xla_backend_optimization_level"] = 0
-    yield
-    loop.COMPILER_OPTIONS.clear()
-    loop.COMPILER_OPTIONS.update(saved)
+pytestmark = pytest.mark.usefixtures("fast_train_compile")  # conftest: LLVM -O0 train steps
 
 
 @pytest.fixture(scope="module")

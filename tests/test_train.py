@@ -52,16 +52,7 @@ def diffusion_config(out, vae, **kw):
 
 # --------------------------------------------------------------------------- fixtures (shared runs)
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-    """Compile the train steps of these tiny models without LLVM optimisations (~2.5x faster)."""
-    from sd_jax.train import loop
-    saved = dict(loop.COMPILER_OPTIONS)
-    if jax.default_backend() == "cpu":
-        loop.COMPILER_OPTIONS["xla_backend_optimization_level"] = 0
-    yield
-    loop.COMPILER_OPTIONS.clear()
-    loop.COMPILER_OPTIONS.update(saved)
+pytestmark = pytest.mark.usefixtures("fast_train_compile")  # conftest: LLVM -O0 train steps
 
 
 @pytest.fixture(scope="module")

@@ -43,15 +43,7 @@ ONE_LEVEL = dict(block_out_channels=(32,), down_block_types=("CrossAttnDownBlock
                  layers_per_block=1, mid_block_type=None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-    from sd_jax.train import loop
-    saved = dict(loop.COMPILER_OPTIONS)
-    if jax.default_backend() == "cpu":
-        loop.COMPILER_OPTIONS["xla_backend_optimization_level"] = 0
-    yield
-    loop.COMPILER_OPTIONS.clear()
-    loop.COMPILER_OPTIONS.update(saved)
+pytestmark = pytest.mark.usefixtures("fast_train_compile")  # conftest: LLVM -O0 train steps
 
 
 @pytest.fixture(scope="module")

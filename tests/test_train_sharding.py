@@ -47,15 +47,7 @@ def config(out, vae, **kw):
     return TrainConfig(**base)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-    """Compile without LLVM optimisations (~2.5x faster for these tiny models)."""
-    saved = dict(loop.COMPILER_OPTIONS)
-    if jax.default_backend() == "cpu":
-        loop.COMPILER_OPTIONS["xla_backend_optimization_level"] = 0
-    yield
-    loop.COMPILER_OPTIONS.clear()
-    loop.COMPILER_OPTIONS.update(saved)
+pytestmark = pytest.mark.usefixtures("fast_train_compile")  # conftest: LLVM -O0 train steps
 
 
 @pytest.fixture(scope="module")

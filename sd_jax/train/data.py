@@ -334,3 +334,13 @@ def batches(
             batch["time_ids"] = np.asarray(rows, np.float32)
         yield batch
         step += 1
+
+
+def data_source(config, notes: list):
+    """The training images: the caption folder ``config.data`` (its summary added to ``notes``),
+    or the synthetic shapes dataset when there is none."""
+    if config.data is not None:
+        source = ImageCaptionFolder(config.data, config.size, skip_bad=config.skip_bad_images)
+        notes.append(source.summary())
+        return source
+    return SyntheticShapes(config.seed, config.size, "train", config.max_shapes)

@@ -129,11 +129,7 @@ def build_diffusion_task(config: TrainConfig) -> Task:
     loss = DiffusionLoss(te, un, va, schedule=schedule, prediction_type=prediction_type,
                          snr_gamma=config.snr_gamma, caption_dropout=config.caption_dropout, empty_ids=empty,
                          remat=config.remat)
-    if config.data is not None:
-        source = data_lib.ImageCaptionFolder(config.data, config.size, skip_bad=config.skip_bad_images)
-        notes.append(source.summary())
-    else:
-        source = data_lib.SyntheticShapes(config.seed, config.size, "train", config.max_shapes)
+    source = data_lib.data_source(config, notes)
 
     def export(folder, p):
         export_diffusers(folder, models=families.Models(te, un, va), params={**p, "vae": vae_params},

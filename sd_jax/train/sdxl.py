@@ -100,11 +100,7 @@ def build_sdxl_task(config, model, vae=None) -> Task:
                     snr_gamma=config.snr_gamma, caption_dropout=config.caption_dropout, empty_ids=empty,
                     remat=config.remat, text_encoder_2=models.text_encoder_2)
     notes = []
-    if config.data is not None:
-        source = data_lib.ImageCaptionFolder(config.data, config.size, skip_bad=config.skip_bad_images)
-        notes.append(source.summary())
-    else:
-        source = data_lib.SyntheticShapes(config.seed, config.size, "train", config.max_shapes)
+    source = data_lib.data_source(config, notes)
 
     def export(folder, trained):
         export_diffusers(folder, models=models, params={**trained, "vae": vae_params}, tokenizer=None,
