@@ -112,6 +112,17 @@ def run_b(setup, run_a):
     return first, train_lora(_config(root, "b"), mesh=_mesh())
 
 
+def _load_merged_as_trained(pipe, path, name, task, comps, trained):
+    """Load a LoRA file the training wrote: every key matches one of the trained targets, and
+    the merged kernels equal the training loss's merge (<= 1e-6). Returns the merged leaves."""
+    lora = pipe.load_lora(path, name=name)
+    assert not lora.unmatched and len(lora.matches) == len(task.loss.targets)
+    merged = _leaves({c: pipe.params[c] for c in comps})
+    diff = max(float(np.abs(merged[k] - trained[k]).max()) for k in trained)
+    assert diff <= 1e-6, (name, diff)
+    return merged
+
+
 def test_only_the_adapters_train_and_the_base_stays_bit_identical(setup, run_a):
     _, root = setup
     cfg, task, base, result, before = run_a
@@ -165,11 +176,7 @@ def test_files_load_in_diffusers_and_sd_jax_with_the_same_images(setup, run_a):
     merged = {}
     try:
         for name, path in (("peft", peft), ("kohya", kohya)):
-            lora = pipe.load_lora(path, name=name)
-            assert not lora.unmatched and len(lora.matches) == len(task.loss.targets)
-            merged[name] = _leaves({c: pipe.params[c] for c in ("unet", "text_encoder")})
-            diff = max(float(np.abs(merged[name][k] - trained[k]).max()) for k in trained)
-            assert diff <= 1e-6, (name, diff)
+            merged[name] = _load_merged_as_trained(pipe, path, name, task, ("unet", "text_encoder"), trained)
             # the trained LoRA changes exactly the targeted kernels (text encoder included)
             changed = {k for k, v in merged[name].items() if not np.array_equal(v, base[k.split("/")[0]][
                 k.split("/", 1)[1]])}
@@ -317,11 +324,7 @@ def test_sdxl_lora_loads_in_diffusers_with_the_same_image_and_kohya_merges_the_s
     merged = {}
     try:
         for name, path in (("peft", peft), ("kohya", kohya)):
-            lora = pipe.load_lora(path, name=name)
-            assert not lora.unmatched and len(lora.matches) == len(task.loss.targets)
-            merged[name] = _leaves({c: pipe.params[c] for c in comps})
-            diff = max(float(np.abs(merged[name][k] - trained[k]).max()) for k in trained)
-            assert diff <= 1e-6, (name, diff)
+            merged[name] = _load_merged_as_trained(pipe, path, name, task, comps, trained)
             if name == "kohya":
                 assert merged["kohya"].keys() == merged["peft"].keys()
                 assert max(float(np.abs(v - merged["peft"][k]).max()) for k, v in merged["kohya"].items()) <= 1e-6
