@@ -313,12 +313,57 @@ def test_export_loads_in_diffusers(run_a):
     ("finetune", [], "--model"),
     ("finetune", ["--model", "/nonexistent", "--data", "."], "not found"),
     ("vae", ["--ema", "1.5"], "ema"),
+    ("diffusion", ["--vae", ".", "--zero-terminal-snr"], "needs v-prediction"),
+    ("diffusion", ["--vae", ".", "--zero-terminal-snr", "--prediction-type", "epsilon"], "needs v-prediction"),
+    ("vae", ["--zero-terminal-snr"], "unrecognized"),
     ("vae", ["--lr", "-1"], "learning rate"),
 ])
 def test_cli_errors(recipe, argv, match):
     with pytest.raises(ValueError, match=match) as e:
         train_cli.run(recipe, argv)
     assert "\n" not in str(e.value)
+
+
+def test_zero_terminal_snr_schedule_equals_diffusers_and_is_exported(tmp_path, vae_run, runs):
+    """``--zero-terminal-snr``: the training schedule is diffusers' rescaled one (float32 rounding:
+    the rescale is computed in numpy, not torch), the last timestep pure noise (so the v target
+    there is -x0), and the exported scheduler config
+    says so, for sd-jax and diffusers to sample with."""
+    from sd_jax.train.diffusion import build_diffusion_task
+    ac = losses.NoiseSchedule(rescale_betas_zero_snr=True).alphas_cumprod()
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  rescale_betas_zero_snr=True)
+    np.testing.assert_allclose(ac, ref.alphas_cumprod.numpy(), rtol=1e-5, atol=1e-9)
+    assert ac[-1] == 0.0 and ac[0] > 0.999
+    x0, eps = jnp.full((1, 2, 2, 1), 0.5), jnp.full((1, 2, 2, 1), 2.0)
+    t = jnp.array([999])
+    np.testing.assert_allclose(losses.prediction_target(x0, eps, t, ac, "v_prediction"), -x0, atol=1e-7)
+    np.testing.assert_allclose(
+        losses.prediction_target(x0, eps, jnp.array([500]), ac, "v_prediction"),
+        ref.get_velocity(torch.full((1, 1, 2, 2), 0.5), torch.full((1, 1, 2, 2), 2.0),
+                         torch.tensor([500])).permute(0, 2, 3, 1).numpy(), rtol=1e-6)
+
+    cfg = diffusion_config(tmp_path / "z", runs / "vae", prediction_type="v_prediction", zero_terminal_snr=True,
+                           snr_gamma=None)
+    task = build_diffusion_task(cfg)
+    assert task.loss.schedule.rescale_betas_zero_snr and task.loss.prediction_type == "v_prediction"
+    task.export(str(tmp_path / "model"), task.init())
+    with open(tmp_path / "model" / "scheduler" / "scheduler_config.json") as f:
+        sched = json.load(f)
+    assert sched["rescale_betas_zero_snr"] is True and sched["prediction_type"] == "v_prediction"
+    loaded = diffusers.DPMSolverMultistepScheduler.from_pretrained(str(tmp_path / "model" / "scheduler"))
+    assert loaded.config.rescale_betas_zero_snr and loaded.config.timestep_spacing == "trailing"
+    # Fine-tuning that model keeps its schedule; --zero-terminal-snr off on an epsilon model is refused.
+    task2 = build_diffusion_task(dataclasses.replace(cfg, out=str(tmp_path / "f"), model=str(tmp_path / "model"),
+                                                     text_encoder_config=None, unet_config=None, vae=None,
+                                                     prediction_type=None, zero_terminal_snr=None))
+    assert task2.loss.schedule.rescale_betas_zero_snr and task2.loss.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="needs v-prediction"):
+        build_diffusion_task(dataclasses.replace(cfg, out=str(tmp_path / "g"), model=str(tmp_path / "model"),
+                                                 text_encoder_config=None, unet_config=None, vae=None,
+                                                 prediction_type="epsilon", zero_terminal_snr=None))
 
 
 def test_cli_top_level_error(capsys):
@@ -337,4 +382,8 @@ def test_cli_builds_configs(tmp_path):
         "v_prediction", "--snr-gamma", "0", "--grad-accum", "2", "--remat", "--ema", "0.99"])
     assert isinstance(cfg, TrainConfig) and cfg.train == ("unet",) and cfg.snr_gamma is None
     assert cfg.prediction_type == "v_prediction" and cfg.grad_accum == 2 and cfg.remat and cfg.ema == 0.99
+    assert cfg.zero_terminal_snr is None
+    cfg = train_cli.config_from_args("diffusion", ["--out", str(tmp_path / "d"), "--vae", str(tmp_path / "vae"),
+                                                   "--prediction-type", "v_prediction", "--zero-terminal-snr"])
+    assert cfg.zero_terminal_snr is True
     assert dataclasses.replace(cfg, steps=5).steps == 5

@@ -148,6 +148,10 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
                                 f"(default: {'unet,text_encoder' if recipe == 'diffusion' else 'unet'})")
         p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                        help="default: epsilon, or the model's when fine-tuning")
+        if recipe != "lora":
+            p.add_argument("--zero-terminal-snr", action="store_true", default=None,
+                           help="rescale the noise schedule so its last timestep is pure noise (Lin et al. "
+                                "2023; needs --prediction-type v_prediction; default: the model's)")
         p.add_argument("--snr-gamma", type=float, default=d["snr_gamma"],
                        help="min-SNR-gamma loss weighting (0 = off; default %(default)s)")
         p.add_argument("--caption-dropout", type=float, default=d["caption_dropout"],
@@ -229,7 +233,7 @@ def config_from_args(recipe: str | None, argv) -> object:
                                base_dtype=a.base_dtype)
     return TrainConfig(**common, size=size, model=model, vae=a.vae, train=a.train,
                        prediction_type=a.prediction_type, snr_gamma=a.snr_gamma or None,
-                       caption_dropout=a.caption_dropout)
+                       caption_dropout=a.caption_dropout, zero_terminal_snr=a.zero_terminal_snr)
 
 
 def run(recipe: str | None, argv) -> int:

@@ -105,6 +105,8 @@ class TrainConfig(RunConfig):
     (see :mod:`sd_jax.train.optim`); default: both from scratch, ``unet`` when
     fine-tuning.  ``prediction_type``: None = the model's scheduler config (epsilon from
     scratch).  ``snr_gamma``: min-SNR-gamma weighting (e.g. 5.0), None = off.
+    ``zero_terminal_snr``: rescale the betas so the last timestep is pure noise (Lin et al.
+    2023; needs v-prediction), None = the model's scheduler config (off from scratch).
     """
     model: str | None = None
     vae: str | None = None
@@ -115,9 +117,13 @@ class TrainConfig(RunConfig):
     prediction_type: str | None = None
     snr_gamma: float | None = None
     caption_dropout: float = 0.1
+    zero_terminal_snr: bool | None = None
 
     def __post_init__(self):
         super().__post_init__()
+        if self.zero_terminal_snr and (self.prediction_type or ("epsilon" if self.model is None else None)) == "epsilon":
+            raise ValueError("zero terminal SNR needs v-prediction (the noise is all there is to predict at the "
+                             "last timestep): use --prediction-type v_prediction")
         if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {self.prediction_type!r}; "
                              f"use one of {', '.join(PREDICTION_TYPES)}")

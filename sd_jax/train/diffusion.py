@@ -78,14 +78,19 @@ def build_diffusion_task(config: TrainConfig) -> Task:
         params, vae_params = {"text_encoder": p["text_encoder"], "unet": p["unet"]}, p["vae"]
         del model, p
         schedule = NoiseSchedule.from_dict(sched)
+        if config.zero_terminal_snr is not None:
+            schedule = dataclasses.replace(schedule, rescale_betas_zero_snr=config.zero_terminal_snr)
         prediction_type = config.prediction_type or sched.get("prediction_type", "epsilon")
         trainable = config.train or ("unet",)
         if config.text_encoder_config is not None or config.unet_config is not None:
             raise ValueError("model configs cannot be given when fine-tuning a model (--model)")
     else:
-        schedule = NoiseSchedule()
+        schedule = NoiseSchedule(rescale_betas_zero_snr=bool(config.zero_terminal_snr))
         prediction_type = config.prediction_type or "epsilon"
         trainable = config.train or ("text_encoder", "unet")
+    if schedule.rescale_betas_zero_snr and prediction_type == "epsilon":
+        raise ValueError("zero terminal SNR needs v-prediction (the noise is all there is to predict at the last "
+                         "timestep): use --prediction-type v_prediction")
     if config.tokenizer is not None:
         tokenizer = load_tokenizer(config.tokenizer)
     if tokenizer is None:   # from scratch: the shapes tokenizer, written into the run folder

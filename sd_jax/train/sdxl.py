@@ -86,8 +86,14 @@ def build_sdxl_task(config, model, vae=None) -> Task:
     build = lambda name, cfg: model.family.component(name).make(cfg, policy)  # noqa: E731
     models = families.Models(text_encoder=build("text_encoder", te_cfg), unet=build("unet", unet_cfg),
                              vae=build("vae", vae_cfg), text_encoder_2=build("text_encoder_2", te2_cfg))
-    schedule = NoiseSchedule.from_dict(model.scheduler)
-    prediction_type = config.prediction_type or model.scheduler.get("prediction_type", "epsilon")
+    scheduler = dict(model.scheduler)
+    if config.zero_terminal_snr is not None:
+        scheduler["rescale_betas_zero_snr"] = config.zero_terminal_snr
+    schedule = NoiseSchedule.from_dict(scheduler)
+    prediction_type = config.prediction_type or scheduler.get("prediction_type", "epsilon")
+    if schedule.rescale_betas_zero_snr and prediction_type == "epsilon":
+        raise ValueError("zero terminal SNR needs v-prediction (the noise is all there is to predict at the last "
+                         "timestep): use --prediction-type v_prediction")
     names = [t.name for t in model.family.tokenizers]
     tokenizers = {n: model.tokenizers[n] for n in names}
     length = lengths.pop()
@@ -105,7 +111,7 @@ def build_sdxl_task(config, model, vae=None) -> Task:
     def export(folder, trained):
         export_diffusers(folder, models=models, params={**trained, "vae": vae_params}, tokenizer=None,
                          schedule=schedule, prediction_type=prediction_type, family=model.family,
-                         scheduler=model.scheduler, tokenizers=tokenizers, options=model.options)
+                         scheduler=scheduler, tokenizers=tokenizers, options=model.options)
 
     return Task(name="diffusion", params=p, trainable=tuple(config.train or ("unet",)), frozen={"vae": vae_params},
                 loss=loss, source=source, batch_keys=("pixels", "input_ids", "time_ids"), export=export,
