@@ -2,12 +2,16 @@
 
     python benchmarks/bench_lora.py                     # SD 1.5 widths, rank 32, every UNet block
     python benchmarks/bench_lora.py --layers 1 --te-layers 4   # fewer layers (less memory)
+    python benchmarks/bench_lora.py --family sdxl --depth 1,2,2 --te-layers 12 --te2-layers 8
+                                                        # SDXL widths, fewer transformer layers
 
 The LoRA is a kohya file with random factors of rank ``--rank`` on every layer kohya's
 default LoRA trains: the UNet's transformer blocks (attention q/k/v/out, feed-forward,
 proj_in/out) and the text encoder's attention and MLP layers, at SD 1.5's widths (320 / 640
-/ 1280, cross-attention 768, text encoder 768).  Both sides read the same file in the same
-process:
+/ 1280, cross-attention 768, text encoder 768; ``--family sdxl``: SDXL's 320 / 640 / 1280 with
+cross-attention 2048, CLIP ViT-L 768 and OpenCLIP bigG 1280, ``--depth`` transformer layers per
+level, the UNet in SGM names and ``lora_te1_`` / ``lora_te2_`` as kohya's SDXL scripts write).
+Both sides read the same file in the same process:
 
 * sd-jax: :meth:`StableDiffusionPipeline.load_lora` (read, match, upload, merge on the
   device) on the model's parameters; "cold" includes compiling the merge functions (once per
@@ -35,6 +39,7 @@ import numpy as np
 
 from sd_jax import families, sharding
 from sd_jax.lora import LoraSet
+from sd_jax.lora import saving
 from sd_jax.lora.targets import TargetTable
 from sd_jax.models.clip import CLIPTextConfig
 from sd_jax.models.unet import UNetConfig
@@ -47,44 +52,56 @@ TARGET_UNET = ("attn1_to_q", "attn1_to_k", "attn1_to_v", "attn1_to_out_0", "attn
 TARGET_TE = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
-def configs(layers: int, te_layers: int):
+def configs(layers: int, te_layers: int, family: str = "sd15", depth=(1, 2, 10), te2_layers: int = 32):
+    if family == "sdxl":
+        return {"unet": UNetConfig.sdxl(layers_per_block=layers, transformer_layers_per_block=tuple(depth)),
+                "text_encoder": CLIPTextConfig.sd15(num_hidden_layers=te_layers),
+                "text_encoder_2": CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                                                 num_hidden_layers=te2_layers, hidden_act="gelu", projection_dim=1280),
+                "vae": VAEConfig()}
     return {"unet": UNetConfig(layers_per_block=layers), "text_encoder": CLIPTextConfig.sd15(num_hidden_layers=te_layers),
             "vae": VAEConfig()}
 
 
 def write_lora(path: str, shapes: dict, rank: int, seed: int) -> dict:
-    """A kohya file on the usual targets; returns ``{component: [module path, ...]}``."""
+    """A kohya file on the usual targets (written by sd-jax's own kohya writer: SDXL's UNet in
+    SGM names); returns ``{component: [module path, ...]}``."""
     rng = np.random.default_rng(seed)
     table = TargetTable(shapes)
-    sd, targets = {}, {}
-    for comp, prefix, ends in (("unet", "lora_unet_", TARGET_UNET), ("text_encoder", "lora_te_", TARGET_TE)):
+    factors, targets = {}, {}
+    for comp in shapes:
+        ends = TARGET_UNET if comp == "unet" else TARGET_TE
         for mpath, v in table.kernels[comp].items():
-            name = "_".join(mpath)
-            if not name.endswith(ends):
+            if not "_".join(mpath).endswith(ends):
                 continue
             shape = tuple(v.shape)  # Flax: (in, out) or (1, 1, in, out)
             n_in, n_out = shape[-2], shape[-1]
             extra = (1, 1) if len(shape) == 4 else ()
-            sd[f"{prefix}{name}.lora_down.weight"] = (rng.standard_normal((rank, n_in) + extra) * 0.01).astype(np.float32)
-            sd[f"{prefix}{name}.lora_up.weight"] = (rng.standard_normal((n_out, rank) + extra) * 0.01).astype(np.float32)
-            sd[f"{prefix}{name}.alpha"] = np.asarray(rank / 2, np.float32)
+            node = factors.setdefault(comp, {})
+            for k in mpath:
+                node = node.setdefault(k, {})
+            node["down"] = (rng.standard_normal((rank, n_in) + extra) * 0.01).astype(np.float32)
+            node["up"] = (rng.standard_normal((n_out, rank) + extra) * 0.01).astype(np.float32)
             targets.setdefault(comp, []).append(mpath)
-    save_file(sd, path)
+    saving.save_kohya(path, table, factors, rank, rank / 2)
     return targets
 
 
-def sd_jax_pipe(shapes: dict, targets: dict, cfg: dict):
-    """A stand-in pipeline holding only the kernels the LoRA changes (random, on the device)."""
+def sd_jax_pipe(shapes: dict, targets: dict, cfg: dict, family=families.SD1):
+    """A stand-in pipeline holding only the kernels the LoRA changes (random, on the device;
+    the other layers are empty)."""
     key, table = jax.random.key(0), TargetTable(shapes)
     params = {}
     for comp, paths in targets.items():
-        flat = {}
+        # Every other layer is an empty placeholder: a merge never reads it, but the layer list
+        # is what SGM block numbers are counted from.
+        flat = {p + ("kernel",): jnp.zeros((0,)) for p in table.kernels[comp]}
         for p in paths:
             key, sub = jax.random.split(key)
             flat[p + ("kernel",)] = jax.random.normal(sub, table.kernels[comp][p].shape) * 0.02
         params[comp] = unflatten(flat)
     mesh = sharding.make_mesh(jax.devices()[:1])
-    pipe = types.SimpleNamespace(params=sharding.replicate(params, mesh), mesh=mesh, family=families.SD1,
+    pipe = types.SimpleNamespace(params=sharding.replicate(params, mesh), mesh=mesh, family=family,
                                  models=types.SimpleNamespace(unet=types.SimpleNamespace(config=cfg["unet"])))
     pipe.loras = LoraSet(pipe)
     return pipe
@@ -111,24 +128,30 @@ def bench_sd_jax(pipe, files, iters):
 
 def bench_diffusers(cfg: dict, targets: dict, files, iters):
     import torch
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.loaders.lora_base import fuse_text_encoder_lora, unfuse_text_encoder_lora
     from diffusers.utils.peft_utils import delete_adapter_layers
-    from transformers import CLIPTextConfig as TorchCLIPConfig, CLIPTextModel
+    from transformers import CLIPTextConfig as TorchCLIPConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from sd_jax.weights.convert import path_to_torch_key
+    sdxl = "text_encoder_2" in cfg
+    pipe_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     ucfg = {k: v for k, v in cfg["unet"].to_dict().items() if not k.startswith("_")}
-    te = cfg["text_encoder"]
+    encoders = ("text_encoder", "text_encoder_2") if sdxl else ("text_encoder",)
+
+    def clip(te, cls):
+        return cls(TorchCLIPConfig(vocab_size=te.vocab_size, hidden_size=te.hidden_size,
+                                   intermediate_size=te.intermediate_size, num_hidden_layers=te.num_hidden_layers,
+                                   num_attention_heads=te.num_attention_heads, hidden_act=te.hidden_act,
+                                   max_position_embeddings=te.max_position_embeddings,
+                                   projection_dim=te.projection_dim or 768))
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**ucfg)
-        text = CLIPTextModel(TorchCLIPConfig(vocab_size=te.vocab_size, hidden_size=te.hidden_size,
-                                             intermediate_size=te.intermediate_size,
-                                             num_hidden_layers=te.num_hidden_layers,
-                                             num_attention_heads=te.num_attention_heads,
-                                             max_position_embeddings=te.max_position_embeddings))
-    unet, text = unet.to_empty(device="cpu").eval(), text.to_empty(device="cpu").eval()
+        models = {"unet": UNet2DConditionModel(**ucfg)}
+        for name in encoders:
+            models[name] = clip(cfg[name], CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel)
+    models = {k: m.to_empty(device="cpu").eval() for k, m in models.items()}
     with torch.no_grad():  # fill the LoRA's layers (empty memory may hold NaNs or denormals)
-        for comp, model in (("unet", unet), ("text_encoder", text)):
+        for comp, model in models.items():
             mods = dict(model.named_modules())
             for p in targets[comp]:
                 name = path_to_torch_key(p)
@@ -136,17 +159,21 @@ def bench_diffusers(cfg: dict, targets: dict, files, iters):
 
     def once(f):
         t = time.perf_counter()
-        sd, alphas = StableDiffusionPipeline.lora_state_dict(f)
-        StableDiffusionPipeline.load_lora_into_unet(sd, alphas, unet=unet, adapter_name="x")
-        StableDiffusionPipeline.load_lora_into_text_encoder(sd, alphas, text_encoder=text, adapter_name="x")
-        unet.fuse_lora(lora_scale=1.0)
-        fuse_text_encoder_lora(text, lora_scale=1.0)
+        sd, alphas = pipe_cls.lora_state_dict(f, unet_config=models["unet"].config)  # SGM names need it
+        pipe_cls.load_lora_into_unet(sd, alphas, unet=models["unet"], adapter_name="x")
+        for name in encoders:
+            pipe_cls.load_lora_into_text_encoder(sd, alphas, text_encoder=models[name], prefix=name,
+                                                 adapter_name="x")
+        models["unet"].fuse_lora(lora_scale=1.0)
+        for name in encoders:
+            fuse_text_encoder_lora(models[name], lora_scale=1.0)
         dt = time.perf_counter() - t
-        unet.unfuse_lora()
-        unet.delete_adapters("x")
-        unfuse_text_encoder_lora(text)
-        delete_adapter_layers(text, "x")  # transformers' delete_adapter wants a newer peft
-        getattr(text, "peft_config", {}).pop("x", None)
+        models["unet"].unfuse_lora()
+        models["unet"].delete_adapters("x")
+        for name in encoders:
+            unfuse_text_encoder_lora(models[name])
+            delete_adapter_layers(models[name], "x")  # transformers' delete_adapter wants a newer peft
+            getattr(models[name], "peft_config", {}).pop("x", None)
         return dt
     cold = once(files[0])
     warm = [once(files[1 + i % (len(files) - 1)]) for i in range(iters)]
@@ -156,22 +183,29 @@ def bench_diffusers(cfg: dict, targets: dict, files, iters):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
     ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--layers", type=int, default=2, help="UNet layers_per_block (SD 1.5: 2)")
-    ap.add_argument("--te-layers", type=int, default=12, help="text encoder layers (SD 1.5: 12)")
+    ap.add_argument("--layers", type=int, default=2, help="UNet layers_per_block (SD 1.5 and SDXL: 2)")
+    ap.add_argument("--depth", default="1,2,10", help="SDXL: transformer layers per level (SDXL: 1,2,10)")
+    ap.add_argument("--te-layers", type=int, default=12, help="(first) text encoder layers (SD 1.5, SDXL: 12)")
+    ap.add_argument("--te2-layers", type=int, default=32, help="SDXL: OpenCLIP bigG layers (SDXL: 32)")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--skip-torch", action="store_true")
     args = ap.parse_args()
-    cfg = configs(args.layers, args.te_layers)
-    models = families.build_models(families.SD1, cfg)
-    shapes = {c.name: c.param_shapes(getattr(models, c.name)) for c in families.SD1.components if c.name != "vae"}
+    family = families.SDXL if args.family == "sdxl" else families.SD1
+    depth = tuple(int(d) for d in args.depth.split(","))
+    cfg = configs(args.layers, args.te_layers, args.family, depth, args.te2_layers)
+    models = families.build_models(family, cfg)
+    shapes = {c.name: c.param_shapes(getattr(models, c.name)) for c in family.components if c.name != "vae"}
     with tempfile.TemporaryDirectory() as tmp:
         files = [os.path.join(tmp, f"lora{i}.safetensors") for i in range(3)]
         targets = [write_lora(f, shapes, args.rank, seed=i) for i, f in enumerate(files)][0]
         n = sum(len(v) for v in targets.values())
-        print(json.dumps({"rank": args.rank, "layers_per_block": args.layers, "te_layers": args.te_layers,
-                          "lora_layers": n, "file_mb": round(os.path.getsize(files[0]) / 2**20, 1)}))
-        print(json.dumps(bench_sd_jax(sd_jax_pipe(shapes, targets, cfg), files, args.iters)), flush=True)
+        print(json.dumps({"family": args.family, "rank": args.rank, "layers_per_block": args.layers,
+                          **({"depth": list(depth), "te2_layers": args.te2_layers} if args.family == "sdxl" else {}),
+                          "te_layers": args.te_layers, "lora_layers": n,
+                          "file_mb": round(os.path.getsize(files[0]) / 2**20, 1)}))
+        print(json.dumps(bench_sd_jax(sd_jax_pipe(shapes, targets, cfg, family), files, args.iters)), flush=True)
         if not args.skip_torch:
             print(json.dumps(bench_diffusers(cfg, targets, files, args.iters)))
 

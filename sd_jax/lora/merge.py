@@ -133,5 +133,16 @@ def add_delta(acc, kernel, factors: dict, scale, weight, kind: str):
     One call per LoRA and layer, so the compiled function depends on that LoRA's factor shapes
     only: another LoRA of the same rank, a second LoRA on the layer, or new weights (``scale``
     and ``weight`` are traced float32 scalars) reuse it."""
+    shape = torch_shape(kernel.shape)
+    if _dora_key(factors) is None:   # linear in one factor: scale that (small) one, not the product
+        return acc + to_flax(delta(kind, _scaled(kind, factors, weight * scale), shape))
     w = to_torch(kernel.astype(jnp.float32))
-    return acc + to_flax(weight * layer_delta(kind, factors, scale, w, w.shape))
+    return acc + to_flax(weight * layer_delta(kind, factors, scale, w, shape))
+
+
+def _scaled(kind: str, f: dict, c) -> dict:
+    """``f`` with one factor multiplied by ``c``, so that ``delta(kind, result) == c * delta(kind, f)``:
+    a scale applied to a rank-r factor costs r * (in + out) multiplications instead of the full
+    layer's (on SD 1.5's biggest layers, 3x the merge's time when done after the product)."""
+    name = {"lora": "up", "loha": "hada_w1_a"}.get(kind) or ("lokr_w1" if "lokr_w1" in f else "lokr_w1_a")
+    return {**f, name: f[name] * c}
