@@ -51,9 +51,10 @@ def _add_model_args(p):
     p.add_argument("--model", default=None, help="diffusers folder, sd-jax checkpoint or single-file .safetensors "
                                                  "(default: $SD_JAX_MODEL, else the model in checkpoints/)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (bf16 on GPU/TPU)")
-    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "chunked", "pallas"],
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "chunked", "pallas", "flash"],
                    help="attention implementation; auto: the Pallas kernel on TPU, cuDNN's fused attention on "
-                        "GPU (bf16/fp16), XLA elsewhere; pallas: the TPU kernel (on a TPU only)")
+                        "GPU (bf16/fp16), XLA elsewhere; pallas: sd-jax's TPU kernel, flash: JAX's TPU flash "
+                        "attention kernels (both on a TPU only)")
     p.add_argument("--no-watermark", action="store_true",
                    help="SDXL: leave out the invisible watermark diffusers puts in SDXL images (on by default)")
     p.add_argument("--unet", default=None, metavar="FILE",

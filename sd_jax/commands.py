@@ -149,8 +149,8 @@ def _check_pallas(attention: str) -> None:
     """``--attention pallas`` off a TPU is refused: elsewhere the TPU kernel runs only in Pallas
     interpret mode, exact but far too slow to generate with (the library keeps it for tests)."""
     import jax
-    if attention == "pallas" and jax.default_backend() != "tpu":
-        raise ValueError(f"the Pallas attention kernel is written for TPUs and JAX runs on {jax.default_backend()} "
+    if attention in ("pallas", "flash") and jax.default_backend() != "tpu":
+        raise ValueError(f"the Pallas attention kernels ('{attention}') are written for TPUs and JAX runs on {jax.default_backend()} "
                          f"here (off a TPU it only runs in interpret mode, far too slow to generate with); "
                          f"use 'auto' (Pallas on TPU, cuDNN on GPU, XLA elsewhere) or 'xla'")
 

@@ -110,7 +110,8 @@ class SDXLEnsemble:
                 size, (h, w) = batch["base"]["seeds"].shape[0], plan.base.latent_shape[:2]
                 for pipe in (self.base, self.refiner):
                     memory.check_generation(pipe, size, h * pipe.models.vae_scale, w * pipe.models.vae_scale)
-                fn = jax.jit(f, out_shardings=sharding.batch_sharded(self.mesh)).lower(self.params, batch).compile()
+                with sharding.tracing_for(self.mesh):
+                    fn = jax.jit(f, out_shardings=sharding.batch_sharded(self.mesh)).lower(self.params, batch).compile()
                 self.compilations += 1
             self._compiled[key] = fn
         return fn

@@ -64,12 +64,12 @@ def score_bytes(lowering: str, batch_heads: int, lq: int, lk: int, dtype_bytes: 
 
     ``lowering``: ``"xla"`` (the full [B, H, Lq, Lk] float32 scores plus their softmax in the
     compute dtype), ``"blocked"`` (XLA on CPU: one block of rows at a time), ``"chunked"``
-    (1024 query rows at a time), ``"pallas"`` (the TPU flash kernel: one block) or ``"cudnn"``
+    (1024 query rows at a time), ``"pallas"`` / ``"flash"`` (the TPU flash kernels: one block) or ``"cudnn"``
     (fused flash attention: no score matrix).
     """
     if lowering == "cudnn":
         return 0
-    if lowering == "pallas":  # flash attention: one float32 block of scores and its exp
+    if lowering in ("pallas", "flash"):  # flash attention: one float32 block of scores and its exp
         return 512 * 512 * 4 * 2
     if lowering == "blocked":
         rows = max(16, _CPU_BLOCK_BYTES // (4 * lk))

@@ -695,7 +695,9 @@ class StableDiffusionPipeline:
                 f_ = self.models.vae_scale  # refuse what cannot fit before XLA tries (and aborts)
                 memory.check_generation(self, batch["seeds"].shape[0], plan.latent_shape[0] * f_,
                                         plan.latent_shape[1] * f_)
-                fn = jax.jit(f, out_shardings=sharding.batch_sharded(self.mesh)).lower(self._params(plan), batch).compile()
+                with sharding.tracing_for(self.mesh):
+                    fn = jax.jit(f, out_shardings=sharding.batch_sharded(self.mesh)).lower(
+                        self._params(plan), batch).compile()
                 self.compilations += 1
             self._compiled[key] = fn
         return fn
@@ -895,5 +897,6 @@ class StableDiffusionPipeline:
         size = sharding.padded_size(batch_size, self.mesh)
         batch = sharding.shard_batch({k: sharding.pad_batch(v, size) for k, v in self._inputs(plan, [r]).items()},
                                      self.mesh)
-        return jax.jit(functools.partial(_generate, self.models, self.family.prompt, self._vae_tiled(plan, size)),
-                       out_shardings=sharding.batch_sharded(self.mesh)).lower(self._params(plan), batch)
+        with sharding.tracing_for(self.mesh):
+            return jax.jit(functools.partial(_generate, self.models, self.family.prompt, self._vae_tiled(plan, size)),
+                           out_shardings=sharding.batch_sharded(self.mesh)).lower(self._params(plan), batch)

@@ -136,7 +136,8 @@ class ClipScorer:
             n = min(size, len(images) - k)
             batch = sharding.shard_batch({"images": sharding.pad_batch(images[k:k + n], size),
                                           "ids": sharding.pad_batch(ids[k:k + n], size)}, self.mesh)
-            out.append(sharding.to_host(self._fn(self.params, batch["images"], batch["ids"]))[:n])
+            with sharding.tracing_for(self.mesh):
+                out.append(sharding.to_host(self._fn(self.params, batch["images"], batch["ids"]))[:n])
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 

@@ -8,6 +8,8 @@ on one CPU, eight GPUs or a TPU pod.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import os
 import re
@@ -44,6 +46,53 @@ def make_mesh(devices=None) -> Mesh:
     """A 1-D mesh named ``"data"`` over ``devices`` (default: every device of every host)."""
     devices = jax.devices() if devices is None else list(devices)
     return Mesh(np.asarray(devices), (AXIS,))
+
+
+# --------------------------------------------------------------------------- kernels XLA cannot partition
+
+_TRACE_MESH: contextvars.ContextVar = contextvars.ContextVar("sd_jax_trace_mesh", default=None)
+
+
+@contextlib.contextmanager
+def tracing_for(mesh):
+    """Trace model code for ``mesh``: what runs inside maps the kernels XLA's partitioner cannot
+    split (Pallas / Mosaic TPU kernels) over the mesh's devices (:func:`map_over_batch`).  The
+    pipelines and the trainer trace under it; JAX's own ``jax.set_mesh`` context works too."""
+    token = _TRACE_MESH.set(mesh)
+    try:
+        yield mesh
+    finally:
+        _TRACE_MESH.reset(token)
+
+
+def trace_mesh():
+    """The mesh being traced for (:func:`tracing_for`, else ``jax.set_mesh``'s), or None."""
+    mesh = _TRACE_MESH.get()
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        mesh = None if mesh.empty else mesh
+    return mesh
+
+
+def target_platform() -> str:
+    """The platform traced for: the :func:`tracing_for` mesh's devices' (``"tpu"`` when compiling
+    ahead of time for TPU devices from a CPU host), else JAX's default backend."""
+    mesh = _TRACE_MESH.get()
+    if mesh is not None and isinstance(mesh, Mesh):
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+
+def map_over_batch(fn, *args):
+    """``fn(*args)``, run per device on each device's rows when traced for a mesh of several
+    devices (a Mosaic kernel inside a multi-device ``jit`` must be, or XLA refuses it: "Mosaic
+    kernels cannot be automatically partitioned").  The arrays' first axis is split over
+    every mesh axis when it divides evenly; otherwise each device computes the whole batch."""
+    mesh = trace_mesh()
+    if mesh is None or mesh.size == 1:
+        return fn(*args)
+    spec = P(tuple(mesh.axis_names)) if args[0].shape[0] % mesh.size == 0 else P()
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

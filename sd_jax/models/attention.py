@@ -14,7 +14,9 @@ Modules call :func:`dot_product_attention` with the implementation named by thei
                (:mod:`sd_jax.models.pallas_attention`): any head size (zero-padded to a
                multiple of 128) and key count (padded to a block, masked); masked or causal
                attention goes to ``"xla"``.  Off a TPU it runs in Pallas interpret mode:
-               exact but slow, for tests.
+               exact but slow, for tests.  Differentiable: its backward is ``"flash"``'s.
+``"flash"``    JAX's own Pallas TPU flash attention (forward and backward kernels), padded
+               and masked to SD's shapes (:func:`sd_jax.models.pallas_attention.tpu_flash_attention`).
 ``"auto"``     ``"pallas"`` on TPU for unmasked attention; ``"cudnn"`` on GPU for unmasked
                fp16/bf16 attention with a head size cuDNN takes (a multiple of 8, at most
                128); else ``"xla"``.
@@ -24,9 +26,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sd_jax.models.pallas_attention import flash_attention
+from sd_jax import sharding
+from sd_jax.models.pallas_attention import flash_attention, tpu_flash_attention
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked", "pallas")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked", "pallas", "flash")
 
 # CPU blocking.  Materialising [B, H, Lq, Lk] float32 scores (1 GiB for SD's 4096-token
 # self-attention at batch 2) makes every softmax pass a trip to DRAM, and each fresh
@@ -141,11 +144,12 @@ def _resolve(impl: str, dtype, head_dim: int, masked: bool, causal: bool = False
     if impl != "auto":
         return impl
     # TPUs have no fused attention in XLA; the Pallas kernel never materialises the scores.
-    if jax.default_backend() == "tpu" and not (masked or causal):
+    platform = sharding.target_platform()
+    if platform == "tpu" and not (masked or causal):
         return "pallas"
     # cuDNN's fused kernels take half-precision head sizes that are multiples of 8 up to 128
     # (the VAE's single 512-wide head is not one of them); masks other than causal go to XLA.
-    if (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and not masked
+    if (platform == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and not masked
             and head_dim % 8 == 0 and head_dim <= 128):
         return "cudnn"
     return "xla"
@@ -172,7 +176,9 @@ def dot_product_attention(q, k, v, *, impl: str = "xla", mask=None, causal: bool
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                             implementation="cudnn")
     if impl == "pallas" and mask is None and not causal:
-        return flash_attention(q, k, v)
+        return sharding.map_over_batch(flash_attention, q, k, v)   # Mosaic kernels are not auto-partitioned
+    if impl == "flash" and mask is None and not causal:
+        return sharding.map_over_batch(tpu_flash_attention, q, k, v)
     if causal:
         cm = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
         mask = cm if mask is None else jnp.logical_and(mask, cm)
@@ -180,7 +186,7 @@ def dot_product_attention(q, k, v, *, impl: str = "xla", mask=None, causal: bool
         return _chunked(q, k, v, mask, scale, chunk)
     b, lq, h, _ = q.shape
     lk = k.shape[1]
-    blocked = cpu_lowerings and jax.default_backend() == "cpu"
+    blocked = cpu_lowerings and sharding.target_platform() == "cpu"
     if mask is None and blocked and b * h * lq * lk >= _CPU_MIN_SCORES:
         return _blocked(q, k, v, scale, _cpu_block(lk))
     return _xla(q, k, v, mask, scale)

@@ -82,7 +82,6 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *, scale, kv_len, bl
         o_ref[...] = (acc_sc[...] / l_sc[...][:, :1]).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret"))
 def flash_attention(q, k, v, *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
                     interpret: bool | None = None):
     """Unmasked multi-head attention with the Pallas kernel.
@@ -95,8 +94,88 @@ def flash_attention(q, k, v, *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
     Returns:
       [B, Lq, H, D], ``softmax(q k^T / sqrt(D)) v`` per head.
     """
+    if interpret is None:   # decided here, not under the jit: the target is part of its cache key
+        interpret = _off_tpu()
+    return _differentiable(q, k, v, block_q, block_k, bool(interpret))
+
+
+def _off_tpu() -> bool:
+    from sd_jax.sharding import target_platform
+    return target_platform() != "tpu"
+
+
+# The kernel above has no backward of its own: its gradient is JAX's TPU flash attention's
+# (forward recomputed by that kernel, then its dq / dkv kernels), so a model using it trains
+# with flash memory (no score matrix stored) at the cost of one more attention forward.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _differentiable(q, k, v, block_q, block_k, interpret):
+    return _flash_attention(q, k, v, block_q=block_q, block_k=block_k, interpret=interpret)
+
+
+def _differentiable_fwd(q, k, v, block_q, block_k, interpret):
+    return _flash_attention(q, k, v, block_q=block_q, block_k=block_k, interpret=interpret), (q, k, v)
+
+
+def _differentiable_bwd(block_q, block_k, interpret, residuals, g):
+    _, vjp = jax.vjp(lambda q, k, v: tpu_flash_attention(q, k, v, interpret=interpret), *residuals)
+    return vjp(g)
+
+
+_differentiable.defvjp(_differentiable_fwd, _differentiable_bwd)
+
+
+def _tpu_block(length: int, most: int = 512) -> int:
+    """The largest of 512 / 256 / 128 that divides ``length`` (a multiple of 128)."""
+    return next(b for b in (most, 256, 128) if b <= most and length % b == 0)
+
+
+def tpu_flash_attention(q, k, v, *, interpret: bool | None = None):
+    """JAX's Pallas TPU flash attention (``jax.experimental.pallas.ops.tpu.flash_attention``:
+    forward, dq and dkv kernels, so differentiable with flash memory) at any SD shape.
+
+    That kernel wants [B, H, L, D] with sequence lengths in whole 128-blocks and head sizes of
+    at most 128 or a multiple of it: heads of 160 (SD 1.x's last level) are zero-padded to 256
+    (zero columns change no score and give zero output columns), queries to a whole block
+    (rows sliced off), and keys to a whole block, the padded keys masked with segment ids
+    (77 text tokens -> 128).  ``interpret`` (default: off a TPU) runs the kernels in Pallas's
+    TPU interpret mode; a backward pass traced off a TPU needs the whole differentiation inside
+    ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()`` (as the tests do).
+    q: [B, Lq, H, D]; k, v: [B, Lk, H, D].  Returns [B, Lq, H, D]."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = _off_tpu()
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    dp = d if d <= LANES else _round_up(d, LANES)
+    lqp, lkp = _round_up(lq, LANES), _round_up(lk, LANES)
+
+    def prep(x, length):  # [B, L, H, D] -> [B, H, L_padded, D_padded]
+        x = x.transpose(0, 2, 1, 3)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, dp - d)))
+
+    seg = None
+    if lkp != lk:
+        seg = fa.SegmentIds(q=jnp.ones((b, lqp), jnp.int32),
+                            kv=jnp.broadcast_to((jnp.arange(lkp) < lk).astype(jnp.int32), (b, lkp)))
+    bq, bk = _tpu_block(lqp), _tpu_block(lkp)
+    blocks = fa.BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1, block_q_major_dkv=bq,
+                           block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq, block_k_major_dq=bk,
+                           block_k_dq=bk, block_q_dq=bq)
+
+    def call():
+        return fa.flash_attention(prep(q, lqp), prep(k, lkp), prep(v, lkp), segment_ids=seg, sm_scale=d ** -0.5,
+                                  block_sizes=blocks)
+    if interpret:
+        from jax.experimental.pallas import tpu as pltpu_
+        with pltpu_.force_tpu_interpret_mode():
+            out = call()
+    else:
+        out = call()
+    return out[:, :, :lq, :d].transpose(0, 2, 1, 3)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret"))
+def _flash_attention(q, k, v, *, block_q: int, block_k: int, interpret: bool):
     b, lq, h, d = q.shape
     lk = k.shape[1]
     bq, bk = block_sizes(lq, lk, block_q, block_k)

@@ -78,7 +78,8 @@ class Policy:
 
     def cpu_specific(self) -> bool:
         """Whether the CPU-specific lowerings apply to what is traced now."""
-        return self.cpu_lowerings and jax.default_backend() == "cpu"
+        from sd_jax.sharding import target_platform
+        return self.cpu_lowerings and target_platform() == "cpu"
 
 
 __all__ = ["Policy", "CONV_IMPLS", "IMPLEMENTATIONS"]

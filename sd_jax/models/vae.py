@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sd_jax import sharding
 from sd_jax.models.attention import dot_product_attention
 from sd_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm, norm
 from sd_jax.models.policy import Policy, PolicyReads
@@ -153,7 +154,7 @@ def _attention_impl(impl: str, head_dim: int) -> str:
     # The VAE attends with one head of dim = channels (512 for SD); cuDNN's fused kernel takes
     # head dims <= 128 (256 on Hopper), so "auto"/"cudnn" fall back to XLA here (on TPU "auto"
     # stays: the Pallas kernel takes any head size).
-    tpu_auto = impl == "auto" and jax.default_backend() == "tpu"
+    tpu_auto = impl == "auto" and sharding.target_platform() == "tpu"
     if impl in ("auto", "cudnn") and head_dim > 128 and not tpu_auto:
         return "xla"
     return impl

@@ -251,7 +251,8 @@ def run(config: RunConfig, task: Task, mesh=None) -> TrainResult:
         for step in range(start, stop):
             host = next(data)
             batch = sharding.shard_batch({k: host[k] for k in task.batch_keys}, mesh)
-            state, metrics = train_step(task.loss, opt, config.seed, shard, state, frozen, batch)
+            with sharding.tracing_for(mesh):
+                state, metrics = train_step(task.loss, opt, config.seed, shard, state, frozen, batch)
             unlogged.append((step + 1, metrics))
             flush(keep=1)  # the previous step's metrics: waits for it while this one runs
             if (step + 1) % config.save_every == 0 or step + 1 == stop:
