@@ -29,8 +29,9 @@ def test_policy_is_frozen_hashable_and_canonical():
     assert a.replace(cpu_lowerings=False) != a
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.dtype = jnp.float32
-    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
-        Policy(attention="flash")
+    with pytest.raises(ValueError, match="unknown attention implementation 'sdpa'"):
+        Policy(attention="sdpa")
+    assert Policy(attention="flash").attention == "flash"   # JAX's TPU flash attention (sd_jax.models.attention)
     with pytest.raises(ValueError, match="unknown conv_impl 'fft'"):
         Policy(conv_impl="fft")
 
