@@ -104,32 +104,15 @@ def generation(name: str, mesh, batch: int, steps: int, attention: str):
 
 
 def sdxl_train(mesh, batch: int, attention: str):
-    import jax
-    import jax.numpy as jnp
-
-    from sd_jax import sharding
-    from sd_jax.models import unet as unet_lib
-    from sd_jax.models.policy import Policy
-    from sd_jax.train import optim, step
+    """The SDXL UNet's training step of ``benchmarks/train_memory.py``, FSDP-sharded over ``mesh``."""
+    from sd_jax.train import step
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from train_memory import UNetOnlyLoss
+    import train_memory
 
-    policy = Policy(jnp.bfloat16, param_dtype=jnp.float32, attention=attention, cpu_lowerings=False)
-    un = unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.sdxl(), policy=policy)
-    params = {"unet": un.param_shapes()}
-    loss = UNetOnlyLoss(un)
-    b = batch * mesh.size
-    f32 = jnp.float32
-    data = {"latents": jax.ShapeDtypeStruct((b, 128, 128, 4), f32), "context": jax.ShapeDtypeStruct((b, 77, 2048), f32),
-            "text_embeds": jax.ShapeDtypeStruct((b, 1280), f32), "time_ids": jax.ShapeDtypeStruct((b, 6), f32)}
-    opt = optim.OptimConfig(lr=1e-5, steps=1000, trainable=("unet",))
-    rep, shard = sharding.replicated(mesh), sharding.ParamRules(mesh)
-    state = jax.eval_shape(lambda p: step.init_state(opt, rep, p), params)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
-                         sharding.shardings_for(state, shard))
-    data = _abstract(data, sharding.batch_sharded(mesh))
+    loss, params, frozen, data = train_memory.build("sdxl", batch, attention, devices=mesh.size)
+    opt, shard, state, frozen, data = train_memory.step_args(params, frozen, data, mesh, "sharded")
     jitted = step._train_step_jit(())
-    return (lambda *a: jitted.lower(loss, opt, 0, shard, *a)), (state, {}, data), {"size": 1024}
+    return (lambda *a: jitted.lower(loss, opt, 0, shard, *a)), (state, frozen, data), {"size": 1024}
 
 
 def measure(program: str, topology: str, batch: int, steps: int, attention: str) -> dict:

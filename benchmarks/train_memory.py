@@ -78,12 +78,13 @@ class UNetOnlyLoss:
         return loss, {"mse": loss}
 
 
-def build(model: str, batch: int, attention: str = "xla"):
-    """(loss, abstract params, abstract frozen, abstract global batch) for ``batch`` per device."""
+def build(model: str, batch: int, attention: str = "xla", devices: int | None = None):
+    """(loss, abstract params, abstract frozen, abstract global batch) for ``batch`` per device
+    on ``devices`` devices (default: this process's)."""
     # The plain formulation a TPU traces (no CPU-specific blocked attention or patch convolutions);
     # ``attention="chunked"``: the query-chunked formulation, whose memory is what a flash kernel's is.
     policy = Policy(jnp.bfloat16, param_dtype=jnp.float32, attention=attention, cpu_lowerings=False)
-    b = batch * jax.device_count()
+    b = batch * (devices or jax.device_count())
     i32, f32 = jnp.int32, jnp.float32
     if model == "sd15":
         te = clip_lib.CLIPTextModel(clip_lib.CLIPTextConfig.sd15(), policy=policy)
@@ -109,9 +110,9 @@ def with_shardings(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def measure(model: str, batch: int, layout: str, state_only: bool = False, attention: str = "xla") -> dict:
-    mesh = sharding.make_mesh()
-    loss, params, frozen, data = build(model, batch, attention)
+def step_args(params, frozen, data, mesh, layout: str):
+    """``(opt, layout, state, frozen, batch)`` of the trainer's step on ``mesh``, abstract and
+    placed as the trainer places them (state and frozen weights replicated or by name rules)."""
     opt = optim.OptimConfig(lr=1e-5, steps=1000, trainable=("unet",))
     rep = sharding.replicated(mesh)
     shard = sharding.ParamRules(mesh) if layout == "sharded" else rep
@@ -119,6 +120,13 @@ def measure(model: str, batch: int, layout: str, state_only: bool = False, atten
     state = with_shardings(state, sharding.shardings_for(state, shard))
     frozen = with_shardings(frozen, sharding.shardings_for(frozen, shard))
     data = with_shardings(data, jax.tree.map(lambda _: sharding.batch_sharded(mesh), data))
+    return opt, shard, state, frozen, data
+
+
+def measure(model: str, batch: int, layout: str, state_only: bool = False, attention: str = "xla") -> dict:
+    mesh = sharding.make_mesh()
+    loss, params, frozen, data = build(model, batch, attention)
+    opt, shard, state, frozen, data = step_args(params, frozen, data, mesh, layout)
     per_dev = lambda tree: sum(s.dtype.itemsize * _shard_size(s) for s in jax.tree.leaves(tree))  # noqa: E731
     n_params = sum(x.size for x in jax.tree.leaves(params["unet"]))
     out = {"model": model, "layout": layout, "attention": attention, "batch_per_device": batch,

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from sd_jax.sharding import target_platform
+
 LANES = 128          # TPU vector lanes: head sizes and key blocks are padded to multiples
 SUBLANES = 8         # query blocks are multiples of this
 BLOCK_Q = 512        # default query rows per block
@@ -100,7 +102,6 @@ def flash_attention(q, k, v, *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
 
 
 def _off_tpu() -> bool:
-    from sd_jax.sharding import target_platform
     return target_platform() != "tpu"
 
 
@@ -166,8 +167,7 @@ def tpu_flash_attention(q, k, v, *, interpret: bool | None = None):
         return fa.flash_attention(prep(q, lqp), prep(k, lkp), prep(v, lkp), segment_ids=seg, sm_scale=d ** -0.5,
                                   block_sizes=blocks)
     if interpret:
-        from jax.experimental.pallas import tpu as pltpu_
-        with pltpu_.force_tpu_interpret_mode():
+        with pltpu.force_tpu_interpret_mode():
             out = call()
     else:
         out = call()

@@ -23,10 +23,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from sd_jax.models.attention import IMPLEMENTATIONS, check_impl
+from sd_jax.sharding import target_platform
 
 # Convolution lowerings (:class:`sd_jax.models.layers.Conv2D`): XLA's own convolution
 # ("lax"), one matmul over explicit patches ("im2col"), or "auto": per model and size, what
@@ -78,7 +78,6 @@ class Policy:
 
     def cpu_specific(self) -> bool:
         """Whether the CPU-specific lowerings apply to what is traced now."""
-        from sd_jax.sharding import target_platform
         return self.cpu_lowerings and target_platform() == "cpu"
 
 

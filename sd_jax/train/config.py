@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from sd_jax.models import clip as clip_lib
 from sd_jax.models import unet as unet_lib
 from sd_jax.train import optim
-from sd_jax.train.losses import PREDICTION_TYPES
+from sd_jax.train.losses import PREDICTION_TYPES, ZERO_SNR_NEEDS_V
 
 __all__ = ["DTYPES", "RESTART_MAY_CHANGE", "RunConfig", "TrainConfig"]
 
@@ -122,8 +122,7 @@ class TrainConfig(RunConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.zero_terminal_snr and (self.prediction_type or ("epsilon" if self.model is None else None)) == "epsilon":
-            raise ValueError("zero terminal SNR needs v-prediction (the noise is all there is to predict at the "
-                             "last timestep): use --prediction-type v_prediction")
+            raise ValueError(ZERO_SNR_NEEDS_V)
         if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {self.prediction_type!r}; "
                              f"use one of {', '.join(PREDICTION_TYPES)}")

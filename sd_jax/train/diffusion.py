@@ -88,9 +88,6 @@ def build_diffusion_task(config: TrainConfig) -> Task:
         schedule = NoiseSchedule(rescale_betas_zero_snr=bool(config.zero_terminal_snr))
         prediction_type = config.prediction_type or "epsilon"
         trainable = config.train or ("text_encoder", "unet")
-    if schedule.rescale_betas_zero_snr and prediction_type == "epsilon":
-        raise ValueError("zero terminal SNR needs v-prediction (the noise is all there is to predict at the last "
-                         "timestep): use --prediction-type v_prediction")
     if config.tokenizer is not None:
         tokenizer = load_tokenizer(config.tokenizer)
     if tokenizer is None:   # from scratch: the shapes tokenizer, written into the run folder

@@ -38,6 +38,8 @@ __all__ = ["PREDICTION_TYPES", "NoiseSchedule", "add_noise", "velocity", "predic
            "min_snr_weight", "drop_captions", "encode_latents", "remat_blocks", "DiffusionLoss"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+ZERO_SNR_NEEDS_V = ("zero terminal SNR needs v-prediction (the noise is all there is to predict at the last "
+                    "timestep): use --prediction-type v_prediction")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +198,8 @@ class DiffusionLoss:
             raise ValueError(f"caption dropout must be in [0, 1], got {self.caption_dropout}")
         if self.caption_dropout and not self.empty_ids:
             raise ValueError("caption dropout needs the empty prompt's token ids (empty_ids)")
+        if self.schedule.rescale_betas_zero_snr and self.prediction_type == "epsilon":
+            raise ValueError(ZERO_SNR_NEEDS_V)
 
     def __call__(self, params, batch, key):
         k_lat, k_t, k_noise, k_drop = jax.random.split(key, 4)

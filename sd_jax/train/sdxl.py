@@ -91,9 +91,6 @@ def build_sdxl_task(config, model, vae=None) -> Task:
         scheduler["rescale_betas_zero_snr"] = config.zero_terminal_snr
     schedule = NoiseSchedule.from_dict(scheduler)
     prediction_type = config.prediction_type or scheduler.get("prediction_type", "epsilon")
-    if schedule.rescale_betas_zero_snr and prediction_type == "epsilon":
-        raise ValueError("zero terminal SNR needs v-prediction (the noise is all there is to predict at the last "
-                         "timestep): use --prediction-type v_prediction")
     names = [t.name for t in model.family.tokenizers]
     tokenizers = {n: model.tokenizers[n] for n in names}
     length = lengths.pop()
