@@ -317,6 +317,9 @@ def test_export_loads_in_diffusers(run_a):
     ("diffusion", ["--vae", ".", "--zero-terminal-snr", "--prediction-type", "epsilon"], "needs v-prediction"),
     ("vae", ["--zero-terminal-snr"], "unrecognized"),
     ("vae", ["--lr", "-1"], "learning rate"),
+    ("diffusion", ["--vae", ".", "--pretrain-text-encoder", "-1"], ">= 0"),
+    ("diffusion", ["--model", ".", "--pretrain-text-encoder", "5"], "brings its own"),
+    ("finetune", ["--model", ".", "--pretrain-text-encoder", "5"], "unrecognized"),
 ])
 def test_cli_errors(recipe, argv, match):
     with pytest.raises(ValueError, match=match) as e:

@@ -154,6 +154,11 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
                                 "2023; needs --prediction-type v_prediction; default: the model's)")
         p.add_argument("--snr-gamma", type=float, default=d["snr_gamma"],
                        help="min-SNR-gamma loss weighting (0 = off; default %(default)s)")
+        if recipe == "diffusion":
+            p.add_argument("--pretrain-text-encoder", type=int, default=0, metavar="STEPS",
+                           help="from scratch: first teach the new text encoder to read the captions' labels "
+                                "for STEPS batches, so every word (position words too) reaches the UNet "
+                                "(0 = off; about a minute for 3000)")
         p.add_argument("--caption-dropout", type=float, default=d["caption_dropout"],
                        help="probability of training on the empty prompt (for guidance)")
     return p
@@ -233,7 +238,8 @@ def config_from_args(recipe: str | None, argv) -> object:
                                base_dtype=a.base_dtype)
     return TrainConfig(**common, size=size, model=model, vae=a.vae, train=a.train,
                        prediction_type=a.prediction_type, snr_gamma=a.snr_gamma or None,
-                       caption_dropout=a.caption_dropout, zero_terminal_snr=a.zero_terminal_snr)
+                       caption_dropout=a.caption_dropout, zero_terminal_snr=a.zero_terminal_snr,
+                       text_encoder_pretrain=getattr(a, "pretrain_text_encoder", 0))
 
 
 def run(recipe: str | None, argv) -> int:

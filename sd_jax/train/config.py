@@ -107,6 +107,8 @@ class TrainConfig(RunConfig):
     scratch).  ``snr_gamma``: min-SNR-gamma weighting (e.g. 5.0), None = off.
     ``zero_terminal_snr``: rescale the betas so the last timestep is pure noise (Lin et al.
     2023; needs v-prediction), None = the model's scheduler config (off from scratch).
+    ``text_encoder_pretrain``: from scratch, batches of caption reading for the new text
+    encoder before the run (:mod:`sd_jax.train.text_pretrain`; 0 = none).
     """
     model: str | None = None
     vae: str | None = None
@@ -118,6 +120,7 @@ class TrainConfig(RunConfig):
     snr_gamma: float | None = None
     caption_dropout: float = 0.1
     zero_terminal_snr: bool | None = None
+    text_encoder_pretrain: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -128,6 +131,11 @@ class TrainConfig(RunConfig):
                              f"use one of {', '.join(PREDICTION_TYPES)}")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise ValueError(f"snr gamma must be positive, got {self.snr_gamma}")
+        if self.text_encoder_pretrain < 0:
+            raise ValueError(f"text encoder pre-training steps must be >= 0, got {self.text_encoder_pretrain}")
+        if self.text_encoder_pretrain and self.model is not None:
+            raise ValueError("--pretrain-text-encoder is for a text encoder trained from scratch; "
+                             "a --model brings its own")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption dropout must be in [0, 1), got {self.caption_dropout}")
         for name in ("model", "vae", "tokenizer"):

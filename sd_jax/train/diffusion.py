@@ -60,6 +60,19 @@ def param_shapes(te_cfg, unet_cfg) -> dict:
     return jax.eval_shape(_init_fn(te_cfg, unet_cfg), jax.random.key(0))
 
 
+def _pretrained_init(init, te_cfg, tokenizer, config: TrainConfig) -> dict:
+    """Random parameters whose text encoder has then read ``config.text_encoder_pretrain`` batches of
+    caption labels (:mod:`sd_jax.train.text_pretrain`)."""
+    from sd_jax.train.text_pretrain import pretrain_text_encoder
+    params = jax.device_get(init())
+    te, metrics = pretrain_text_encoder(te_cfg, tokenizer, params["text_encoder"], steps=config.text_encoder_pretrain,
+                                        seed=config.seed, max_shapes=2)
+    worst = min((k for k in metrics if k.startswith("acc_")), key=metrics.get)
+    print(f"text encoder pre-trained for {config.text_encoder_pretrain} batches: label accuracy on new captions "
+          f"{min(metrics[k] for k in metrics if k.startswith('acc_')):.1%} at worst ({worst[4:]})", flush=True)
+    return {**params, "text_encoder": jax.device_get(te)}
+
+
 def build_diffusion_task(config: TrainConfig) -> Task:
     """Models, parameters, loss, data and export of a text-encoder + UNet run."""
     dt = config.compute_dtype
@@ -111,6 +124,8 @@ def build_diffusion_task(config: TrainConfig) -> Task:
                              f"tokenizer's ({len(tokenizer)})")
         params = param_shapes(te_cfg, unet_cfg)
         init = functools.partial(init_params, te_cfg, unet_cfg, config.seed)
+        if config.text_encoder_pretrain:
+            init = functools.partial(_pretrained_init, init, te_cfg, tokenizer, config)
     if unet_cfg.in_channels != vae_cfg.latent_channels or unet_cfg.out_channels != vae_cfg.latent_channels:
         raise ValueError(f"the UNet takes {unet_cfg.in_channels} channels but the VAE makes "
                          f"{vae_cfg.latent_channels}-channel latents")
