@@ -176,12 +176,41 @@ def test_remat_rematerialises_blocks_without_changing_results():
         return jnp.mean((losses.remat_blocks(f) if remat else f)(p) ** 2)
 
     def remat_regions(remat):
-        jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: loss(p, remat)))(params))
-        return sum(jaxpr.count(name) for name in ("checkpoint[", "remat2[", "remat["))
+        jaxpr = str(jax.make_jaxpr(lambda p: loss(p, remat))(params))
+        return jaxpr.count("custom_vjp_call")
 
     # Every ResNet and transformer block (down: 1 + 1, up: 2 + 2) is one remat region.
     assert remat_regions(True) == 6 and remat_regions(False) == 0
     np.testing.assert_allclose(jax.jit(losses.remat_blocks(f))(params), jax.jit(f)(params), rtol=1e-6, atol=1e-6)
+    g_remat = jax.jit(jax.grad(lambda p: loss(p, True)))(params)
+    g_plain = jax.jit(jax.grad(lambda p: loss(p, False)))(params)
+    for k, v in leaves(g_plain).items():
+        np.testing.assert_allclose(leaves(g_remat)[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_remat_lowers_compiled_memory_on_the_cpu():
+    """XLA's CPU pipeline drops jax.checkpoint's optimization barriers and may then run every
+    recomputation right after the forward pass (SD 1.5's gradient at 512x512: 12.85 GiB of
+    temporaries with nn.remat on every block, 12.84 GiB without).  remat_blocks' recomputation
+    waits for the cotangent, so the compiled program's temporaries fall (measured 754 -> 282 MiB
+    for this UNet; SD 1.5 at 512x512: 12.84 -> 5.58 GiB)."""
+    from sd_jax.models.policy import Policy
+    cfg = unet_lib.UNetConfig.tiny(sample_size=32, block_out_channels=(32, 64), mid_block_type=None,
+                                   down_block_types=("CrossAttnDownBlock2D",) * 2, attention_head_dim=8,
+                                   up_block_types=("CrossAttnUpBlock2D",) * 2)
+    model = unet_lib.UNet2DConditionModel(cfg, policy=Policy(cpu_lowerings=False))
+    x = jax.ShapeDtypeStruct((2, 32, 32, 4), jnp.float32)
+    ctx = jax.ShapeDtypeStruct((2, 5, 32), jnp.float32)
+    t = jnp.array([3, 500])
+    params = jax.eval_shape(model.init, jax.random.key(0), x, t, ctx)["params"]
+
+    def temporaries(remat):
+        f = lambda p, x, c: model.apply({"params": p}, x, t, c)  # noqa: E731
+        loss = lambda p, x, c: jnp.mean((losses.remat_blocks(f) if remat else f)(p, x, c) ** 2)  # noqa: E731
+        jitted = jax.jit(jax.grad(loss), compiler_options={"xla_backend_optimization_level": 0})
+        return jitted.lower(params, x, ctx).compile().memory_analysis().temp_size_in_bytes
+
+    assert temporaries(True) < 0.5 * temporaries(False)
 
 
 # --------------------------------------------------------------------------- VAE training
