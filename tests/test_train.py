@@ -192,8 +192,8 @@ def test_remat_lowers_compiled_memory_on_the_cpu():
     """XLA's CPU pipeline drops jax.checkpoint's optimization barriers and may then run every
     recomputation right after the forward pass (SD 1.5's gradient at 512x512: 12.85 GiB of
     temporaries with nn.remat on every block, 12.84 GiB without).  remat_blocks' recomputation
-    waits for the cotangent, so the compiled program's temporaries fall (measured 754 -> 282 MiB
-    for this UNet; SD 1.5 at 512x512: 12.84 -> 5.58 GiB)."""
+    waits for the cotangent, so the compiled program's temporaries fall (measured 754 -> 279 MiB
+    for this UNet; SD 1.5 at 512x512: 12.84 -> 3.42 GiB)."""
     from sd_jax.models.policy import Policy
     cfg = unet_lib.UNetConfig.tiny(sample_size=32, block_out_channels=(32, 64), mid_block_type=None,
                                    down_block_types=("CrossAttnDownBlock2D",) * 2, attention_head_dim=8,
