@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sd_jax.diffusion import parametrization, schedules
+from sd_jax.sharding import target_platform
 from sd_jax.models import vae as vae_lib
 
 __all__ = ["PREDICTION_TYPES", "NoiseSchedule", "add_noise", "velocity", "prediction_target", "snr",
@@ -186,7 +187,6 @@ def _rematerialised(m: nn.Module, args, kwargs):
     (SDXL: 14 GiB of full-size float32 copies live at once).  TPU and GPU schedulers place the
     gathers themselves, overlapping them with compute, so there the weights are left alone.
     """
-    from sd_jax.sharding import target_platform
     tie_weights = target_platform() == "cpu"
     unbound = m.clone(parent=None)
     variables = m.variables
