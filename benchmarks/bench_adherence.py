@@ -25,6 +25,8 @@ Reported per engine, guidance and group (fractions right, from ``evaluator.score
 * position: over the prompts that name one (chance ~1/9);
 * size: over the prompts that name one, the evaluator's size label (larger box side over
   0.30 of the image: between the dataset's small shapes, <= 0.26, and large ones, >= 0.35);
+* shape confusion (in the JSON): per shape asked for, what the evaluator read (``none``: no
+  shape found);
 * area: the mean area of the image's (largest) shape, as a fraction of the image, for the
   "small" and for the "large" prompts, and ``large>small``: the fraction of (large, small)
   prompt pairs of the group whose large-prompt shape has the larger area (ties count half;
@@ -98,6 +100,15 @@ def summarise(prompts, images) -> dict:
         r["large>small"] = float(np.mean((big > small) + 0.5 * (big == small)))
     else:
         r["large>small"] = None
+    # What each asked-for shape came out as ("none": no shape found): at high guidance the
+    # small models turn squares into four-pointed stars, which read as circles.
+    confusion: dict = {}
+    for s in scores:
+        objects = s["found"]["objects"]
+        got = objects[0]["shape"] if objects else "none"
+        row = confusion.setdefault(s["parsed"]["shape"], {})
+        row[got] = row.get(got, 0) + 1
+    r["shape_confusion"] = confusion
     return r
 
 
@@ -141,6 +152,13 @@ def _row(engine, g, name, r):
     return (f"{engine:>9} {g:>8} {name:>16} {r['n']:>4} | {pct(r['color'])} {pct(r['shape'])} "
             f"{pct(r['background'])} | {pct(r['position'])} ({r['n_position']:>2}) {pct(r['size'])} "
             f"({r['n_size']:>2}) | {area(r['area_small'])} {area(r['area_large'])} {pct(r['large>small'])}")
+
+
+def _misread(r) -> str:
+    """The off-diagonal part of ``r["shape_confusion"]``: "square->circle 14/18, ..."."""
+    out = [f"{want}->{got} {n}/{sum(row.values())}" for want, row in sorted(r["shape_confusion"].items())
+           for got, n in sorted(row.items()) if got != want]
+    return "  shapes misread: " + (", ".join(out) if out else "none")
 
 
 HEADER = (f"{'engine':>9} {'guidance':>8} {'group':>16} {'n':>4} | colour shape   bg. | position  "
@@ -236,6 +254,7 @@ def main(argv=None):
         for name, (ps, ims) in split(per_g).items():
             r = results["sd-jax"].setdefault(str(g), {})[name] = summarise(ps, ims)
             print(_row("sd-jax", g, name, r), flush=True)
+            print(_misread(r), flush=True)
         if g == (cli_guidance if cli_guidance in args.guidance else args.guidance[-1]):
             _grid(split(per_g)[GROUPS[1]][1], os.path.join(args.out, "heldout_samples"), groups[GROUPS[1]])
     if not args.no_diffusers:
@@ -244,6 +263,7 @@ def main(argv=None):
         for name, (ps, ims) in split(images).items():
             r = results.setdefault("diffusers", {}).setdefault(str(used["guidance"]), {})[name] = summarise(ps, ims)
             print(_row("diffusers", used["guidance"], name, r), flush=True)
+            print(_misread(r), flush=True)
         _grid(split(images)[GROUPS[1]][1], os.path.join(args.out, "heldout_samples_diffusers"), groups[GROUPS[1]])
     with open(os.path.join(args.out, "adherence.json"), "w") as f:
         json.dump({"settings": settings, "results": results}, f, indent=2)

@@ -78,6 +78,10 @@ def test_bench_summary_scores_rendered_prompts(bench):
     assert r["n"] == len(prompts) and r["n_size"] >= 4 and r["n_position"] >= 4
     assert all(r[k] == 1.0 for k in ("color", "shape", "background", "position", "size", "large>small")), r
     assert r["area_large"] > 2 * r["area_small"] > 0
+    assert r["shape_confusion"] == {k: {k: 6} for k in ("triangle", "circle", "square")}, r["shape_confusion"]
+    assert bench._misread(r).endswith("none")
+    wrong = dict(r, shape_confusion={"square": {"circle": 14, "square": 4}, "circle": {"circle": 18}})
+    assert bench._misread(wrong) == "  shapes misread: square->circle 14/18"
     swapped = [p.replace("small", "LARGE").replace("large", "small").replace("LARGE", "large") for p in prompts]
     s = bench.summarise(swapped, np.stack(images))
     assert s["size"] == 0.0 and s["large>small"] == 0.0 and s["position"] == 1.0, s
