@@ -115,10 +115,10 @@ def _rates(prompts, images, held):
 # backgrounds, positions and seeds) it gives colour 96% / 100% (sd-jax / diffusers), shape on
 # the seen pairs 75% / 65% (squares come out as four-pointed stars at guidance 7.5), background,
 # position 100%, size 92%; the 4 held-out pairs' shapes 50% (not asserted).  56 more prompts in
-# benchmarks/README.md.  The thresholds sit about two images under the measured figures, so a
-# borderline image may flip on another CPU's rounding; the model shipped before this one
+# benchmarks/README.md.  The thresholds sit two to four images under the measured figures, so
+# a borderline image may flip on another CPU's rounding; the model shipped before this one
 # (position words ignored: 0-17%) fails them.
-MIN_AT_DEFAULTS = {"colour": 0.90, "shape": 0.55, "background": 0.90, "position": 0.85, "size": 0.75}
+MIN_AT_DEFAULTS = {"colour": 0.85, "shape": 0.55, "background": 0.90, "position": 0.85, "size": 0.75}
 
 
 def test_prompt_adherence_at_the_cli_defaults(pipe):
