@@ -55,8 +55,7 @@ def main(argv=None):
         abar = float(ac[t])
         row = []
         for pos in POSITIONS:
-            ids = jnp.asarray(tokenize(pipe.tokenizer, [f"a red circle {pos} on a blue background"] * 16, 77))
-            ctx = m.text_encoder.apply({"params": p["text_encoder"]}, ids)["prompt_embeds"]
+            ctx = jnp.broadcast_to(embeds([f"a red circle {pos} on a blue background"]), (16, *e.shape[1:]))
             out = m.unet.apply({"params": p["unet"]}, x, jnp.full((16,), t), ctx)
             if sc.prediction_type == "v_prediction":
                 x0 = np.sqrt(abar) * x - np.sqrt(1 - abar) * out
