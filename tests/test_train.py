@@ -158,6 +158,65 @@ def test_loss_pieces():
     np.testing.assert_array_equal(losses.drop_captions(ids, empty, 1.0, key), np.tile(empty, (3, 1)))
 
 
+def test_low_noise_consistency_term():
+    """``--low-noise-consistency W``: the loss gains W x the mean squared difference between
+    the empty-prompt prediction and the captioned one (a constant target) at timesteps below
+    ``consistency_below``, on the batch's first quarter; a UNet that ignores its caption
+    gets 0, and with W = 0 the loss and its random draws are what they were."""
+    from sd_jax.train.diffusion import init_params
+    te = clip_lib.CLIPTextModel(TE_CFG)
+    un = unet_lib.UNet2DConditionModel(UNET_CFG)
+    params = init_params(TE_CFG, UNET_CFG, 0)
+    length = TE_CFG.max_position_embeddings
+    empty = (871,) + (872,) * (length - 1)
+    rng = np.random.default_rng(0)
+    ids = np.full((8, length), 872, np.int32)
+    ids[:, 0] = 871
+    ids[:, 1:4] = rng.integers(0, 871, (8, 3))
+    batch = {"latents": jnp.asarray(rng.normal(size=(8, SIZE // 2, SIZE // 2, 4)), jnp.float32),
+             "input_ids": jnp.asarray(ids)}
+    key = jax.random.key(3)
+    base = losses.DiffusionLoss(te, un, None, snr_gamma=5.0, caption_dropout=0.2, empty_ids=empty)
+    with_term = dataclasses.replace(base, consistency_weight=2.0, consistency_below=150)
+    loss0, m0 = jax.jit(base)(params, batch, key)
+    loss2, m2 = jax.jit(with_term)(params, batch, key)
+    assert "consistency" not in m0 and float(m2["consistency"]) > 0
+    np.testing.assert_allclose(m2["mse"], m0["mse"], rtol=1e-6)            # same denoising draws
+    np.testing.assert_allclose(loss2, loss0 + 2.0 * m2["consistency"], rtol=1e-5)
+
+    # The term by hand: two of the eight examples, t < 150, the teacher a constant.
+    k_t, k_noise = jax.random.split(jax.random.fold_in(key, 1))
+    t = jax.random.randint(k_t, (2,), 0, 150)
+    x0 = batch["latents"][:2]
+    ac = losses.NoiseSchedule().alphas_cumprod()
+    xt = losses.add_noise(x0, jax.random.normal(k_noise, x0.shape), t, ac)
+
+    def eps(p, rows):
+        ctx = te.apply({"params": p["text_encoder"]}, rows)["prompt_embeds"]
+        return un.apply({"params": p["unet"]}, xt, t, ctx)
+
+    teacher = eps(params, batch["input_ids"][:2])
+    empties = jnp.tile(jnp.asarray(empty, jnp.int32)[None], (2, 1))
+
+    def by_hand(p):
+        return jnp.mean((eps(p, empties) - teacher) ** 2)
+
+    np.testing.assert_allclose(m2["consistency"], by_hand(params), rtol=1e-5)
+    grads = jax.grad(lambda p: with_term.low_noise_consistency(p, batch, batch["latents"], jax.random.fold_in(key, 1)))(
+        params)
+    expected = jax.grad(by_hand)(params)
+    for k, v in leaves(expected).items():
+        np.testing.assert_allclose(leaves(grads)[k], v, rtol=1e-4, atol=1e-8, err_msg=k)
+
+    # Silence every cross-attention's output: the caption no longer matters, the term is 0.
+    deaf = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if "attn2" in optim.path_str(path) and "to_out" in optim.path_str(path)
+        else x, params)
+    assert float(jax.jit(with_term)(deaf, batch, key)[1]["consistency"]) < 1e-12
+    with pytest.raises(ValueError, match="threshold"):
+        dataclasses.replace(base, consistency_weight=1.0, consistency_below=0)
+
+
 def test_remat_rematerialises_blocks_without_changing_results():
     cfg = unet_lib.UNetConfig.tiny(sample_size=4, block_out_channels=(16,), down_block_types=("CrossAttnDownBlock2D",),
                                    up_block_types=("CrossAttnUpBlock2D",), mid_block_type=None, attention_head_dim=2)
@@ -227,6 +286,47 @@ def test_vae_training_loss_falls_and_exports(vae_run, runs):
     p = p.get("params", p) if set(p) == {"params"} else p
     for k, v in leaves(vae_run.params["vae"]).items():
         np.testing.assert_array_equal(leaves(p)[k], v)
+
+
+def test_vae_decoder_only_with_latent_noise(vae_run, runs):
+    """``train vae --model V --decoder-only --latent-noise S``: the encoder (so the latent space
+    and its scaling factor) stays bit-identical, the decoder learns, and the decoder's input is
+    the posterior draw plus noise of standard deviation U(0, S) x the latents' std per image.
+    (A scaling factor re-calibrated at 64x64 moved the shipped VAE's 0.337 to 0.3234.)"""
+    from sd_jax.train.vae import build_vae_task, train_vae
+    # At another image size than the VAE was trained at: a re-calibrated scaling factor would differ.
+    result = train_vae(VAETrainConfig(out=str(runs / "vae_dec"), model=vae_run.export_dir, size=2 * SIZE, steps=6,
+                                      batch_size=8, lr=3e-3, warmup=1, save_every=100, progress=False,
+                                      decoder_only=True, latent_noise=0.5))
+    before = leaves(vae_run.params["vae"])
+    after = leaves(result.params["vae"])
+    moved = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert moved and all(k.startswith(("decoder/", "post_quant_conv/")) for k in moved), sorted(moved)[:5]
+    assert any(k.startswith("decoder/") for k in moved)
+    assert vae_lib.load(result.export_dir)[0].config.scaling_factor == vae_lib.load(
+        vae_run.export_dir)[0].config.scaling_factor
+
+    task = build_vae_task(VAETrainConfig(out=str(runs / "vae_dec2"), model=vae_run.export_dir, size=SIZE,
+                                         decoder_only=True, latent_noise=0.5))
+    model, params = task.loss.model, task.params
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, SIZE, SIZE, 3)), jnp.float32)
+    key = jax.random.key(7)
+    noisy, _ = task.loss(params, {"pixels": x}, key)
+    clean, _ = dataclasses.replace(task.loss, latent_noise=0.0)(params, {"pixels": x}, key)
+    mean, logvar = model.apply({"params": params["vae"]}, x, method="encode")
+    z = vae_lib.sample_latent(mean, logvar, key)
+    k_scale, k_noise = jax.random.split(jax.random.fold_in(key, 1))
+    z = z + (jax.random.uniform(k_scale, (4, 1, 1, 1)) * 0.5 * jnp.std(mean)) * jax.random.normal(k_noise, z.shape)
+    y = model.apply({"params": params["vae"]}, z, method="decode")
+    err = (lambda d: jnp.abs(d)) if task.loss.recon == "l1" else (lambda d: d * d)
+    rec = jnp.mean(err(y - x))
+    edge = 0.5 * (jnp.mean(err(jnp.diff(y, axis=1) - jnp.diff(x, axis=1)))
+                  + jnp.mean(err(jnp.diff(y, axis=2) - jnp.diff(x, axis=2))))
+    kl = jnp.mean(vae_lib.kl_divergence(mean, logvar)) / x[0].size
+    np.testing.assert_allclose(noisy, rec + task.loss.edge_weight * edge + task.loss.kl_weight * kl, rtol=1e-5)
+    assert float(noisy) != float(clean)
+    with pytest.raises(ValueError, match="give the VAE with --model"):
+        VAETrainConfig(out=str(runs / "x"), decoder_only=True)
 
 
 # --------------------------------------------------------------------------- diffusion training
@@ -349,6 +449,10 @@ def test_export_loads_in_diffusers(run_a):
     ("diffusion", ["--vae", ".", "--pretrain-text-encoder", "-1"], ">= 0"),
     ("diffusion", ["--model", ".", "--pretrain-text-encoder", "5"], "brings its own"),
     ("finetune", ["--model", ".", "--pretrain-text-encoder", "5"], "unrecognized"),
+    ("diffusion", ["--vae", ".", "--low-noise-consistency", "-1"], ">= 0"),
+    ("vae", ["--latent-noise", "-0.1"], ">= 0"),
+    ("vae", ["--decoder-only"], "give the VAE with --model"),
+    ("diffusion", ["--vae", ".", "--low-noise-consistency", "1", "--consistency-below", "0"], "1..1000"),
 ])
 def test_cli_errors(recipe, argv, match):
     with pytest.raises(ValueError, match=match) as e:
@@ -417,5 +521,8 @@ def test_cli_builds_configs(tmp_path):
     assert cfg.zero_terminal_snr is None
     cfg = train_cli.config_from_args("diffusion", ["--out", str(tmp_path / "d"), "--vae", str(tmp_path / "vae"),
                                                    "--prediction-type", "v_prediction", "--zero-terminal-snr"])
-    assert cfg.zero_terminal_snr is True
+    assert cfg.zero_terminal_snr is True and cfg.low_noise_consistency == 0
+    cfg = train_cli.config_from_args("diffusion", ["--out", str(tmp_path / "d"), "--vae", str(tmp_path / "vae"),
+                                                   "--low-noise-consistency", "1.5", "--consistency-below", "300"])
+    assert cfg.low_noise_consistency == 1.5 and cfg.consistency_below == 300
     assert dataclasses.replace(cfg, steps=5).steps == 5

@@ -131,6 +131,13 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
         p.add_argument("--kl-weight", type=float, default=1e-6)
         p.add_argument("--recon", choices=["l1", "l2"], default="l1")
         p.add_argument("--edge-weight", type=float, default=1.0, help="weight of the image-gradient (edge) loss")
+        p.add_argument("--decoder-only", action="store_true",
+                       help="train only the decoder of --model: its encoder, and so the latent space a UNet was "
+                            "trained on, stay as they are")
+        p.add_argument("--latent-noise", type=float, default=0.0, metavar="SIGMA",
+                       help="decode latents plus Gaussian noise (standard deviation up to SIGMA times the "
+                            "latents') into the clean image, so the decoder tolerates a diffusion model's "
+                            "slightly wrong latents (0 = off)")
     else:
         p.add_argument("--vae", default=None, help="a trained VAE (run folder of `train vae`, or a vae/ folder)"
                        + ("" if recipe == "diffusion" else " to use instead of the model's"))
@@ -161,6 +168,13 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
                                 "(0 = off; 1000 take about 4 minutes on two CPU cores)")
         p.add_argument("--caption-dropout", type=float, default=d["caption_dropout"],
                        help="probability of training on the empty prompt (for guidance)")
+        if recipe != "lora":
+            p.add_argument("--low-noise-consistency", type=float, default=0.0, metavar="WEIGHT",
+                           help="also teach the empty-prompt prediction to match the captioned one at low noise "
+                                "(below --consistency-below), where the image alone decides, so guidance there "
+                                "is a no-op instead of exaggerating the model's errors (0 = off)")
+            p.add_argument("--consistency-below", type=int, default=200, metavar="T",
+                           help="timestep under which --low-noise-consistency applies (default %(default)s)")
     return p
 
 
@@ -219,7 +233,8 @@ def config_from_args(recipe: str | None, argv) -> object:
                 raise ValueError("every --widths entry must be a multiple of --groups")
             vae_config = small_vae_config(**kw)
         return VAETrainConfig(**common, size=a.size or 64, model=a.model, kl_weight=a.kl_weight, recon=a.recon,
-                              edge_weight=a.edge_weight, vae_config=vae_config)
+                              edge_weight=a.edge_weight, vae_config=vae_config, decoder_only=a.decoder_only,
+                              latent_noise=a.latent_noise)
     from sd_jax.train.loop import TrainConfig
     model = getattr(a, "model", None)
     if recipe == "diffusion" and a.vae is None and model is None:
@@ -239,7 +254,8 @@ def config_from_args(recipe: str | None, argv) -> object:
     return TrainConfig(**common, size=size, model=model, vae=a.vae, train=a.train,
                        prediction_type=a.prediction_type, snr_gamma=a.snr_gamma or None,
                        caption_dropout=a.caption_dropout, zero_terminal_snr=a.zero_terminal_snr,
-                       text_encoder_pretrain=getattr(a, "pretrain_text_encoder", 0))
+                       text_encoder_pretrain=getattr(a, "pretrain_text_encoder", 0),
+                       low_noise_consistency=a.low_noise_consistency, consistency_below=a.consistency_below)
 
 
 def run(recipe: str | None, argv) -> int:

@@ -109,6 +109,9 @@ class TrainConfig(RunConfig):
     2023; needs v-prediction), None = the model's scheduler config (off from scratch).
     ``text_encoder_pretrain``: from scratch, batches of caption reading for the new text
     encoder before the run (:mod:`sd_jax.train.text_pretrain`; 0 = none).
+    ``low_noise_consistency``: weight of the loss that teaches the empty-prompt prediction to
+    match the captioned one below timestep ``consistency_below`` (0 = off; see
+    :meth:`sd_jax.train.losses.DiffusionLoss.low_noise_consistency`).
     """
     model: str | None = None
     vae: str | None = None
@@ -121,6 +124,8 @@ class TrainConfig(RunConfig):
     caption_dropout: float = 0.1
     zero_terminal_snr: bool | None = None
     text_encoder_pretrain: int = 0
+    low_noise_consistency: float = 0.0
+    consistency_below: int = 200
 
     def __post_init__(self):
         super().__post_init__()
@@ -138,6 +143,10 @@ class TrainConfig(RunConfig):
                              "a --model brings its own")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.low_noise_consistency < 0:
+            raise ValueError(f"--low-noise-consistency must be >= 0, got {self.low_noise_consistency}")
+        if not 0 < self.consistency_below <= 1000:
+            raise ValueError(f"--consistency-below must be a timestep in 1..1000, got {self.consistency_below}")
         for name in ("model", "vae", "tokenizer"):
             path = getattr(self, name)
             if path is not None and not os.path.exists(path):

@@ -145,6 +145,7 @@ def build_diffusion_task(config: TrainConfig) -> Task:
     empty = tuple(int(i) for i in tokenize(tokenizer, [""], max_len)[0])
     loss = DiffusionLoss(te, un, va, schedule=schedule, prediction_type=prediction_type,
                          snr_gamma=config.snr_gamma, caption_dropout=config.caption_dropout, empty_ids=empty,
+                         consistency_weight=config.low_noise_consistency, consistency_below=config.consistency_below,
                          remat=config.remat)
     source = data_lib.data_source(config, notes)
 

@@ -274,6 +274,8 @@ class DiffusionLoss:
     caption_dropout: float = 0.0
     empty_ids: tuple[int, ...] = ()
     remat: bool = False
+    consistency_weight: float = 0.0
+    consistency_below: int = 200
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -287,6 +289,13 @@ class DiffusionLoss:
             raise ValueError("caption dropout needs the empty prompt's token ids (empty_ids)")
         if self.schedule.rescale_betas_zero_snr and self.prediction_type == "epsilon":
             raise ValueError(ZERO_SNR_NEEDS_V)
+        if self.consistency_weight < 0:
+            raise ValueError(f"low-noise consistency weight must be >= 0, got {self.consistency_weight}")
+        if self.consistency_weight and not self.empty_ids:
+            raise ValueError("low-noise consistency needs the empty prompt's token ids (empty_ids)")
+        if self.consistency_weight and not 0 < self.consistency_below <= self.schedule.num_train_timesteps:
+            raise ValueError(f"low-noise consistency threshold must be a timestep in 1..{self.schedule.num_train_timesteps}, "
+                             f"got {self.consistency_below}")
 
     def __call__(self, params, batch, key):
         k_lat, k_t, k_noise, k_drop = jax.random.split(key, 4)
@@ -297,13 +306,51 @@ class DiffusionLoss:
         b = x0.shape[0]
         t = jax.random.randint(k_t, (b,), 0, self.schedule.num_train_timesteps)
         noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-        return self.loss_at(params, batch, x0, t, noise, k_drop)
+        loss, metrics = self.loss_at(params, batch, x0, t, noise, k_drop)
+        if self.consistency_weight:
+            c = self.low_noise_consistency(params, batch, x0, jax.random.fold_in(key, 1))
+            loss = loss + self.consistency_weight * c
+            metrics = {**metrics, "consistency": c}
+        return loss, metrics
 
-    def condition(self, params, batch, key):
+    def condition(self, params, batch, key, p: float | None = None):
         """``(context [B, L, D], added_cond_kwargs or None)`` for the batch's captions, each
-        replaced by the empty prompt with probability ``caption_dropout`` (drawn from ``key``)."""
-        ids = drop_captions(batch["input_ids"], self.empty_ids, self.caption_dropout, key)
+        replaced by the empty prompt with probability ``p`` (default ``caption_dropout``;
+        drawn from ``key``)."""
+        ids = drop_captions(batch["input_ids"], self.empty_ids, self.caption_dropout if p is None else p, key)
         return self.text_encoder.apply({"params": params["text_encoder"]}, ids)["prompt_embeds"], None
+
+    def _unet(self):
+        def unet(p, x, tt, c, a):
+            return self.unet.apply({"params": p}, x, tt, c, added_cond_kwargs=a)
+
+        return remat_blocks(unet) if self.remat else unet
+
+    def low_noise_consistency(self, params, batch, x0, key):
+        """Mean squared difference between the empty-prompt prediction and the (stop-gradient)
+        captioned one, at timesteps below ``consistency_below``, on a quarter of the batch.
+
+        Where the noisy latent alone decides the image, the best captioned and empty-prompt
+        predictions are the same, and classifier-free guidance there only multiplies the
+        model's errors (Kynkaenniemi et al. 2024 find guidance at low noise harmful; here it
+        turns squares into four-pointed stars at guidance 7.5).  Teaching the empty-prompt
+        prediction to match the captioned one makes guidance a no-op at those steps in every
+        sampler, diffusers' defaults included.
+        """
+        b = x0.shape[0]
+        k = max(1, b // 4)
+        k_t, k_noise = jax.random.split(key)
+        sub = jax.tree.map(lambda a: a[:k], batch)
+        x0 = x0[:k]
+        t = jax.random.randint(k_t, (k,), 0, self.consistency_below)
+        xt = add_noise(x0, jax.random.normal(k_noise, x0.shape, jnp.float32), t, self.schedule.alphas_cumprod())
+        xt = xt.astype(self.unet.dtype)
+        unet = self._unet()
+        cond, added = self.condition(params, sub, key, p=0.0)
+        empty, added_empty = self.condition(params, sub, key, p=1.0)
+        teacher = jax.lax.stop_gradient(unet(params["unet"], xt, t, cond.astype(self.unet.dtype), added))
+        student = unet(params["unet"], xt, t, empty.astype(self.unet.dtype), added_empty)
+        return jnp.mean((student.astype(jnp.float32) - teacher.astype(jnp.float32)) ** 2)
 
     def loss_at(self, params, batch, x0, t, noise, drop_key):
         """The loss at given latents ``x0`` [B, h, w, C], timesteps ``t`` int [B] and ``noise``
@@ -311,12 +358,7 @@ class DiffusionLoss:
         ac = self.schedule.alphas_cumprod()
         xt = add_noise(x0, noise, t, ac)
         context, added = self.condition(params, batch, drop_key)
-
-        def unet(p, x, tt, c, a):
-            return self.unet.apply({"params": p}, x, tt, c, added_cond_kwargs=a)
-
-        if self.remat:
-            unet = remat_blocks(unet)
+        unet = self._unet()
         pred = unet(params["unet"], xt.astype(self.unet.dtype), t, context.astype(self.unet.dtype), added)
         target = prediction_target(x0, noise, t, ac, self.prediction_type)
         per_example = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))

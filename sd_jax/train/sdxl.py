@@ -48,8 +48,8 @@ class SDXLLoss(DiffusionLoss):
     ``params`` also has ``"text_encoder_2"``; ``empty_ids``: one tuple per tokenizer."""
     text_encoder_2: Any = None
 
-    def condition(self, params, batch, key):
-        ids = drop_captions(batch["input_ids"], self.empty_ids, self.caption_dropout, key)
+    def condition(self, params, batch, key, p=None):
+        ids = drop_captions(batch["input_ids"], self.empty_ids, self.caption_dropout if p is None else p, key)
         models = families.Models(text_encoder=self.text_encoder, unet=self.unet, vae=self.vae,
                                  text_encoder_2=self.text_encoder_2)
         context, pooled = families.SDXL.prompt.encode(models, params, (ids[:, 0], ids[:, 1]))
@@ -101,6 +101,7 @@ def build_sdxl_task(config, model, vae=None) -> Task:
     empty = tuple(tuple(int(i) for i in row) for row in tok([""])[0])
     loss = SDXLLoss(models.text_encoder, models.unet, models.vae, schedule=schedule, prediction_type=prediction_type,
                     snr_gamma=config.snr_gamma, caption_dropout=config.caption_dropout, empty_ids=empty,
+                    consistency_weight=config.low_noise_consistency, consistency_below=config.consistency_below,
                     remat=config.remat, text_encoder_2=models.text_encoder_2)
     notes = []
     source = data_lib.data_source(config, notes)

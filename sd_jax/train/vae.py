@@ -53,9 +53,16 @@ class VAETrainConfig(RunConfig):
     recon: str = "l1"
     edge_weight: float = 1.0
     lr: float = 1e-3
+    decoder_only: bool = False
+    latent_noise: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
+        if self.latent_noise < 0:
+            raise ValueError(f"--latent-noise must be >= 0, got {self.latent_noise}")
+        if self.decoder_only and self.model is None:
+            raise ValueError("--decoder-only fine-tunes a trained VAE's decoder (its encoder, and so its latent "
+                             "space, stay as they are): give the VAE with --model")
         if self.recon not in RECON:
             raise ValueError(f"unknown reconstruction loss {self.recon!r}; use l1 or l2")
         if self.kl_weight < 0 or self.edge_weight < 0:
@@ -73,17 +80,30 @@ def _err(a, b, kind):
 
 @dataclasses.dataclass(frozen=True)
 class VAELoss:
-    """``loss(params, batch, key) -> (loss, metrics)`` with ``params = {"vae": ...}``."""
+    """``loss(params, batch, key) -> (loss, metrics)`` with ``params = {"vae": ...}``.
+
+    ``latent_noise``: the decoder sees the latent plus Gaussian noise of a standard deviation
+    drawn uniformly per image from [0, ``latent_noise``] (in units of the batch's latent
+    standard deviation), and must still draw the clean image: a decoder that maps the slightly
+    wrong latents a diffusion model ends with (guidance multiplies its errors) to the nearest
+    clean image instead of a distorted one.
+    """
     model: vae_lib.AutoencoderKL
     kl_weight: float = 1e-6
     recon: str = "l1"
     edge_weight: float = 1.0
+    latent_noise: float = 0.0
 
     def __call__(self, params, batch, key):
         x = batch["pixels"].astype(jnp.float32)
         p = {"params": params["vae"]}
         mean, logvar = self.model.apply(p, x.astype(self.model.dtype), method="encode")
         z = vae_lib.sample_latent(mean, logvar, key)
+        if self.latent_noise:
+            k_scale, k_noise = jax.random.split(jax.random.fold_in(key, 1))
+            scale = jax.random.uniform(k_scale, (z.shape[0],) + (1,) * (z.ndim - 1)) * self.latent_noise
+            std = jax.lax.stop_gradient(jnp.std(mean.astype(jnp.float32)))
+            z = z + scale * std * jax.random.normal(k_noise, z.shape, jnp.float32)
         y = self.model.apply(p, z, method="decode").astype(jnp.float32)
         rec = jnp.mean(_err(y, x, self.recon))
         edge = 0.5 * (jnp.mean(_err(jnp.diff(y, axis=1), jnp.diff(x, axis=1), self.recon))
@@ -140,15 +160,19 @@ def build_vae_task(config: VAETrainConfig) -> Task:
         notes = ()
         source = data_lib.SyntheticShapes(config.seed, config.size, "train", config.max_shapes)
         held_out = data_lib.SyntheticShapes(config.seed + 1, config.size, "all", config.max_shapes)
-    loss = VAELoss(model, kl_weight=config.kl_weight, recon=config.recon, edge_weight=config.edge_weight)
+    loss = VAELoss(model, kl_weight=config.kl_weight, recon=config.recon, edge_weight=config.edge_weight,
+                   latent_noise=config.latent_noise)
+    # --decoder-only: the encoder (and so the latent space a UNet was trained on) stays as it is.
+    trainable = (r"vae/decoder/", r"vae/post_quant_conv/") if config.decoder_only else ("vae",)
 
     def export(folder, p):
         f32 = vae_lib.AutoencoderKL(cfg)
-        sf = calibrate_scaling_factor(f32, p["vae"], held_out)
+        # A decoder-only run keeps the latent space, so the scaling factor a UNet was trained with.
+        sf = cfg.scaling_factor if config.decoder_only else calibrate_scaling_factor(f32, p["vae"], held_out)
         vae_lib.save(folder, dataclasses.replace(cfg, scaling_factor=sf, sample_size=config.size),
                      jax.tree.map(lambda x: np.asarray(x, np.float32), p["vae"]))
 
-    return Task(name="vae", params={"vae": params}, trainable=("vae",), frozen={}, loss=loss, source=source,
+    return Task(name="vae", params={"vae": params}, trainable=trainable, frozen={}, loss=loss, source=source,
                 batch_keys=("pixels",), export=export, export_name="vae", notes=notes,
                 init=None if init is None else (lambda: {"vae": init()}))
 
