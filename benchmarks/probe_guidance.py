@@ -3,7 +3,7 @@
     python benchmarks/probe_guidance.py --model checkpoints/sd-jax-shapes
 
 1. Guidance windows.  The benchmark's new prompts for squares (18) and 16 others, the same
-   starting noise, 20 DDIM steps (epsilon prediction; the model's beta schedule), with the
+   starting noise, 20 DDIM steps (sd-jax's sampler, trailing spacing), with the
    guidance scale switched between 7.5 and 2 at a timestep: the evaluator's shape count per
    window.  If the squares survive "7.5 at t >= 200, 2 below" but not "2 above, 7.5 below",
    the stars are made at the last, least noisy steps, not where the shape is laid out.
@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import sys
 
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_adherence  # noqa: E402
 
 from sd_jax.data import evaluator, shapes  # noqa: E402
+from sd_jax.diffusion.samplers import make_sampler  # noqa: E402
 from sd_jax.pipeline import StableDiffusionPipeline  # noqa: E402
 from sd_jax.tokenizer import tokenize  # noqa: E402
 from sd_jax.train.losses import NoiseSchedule  # noqa: E402
@@ -81,19 +81,16 @@ def main(argv=None):
     prompts = [q for q in prompts if "square" in q] + [q for q in prompts if "square" not in q][:16]
     n = len(prompts)
     cond, empty = encode(prompts), encode([""] * n)
-    ts = np.round(np.arange(1000, 0, -1000 / a.steps)).astype(int) - 1      # "trailing" spacing
+    ddim = make_sampler("ddim", sc, a.steps, timestep_spacing="trailing", clip_sample=False)
     noise = jax.random.normal(jax.random.key(5), (n, side, side, ch))
     wanted = [shapes.parse_prompt(q)["objects"][0]["shape"] for q in prompts]
     print(f"model {a.model}; {n} prompts ({wanted.count('square')} squares), {a.steps} DDIM steps")
     print("1. guidance window                shapes right   squares right")
     for name, scale in WINDOWS:
-        x = noise
-        for i, t in enumerate(ts):
+        x, state = noise, ddim.init_state(noise.shape)
+        for i, t in enumerate(ddim.timesteps):
             eu, ec = predict(x, int(t), empty), predict(x, int(t), cond)
-            e = eu + scale(t) * (ec - eu)
-            prev = ac[ts[i + 1]] if i + 1 < len(ts) else 1.0
-            x0 = (x - np.sqrt(1 - ac[t]) * e) / np.sqrt(ac[t])
-            x = np.sqrt(prev) * x0 + np.sqrt(1 - prev) * e
+            x, state = ddim.step(state, eu + scale(t) * (ec - eu), x, i)
         got = [shape_of(q, im) for q, im in zip(prompts, np.asarray(decode(x)))]
         right = sum(g == w for g, w in zip(got, wanted))
         squares = sum(g == w == "square" for g, w in zip(got, wanted))
