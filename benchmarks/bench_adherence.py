@@ -8,9 +8,13 @@ One run measures the five things a prompt can ask for, in two engines:
 
 * sd-jax at each ``--guidance`` (default 2, 5 and 7.5) with the sampler and steps that
   ``sd-jax generate`` uses when given none (the CLI's own defaults, read from its parser:
-  30 steps of the model's scheduler); ``--steps``/``--scheduler`` override them;
+  30 steps of the model's scheduler, guided in the model's recommended window of the steps,
+  its ``generation_defaults.json``); ``--steps``/``--scheduler`` and
+  ``--guidance-start``/``--guidance-end`` (``--guidance-end 1``: every step) override them;
 * diffusers PyTorch (``StableDiffusionPipeline.from_pretrained(model)``, its scheduler from the
-  model's config, its default steps and guidance 7.5; ``--no-diffusers`` skips it).
+  model's config, its default steps and guidance 7.5; ``--no-diffusers`` skips it); with
+  ``--diffusers-window`` also guided only in sd-jax's window, through diffusers' documented
+  dynamic-CFG callback (row ``diff.+win``).
 
 Prompts are new sentences in the dataset's phrasing ("a [small|large] <colour> <shape> [at the
 <position>] on a <colour> background", random background and seed), in two groups: one per
@@ -125,8 +129,10 @@ def cli_defaults(steps=None, scheduler=None, model=None):
     return s["steps"], s["scheduler"], s["guidance"], pipe
 
 
-def run_diffusers(model, prompts, seeds, steps=None):
-    """diffusers PyTorch at its defaults: uint8 images, and the settings it used."""
+def run_diffusers(model, prompts, seeds, steps=None, guidance_end=None):
+    """diffusers PyTorch at its defaults: uint8 images, and the settings it used.  ``guidance_end``:
+    stop guiding after that fraction of the steps with diffusers' documented "dynamic
+    classifier-free guidance" callback (the prompt's half of the embeddings, guidance off)."""
     import torch
     from diffusers import StableDiffusionPipeline as TorchPipeline
 
@@ -135,11 +141,19 @@ def run_diffusers(model, prompts, seeds, steps=None):
     params = inspect.signature(type(ref).__call__).parameters
     kwargs = {} if steps is None else {"num_inference_steps": steps}
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    if guidance_end is not None and guidance_end < 1.0:
+        def stop_guidance(pipe, i, t, kw):
+            if i == int(guidance_end * pipe.num_timesteps) - 1:
+                kw["prompt_embeds"] = kw["prompt_embeds"].chunk(2)[-1]
+                pipe._guidance_scale = 0.0
+            return kw
+        kwargs.update(callback_on_step_end=stop_guidance, callback_on_step_end_tensor_inputs=["prompt_embeds"])
     with torch.no_grad():
         images = ref(prompt=list(prompts), generator=gens, output_type="np", **kwargs).images
     used = {"scheduler": type(ref.scheduler).__name__,
             "steps": steps or params["num_inference_steps"].default,
-            "guidance": params["guidance_scale"].default}
+            "guidance": params["guidance_scale"].default,
+            **({"guidance_end": guidance_end} if "callback_on_step_end" in kwargs else {})}
     return np.round(np.clip(images, 0, 1) * 255).astype(np.uint8), used
 
 
@@ -215,11 +229,18 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="sd-jax steps (default: sd-jax generate's)")
     ap.add_argument("--scheduler", default=None, help="sd-jax sampler (default: sd-jax generate's)")
     ap.add_argument("--guidance", type=float, nargs="+", default=[2.0, 5.0, 7.5])
+    ap.add_argument("--guidance-start", type=float, default=None,
+                    help="sd-jax: guide from this fraction of the steps (default: the model's, as the CLI)")
+    ap.add_argument("--guidance-end", type=float, default=None,
+                    help="sd-jax: guide only before this fraction of the steps (default: the model's "
+                         "generation_defaults.json, as the CLI; 1 = every step)")
     ap.add_argument("--per-combo", type=int, default=2, help="prompts per seen colour-and-shape pair")
     ap.add_argument("--size-share", type=float, default=0.5, help="share of prompts naming a size")
     ap.add_argument("--position-share", type=float, default=0.5, help="share of prompts naming a position")
     ap.add_argument("--no-diffusers", action="store_true", help="skip diffusers PyTorch")
     ap.add_argument("--diffusers-steps", type=int, default=None, help="(default: diffusers' own default)")
+    ap.add_argument("--diffusers-window", action="store_true",
+                    help="also run diffusers guided only in sd-jax's window (its dynamic-CFG callback)")
     ap.add_argument("--batch-size", type=int, default=None, help="sd-jax images per call (default: all)")
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "adherence"))
@@ -239,16 +260,20 @@ def main(argv=None):
 
     model = args.model or default_model()
     steps, scheduler, cli_guidance, pipe = cli_defaults(args.steps, args.scheduler, model)
+    window = {"guidance_start": pipe.generation_defaults.get("guidance_start", 0.0)
+              if args.guidance_start is None else args.guidance_start,
+              "guidance_end": pipe.generation_defaults.get("guidance_end", 1.0)
+              if args.guidance_end is None else args.guidance_end}
     os.makedirs(args.out, exist_ok=True)
     settings = {"model": args.model or "the shipped model (sd_jax.cli.default_model())", "seed": args.seed,
                 "per_combo": args.per_combo, "size_share": args.size_share, "position_share": args.position_share,
-                "sd-jax": {"steps": steps, "scheduler": scheduler, "guidance": args.guidance}}
+                "sd-jax": {"steps": steps, "scheduler": scheduler, "guidance": args.guidance, **window}}
     results = {"sd-jax": {}}
     print(HEADER, flush=True)
     # One call for every guidance scale (traced per image: one compilation).
     images = pipe(prompts * len(args.guidance), seed=seeds * len(args.guidance), num_inference_steps=steps,
                   guidance_scale=[g for g in args.guidance for _ in prompts], scheduler=scheduler,
-                  output_type="uint8", batch_size=args.batch_size)
+                  **window, output_type="uint8", batch_size=args.batch_size)
     for k, g in enumerate(args.guidance):
         per_g = images[k * len(prompts):(k + 1) * len(prompts)]
         for name, (ps, ims) in split(per_g).items():
@@ -265,9 +290,19 @@ def main(argv=None):
             print(_row("diffusers", used["guidance"], name, r), flush=True)
             print(_misread(r), flush=True)
         _grid(split(images)[GROUPS[1]][1], os.path.join(args.out, "heldout_samples_diffusers"), groups[GROUPS[1]])
+        if args.diffusers_window and window["guidance_end"] < 1.0:   # the same window through its callback
+            images, used = run_diffusers(model, prompts, seeds, args.diffusers_steps, window["guidance_end"])
+            settings["diffusers_window"] = used
+            for name, (ps, ims) in split(images).items():
+                r = results.setdefault("diffusers_window", {}).setdefault(str(used["guidance"]), {})[name] = \
+                    summarise(ps, ims)
+                print(_row("diff.+win", used["guidance"], name, r), flush=True)
+                print(_misread(r), flush=True)
     with open(os.path.join(args.out, "adherence.json"), "w") as f:
         json.dump({"settings": settings, "results": results}, f, indent=2)
     _plot(results, args.guidance, args.out, f"prompt adherence; sd-jax: {steps} {scheduler} steps"
+          + (f" guided in [{window['guidance_start']:g}, {window['guidance_end']:g})"
+             if (window["guidance_start"], window["guidance_end"]) != (0.0, 1.0) else "")
           + (f"; diffusers: {settings['diffusers']['steps']} {settings['diffusers']['scheduler']} steps"
              if "diffusers" in settings else ""))
     return results

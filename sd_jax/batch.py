@@ -3,7 +3,7 @@
 * Rows come from ``.txt`` (one prompt a line; blank lines and ``#`` comments skipped),
   ``.jsonl`` (one JSON object a line, or a JSON string) or ``.csv`` (a header row) with
   the fields ``prompt`` and optionally ``negative_prompt``, ``seed``, ``steps``,
-  ``guidance``, ``guidance_rescale``, ``size`` (WxH) or ``width`` + ``height``,
+  ``guidance``, ``guidance_rescale``, ``guidance_start``, ``guidance_end``, ``size`` (WxH) or ``width`` + ``height``,
   ``scheduler``, ``name`` (the output file name).  A row without a seed gets
   ``--seed`` + its index; a row without a name gets ``{index:06d}-{prompt slug}-{seed}.png``.
 * ``control``: the row's ControlNet images, ``KIND:IMAGE[:SCALE]`` as the CLI's ``--control``,
@@ -64,8 +64,8 @@ from sd_jax.images import TMP_PREFIX, model_name, read_metadata, save_png
 from sd_jax.lora import prompts as lora_prompts
 from sd_jax.request import Chunk, Dispatcher, GenerationRequest, RequestError, canonical_scheduler, parse_size
 
-FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "guidance_rescale", "size", "width", "height",
-          "scheduler", "name", "control")
+FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "guidance_rescale", "guidance_start",
+          "guidance_end", "size", "width", "height", "scheduler", "name", "control")
 ALIASES = {"negative": "negative_prompt", "cfg": "guidance", "cfg_scale": "guidance", "guidance_scale": "guidance",
            "file": "name", "output": "name", "num_inference_steps": "steps", "sampler": "scheduler",
            "rescale": "guidance_rescale"}
@@ -76,6 +76,8 @@ JOB_KIND = "sd-jax batch job"
 # The settings an image is checked against on resume (its own metadata or manifest entry).
 _SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "guidance_rescale", "width", "height",
              "scheduler", "clip_skip", "model")
+# ... and these, absent from an image's record where they have their defaults
+_CHECKED = _SETTINGS + ("controlnets", "guess_mode", "guidance_start", "guidance_end")
 
 
 class PromptFileError(ValueError):
@@ -105,13 +107,16 @@ class Row:
     timestep_spacing: str | None = None  # --timestep-spacing (None: the scheduler config's)
     control: tuple = ()  # RowControl entries, one per ControlNet of the job (or none)
     guess_mode: bool = False
+    guidance_start: float | None = None  # the guided steps' window (fractions of the steps; None: the model's)
+    guidance_end: float | None = None
 
     def request(self) -> GenerationRequest:
         """This row as the request every entry point hands to the dispatcher."""
         from sd_jax.request import Control
         control = tuple(Control(c.controlnet, _control_image(c.kind, c.path), c.scale) for c in self.control)
         return GenerationRequest(self.prompt, self.negative_prompt, seed=self.seed, steps=self.steps,
-                                 guidance=self.guidance, guidance_rescale=self.guidance_rescale, width=self.width,
+                                 guidance=self.guidance, guidance_rescale=self.guidance_rescale,
+                                 guidance_start=self.guidance_start, guidance_end=self.guidance_end, width=self.width,
                                  height=self.height, scheduler=self.scheduler, clip_skip=self.clip_skip,
                                  timestep_spacing=self.timestep_spacing,
                                  control=control, guess_mode=self.guess_mode and bool(control))
@@ -310,6 +315,8 @@ def make_rows(raw: list[tuple[int, dict]], defaults: dict, path: str, schedulers
             steps = _int(rec.get("steps", defaults["steps"]), "steps")
             guidance = _float(rec.get("guidance", defaults["guidance"]), "guidance")
             rescale = _float(rec.get("guidance_rescale", defaults["guidance_rescale"]), "guidance_rescale")
+            g0, g1 = (None if rec.get(k, defaults.get(k)) is None else _float(rec.get(k, defaults.get(k)), k)
+                      for k in ("guidance_start", "guidance_end"))  # None: the model's
             if "size" in rec:
                 if "width" in rec or "height" in rec:
                     raise ValueError("give size or width and height, not both")
@@ -323,7 +330,7 @@ def make_rows(raw: list[tuple[int, dict]], defaults: dict, path: str, schedulers
         except ValueError as e:
             raise PromptFileError(f"{where}: {e}") from None
         row = Row(i, prompt, neg, seed, steps, guidance, rescale, w, h, sched, "", defaults.get("clip_skip"), ln,
-                  defaults.get("timestep_spacing"), control, guess_mode)
+                  defaults.get("timestep_spacing"), control, guess_mode, g0, g1)
         try:
             row.request()  # the checks every request gets (steps, seed range, finite guidance, ...)
         except RequestError as e:
@@ -480,7 +487,8 @@ _FLAGS = {"negative_prompt": "--negative", "seed": "--seed", "steps": "--steps",
           "guidance_rescale": "--rescale", "size": "--size", "scheduler": "--scheduler", "clip_skip": "--clip-skip",
           "dtype": "--dtype", "watermark": "--no-watermark", "unet": "--unet", "refiner": "--refiner",
           "refiner_switch": "--refiner-switch", "loras": "--lora", "prompt_loras": "the prompts' <lora:...> files",
-          "timestep_spacing": "--timestep-spacing", "controlnets": "--controlnet", "guess_mode": "--guess-mode"}
+          "timestep_spacing": "--timestep-spacing", "controlnets": "--controlnet", "guess_mode": "--guess-mode",
+          "guidance_start": "--guidance-start", "guidance_end": "--guidance-end"}
 
 
 def make_job(model: str, settings: dict, rows: list) -> dict:
@@ -511,6 +519,9 @@ def job_of_args(args, model: str, raw: list[tuple[int, dict]], loras=(), tagged=
         settings["unet"] = os.path.abspath(args.unet)
     if getattr(args, "timestep_spacing", None):  # (absent otherwise: older jobs stay the same)
         settings["timestep_spacing"] = args.timestep_spacing
+    for name, default in (("guidance_start", 0.0), ("guidance_end", 1.0)):  # (the same)
+        if getattr(args, name, None) not in (None, default):
+            settings[name] = getattr(args, name)
     if getattr(args, "refiner", None):  # (absent otherwise: jobs written before refiners stay the same)
         settings["refiner"] = os.path.basename(os.path.normpath(args.refiner))
         settings["refiner_switch"] = 0.8 if args.refiner_switch is None else args.refiner_switch
@@ -632,7 +643,7 @@ def _legacy_changes(out: str, manifest: str, rows: list[Row], model: str) -> lis
         e = entries.get(r.name)
         if e is not None and os.path.isfile(os.path.join(out, r.name)) and not _matches(e, r, model):
             want = _meta(r, model)
-            diff = [f"{k} {e.get(k)!r} -> {want[k]!r}" for k in _SETTINGS if e.get(k) != want[k]]
+            diff = [f"{k} {e.get(k)!r} -> {want.get(k)!r}" for k in _CHECKED if e.get(k) != want.get(k)]
             return [f"{r.name}: {', '.join(diff)}"]
     return []
 
@@ -709,6 +720,9 @@ def _meta(row: Row, model: str) -> dict:
             "guidance": row.guidance, "guidance_rescale": row.guidance_rescale, "width": row.width,
             "height": row.height, "scheduler": row.scheduler, "clip_skip": row.clip_skip, "model": model,
             "generator": "sd-jax", **({"timestep_spacing": row.timestep_spacing} if row.timestep_spacing else {})}
+    for name, default in (("guidance_start", 0.0), ("guidance_end", 1.0)):  # (the same: only when set)
+        if getattr(row, name) not in (None, default):
+            meta[name] = getattr(row, name)
     if row.control:  # (absent otherwise: rows without ControlNet keep the metadata they had)
         meta["controlnets"] = [c.meta() for c in row.control]
         if row.guess_mode:
@@ -718,7 +732,7 @@ def _meta(row: Row, model: str) -> dict:
 
 def _matches(entry: dict, row: Row, model: str) -> bool:
     want = _meta(row, model)
-    return all(entry.get(k) == want.get(k) for k in _SETTINGS + ("controlnets", "guess_mode"))
+    return all(entry.get(k) == want.get(k) for k in _CHECKED)
 
 
 def recover(out: str, rows: list[Row], manifest: str, model: str, other_manifests=(), primary: bool = True) -> set[str]:

@@ -70,6 +70,13 @@ def _add_gen_args(p):
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 30)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--rescale", type=float, default=0.0, help="guidance rescale (0 = off)")
+    p.add_argument("--guidance-start", type=float, default=None, metavar="F",
+                   help="guide from this fraction of the steps on (default: the model's generation_defaults.json, "
+                        "else 0)")
+    p.add_argument("--guidance-end", type=float, default=None, metavar="F",
+                   help="guide only before this fraction of the steps (default: the model's "
+                        "generation_defaults.json, else 1; 0.8 leaves the least noisy fifth unguided, where "
+                        "guidance exaggerates a small model's errors)")
     p.add_argument("--scheduler", default=None, help="sampler name, e.g. ddim, euler_a, dpmpp_2m_karras "
                                                      "(default: the model's own)")
     p.add_argument("--size", type=_size_arg, default=None, help="WxH, multiples of 8 (default: the model's)")

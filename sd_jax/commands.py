@@ -208,6 +208,10 @@ def check_generation_args(args) -> None:
         raise UsageError(f"--guidance must be a finite number, got {args.guidance}")
     if not 0.0 <= args.rescale <= 1.0:  # NaN fails this too
         raise UsageError(f"--rescale must be in [0, 1], got {args.rescale}")
+    g0, g1 = getattr(args, "guidance_start", None), getattr(args, "guidance_end", None)
+    if not 0.0 <= (0.0 if g0 is None else g0) < (1.0 if g1 is None else g1) <= 1.0:  # NaN fails this too
+        raise UsageError(f"--guidance-start {g0} / --guidance-end {g1}: need 0 <= start < end <= 1 "
+                         f"(fractions of the steps)")
     emb = getattr(args, "embeddings_dir", None)
     if emb is not None and not os.path.isdir(emb):
         raise UsageError(f"--embeddings-dir {emb!r} is not a folder")
@@ -261,9 +265,27 @@ def settings(args, pipe=None) -> dict:
         "negative_prompt": args.negative, "seed": args.seed,
         "steps": args.steps or 30,
         "guidance": args.guidance if args.guidance is not None else 7.5,
-        "guidance_rescale": args.rescale, "scheduler": scheduler,
+        "guidance_rescale": args.rescale, **guidance_window(args, pipe), "scheduler": scheduler,
         "width": size[0], "height": size[1], "clip_skip": args.clip_skip,
     }
+
+
+def guidance_window(args, pipe=None) -> dict:
+    """``--guidance-start`` / ``--guidance-end``, the model's ``generation_defaults`` where not given
+    (None for those when ``pipe`` is None: filled when the model is loaded)."""
+    out = {}
+    for name, default in (("guidance_start", 0.0), ("guidance_end", 1.0)):
+        v = getattr(args, name, None)
+        if v is None and pipe is not None:
+            v = getattr(pipe, "generation_defaults", {}).get(name, default)
+        out[name] = v
+    if pipe is not None:
+        from sd_jax.request import RequestError, check_guidance_window
+        try:
+            check_guidance_window(out["guidance_start"], out["guidance_end"], " (with the model's defaults)")
+        except RequestError as e:
+            raise UsageError(str(e)) from None
+    return out
 
 
 def size_multiple(pipe) -> int:
@@ -500,6 +522,7 @@ def generate(args) -> int:
     stem = args.output[:-4]
     requests = [GenerationRequest(args.prompt, s["negative_prompt"], seed=s["seed"] + i, steps=s["steps"],
                                   guidance=s["guidance"], guidance_rescale=s["guidance_rescale"],
+                                  guidance_start=s["guidance_start"], guidance_end=s["guidance_end"],
                                   width=s["width"], height=s["height"], scheduler=s["scheduler"],
                                   clip_skip=s["clip_skip"], image=args.init_image, mask=args.mask,
                                   strength=strength, prompt_syntax=args.prompt_syntax, control=tuple(c for c, _ in controls), guess_mode=args.guess_mode,

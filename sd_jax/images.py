@@ -62,6 +62,8 @@ def a1111_parameters(meta: dict) -> str:
               # A1111's refiner fields: "Refiner: NAME [HASH]" (sd_jax.infotext.checkpoint_title), the switch
               ("Refiner", meta.get("refiner")), ("Refiner switch at", meta.get("refiner_switch") if meta.get("refiner") else None),
               ("Timestep spacing", meta.get("timestep_spacing")),   # sd-jax's own (A1111 keeps unknown fields)
+              ("Guidance start", meta.get("guidance_start") or None),
+              ("Guidance end", meta["guidance_end"] if meta.get("guidance_end", 1.0) != 1.0 else None),
               *a1111_controlnets(meta.get("controlnets")), *a1111_loras(meta), ("Version", "sd-jax")]
     text = a1111_prompt(meta)
     if meta.get("negative_prompt"):

@@ -108,7 +108,8 @@ def generate_settings(fields: dict) -> tuple[dict, list[str]]:
     out["negative"] = fields.get("Negative prompt", "")
     for key, dest, kind in (("Steps", "steps", int), ("CFG scale", "guidance", float), ("Seed", "seed", int),
                             ("CFG Rescale", "rescale", float), ("Denoising strength", "strength", float),
-                            ("Refiner switch at", "refiner_switch", float)):
+                            ("Refiner switch at", "refiner_switch", float),
+                            ("Guidance start", "guidance_start", float), ("Guidance end", "guidance_end", float)):
         v = number(key, kind)
         if v is not None:
             out[dest] = v

@@ -32,7 +32,8 @@ from sd_jax import families, memory, sharding
 from sd_jax.lora import LoraSet
 from sd_jax.lora import prompts as lora_prompts
 from sd_jax.control import keep_table, load_control_image
-from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance, controlnet_residuals, unet_denoiser
+from sd_jax.diffusion.denoisers import (Conditioning, classifier_free_guidance, controlnet_residuals,
+                                        guidance_window, unet_denoiser)
 from sd_jax.diffusion.samplers import SchedulerConfig, make_sampler
 from sd_jax.models.embeddings import get_guidance_scale_embedding
 from sd_jax.diffusion.sampling import sample, step_range
@@ -42,7 +43,7 @@ from sd_jax.models import controlnet as controlnet_model
 from sd_jax.micro_conditioning import add_time_ids, time_id_rows
 from sd_jax.prompts import editing, embeddings
 from sd_jax.prompts.chunks import count_chunks, prompt_arrays
-from sd_jax.request import Control, Dispatcher, GenerationRequest, RequestError
+from sd_jax.request import Control, Dispatcher, GenerationRequest, RequestError, check_guidance_window
 from sd_jax.models import safety_checker as safety
 from sd_jax.models.policy import Policy
 from sd_jax.tokenizer import tokenize
@@ -279,7 +280,8 @@ def _generate(models: Models, encoding: families.PromptEncoding, plan: Plan, par
         residuals = controlnet_residuals(nets, [params["controlnets"][j] for j, _ in plan.controlnets],
                                          plan.guess_mode)
     make = lambda c: unet_denoiser(models.unet, params["unet"], c, residuals)  # noqa: E731
-    guided = lambda c, u: (classifier_free_guidance(make, c, u, batch["guidance"], batch["rescale"])  # noqa: E731
+    guided = lambda c, u: (classifier_free_guidance(make, c, u, batch["guidance"], batch["rescale"],  # noqa: E731
+                                                    batch.get("guidance_window"))
                            if plan.guidance else make(c))
     model_fn = (guided(cond, uncond) if k == 1 else
                 editing.per_step(guided, cond, uncond, batch["prompt_steps"], batch.get("neg_prompt_steps")))
@@ -373,18 +375,21 @@ class StableDiffusionPipeline:
     def __init__(self, models: Models, params, tokenizer, scheduler_config: SchedulerConfig,
                  scheduler_name: str, mesh=None, source: str | None = None, family: families.Family | None = None,
                  tokenizers: dict | None = None, options: dict | None = None, safety_checker=None,
-                 safety_policy: str = "black"):
+                 safety_policy: str = "black", generation_defaults: dict | None = None):
         """``tokenizer``: the (first) tokenizer; ``tokenizers``: ``{folder: tokenizer}`` of every
         tokenizer of the family (SDXL has two; default: ``tokenizer`` alone); ``options``: the
         pipeline options (:meth:`sd_jax.families.Family.pipeline_options`); ``safety_checker``:
         None or ``(SafetyChecker, params)`` (:mod:`sd_jax.models.safety_checker`), run on every
         decoded image; ``safety_policy``: what it does to a flagged image (``"black"``,
-        ``"blur"``, ``"keep"``; an attribute, changeable between calls)."""
+        ``"blur"``, ``"keep"``; an attribute, changeable between calls); ``generation_defaults``:
+        the model's recommended settings for what a request leaves unset (its
+        ``generation_defaults.json``: :data:`sd_jax.weights.loader.GENERATION_DEFAULTS`)."""
         self.models = models
         self.family = family or families.detect({"text_encoder": models.text_encoder.config})
         self.tokenizer = tokenizer
         self.tokenizers = dict(tokenizers) if tokenizers else {self.family.tokenizers[0].name: tokenizer}
         self.options = self.family.pipeline_options(options)
+        self.generation_defaults = loader.check_generation_defaults(generation_defaults or {})
         self.scheduler_config = scheduler_config
         self.scheduler_name = scheduler_name
         self.mesh = mesh if mesh is not None else sharding.make_mesh()
@@ -433,7 +438,7 @@ class StableDiffusionPipeline:
                                   variant=variant, allow_pickle=allow_pickle)
         pipe = cls(m.models, m.params, m.tokenizer, m.scheduler_config, m.scheduler_name, mesh=mesh, source=m.source,
                    family=m.family, tokenizers=m.tokenizers, options=m.options, safety_checker=checker,
-                   safety_policy=safety_policy)
+                   safety_policy=safety_policy, generation_defaults=m.generation_defaults)
         for name, config, params in m.controlnets:  # a ControlNet pipeline's (saved with the model)
             pipe._add_controlnet(name, config, params)
         if watermark is not None:
@@ -471,7 +476,7 @@ class StableDiffusionPipeline:
         nets = [(name, cfg, p) for (name, cfg), p in zip(self.controlnets, self.params.get("controlnets", ()))]
         model = loader.LoadedModel(family, self.models, params, self.tokenizers,
                                    self.scheduler_config.to_dict(), self.scheduler_name, self.source, self.options,
-                                   controlnets=nets)
+                                   controlnets=nets, generation_defaults=dict(self.generation_defaults))
         loader.save(model, path, format)
 
     def load_controlnet(self, path: str, name: str | None = None, *, variant: str | None = None,
@@ -572,7 +577,7 @@ class StableDiffusionPipeline:
         latent_shape = (height // f, width // f, self.latent_channels)
         if r.latents is not None and np.shape(r.latents) != latent_shape:
             raise RequestError(f"latents must have shape {latent_shape} per image, got {np.shape(r.latents)}")
-        r = r.replace(height=height, width=width, scheduler=scheduler)
+        r = r.replace(height=height, width=width, scheduler=scheduler, **self._guidance_window(r))
         self._check_time_ids(r)
         chunks, k = 1, 1
         if r.prompt_syntax != "plain":
@@ -606,6 +611,16 @@ class StableDiffusionPipeline:
         if self.preview is not None:
             plan = dataclasses.replace(plan, preview=self.preview.plan_hook(self.family.name, self.latent_channels))
         return r, plan
+
+    def _guidance_window(self, r: GenerationRequest) -> dict:
+        """The request's guidance window, the model's defaults (``generation_defaults``) where it gives none."""
+        d = self.generation_defaults
+        g0 = r.guidance_start if r.guidance_start is not None else d.get("guidance_start", 0.0)
+        g1 = r.guidance_end if r.guidance_end is not None else d.get("guidance_end", 1.0)
+        if (g0, g1) != (r.guidance_start, r.guidance_end):
+            check_guidance_window(g0, g1, " (with this model's generation_defaults.json "
+                                          f"{ {k: v for k, v in d.items() if k.startswith('guidance_')} })")
+        return {"guidance_start": g0, "guidance_end": g1}
 
     def _groups(self, tokenizer: str) -> dict:
         """The multi-vector embeddings of ``tokenizer``: {first id: ids} (:mod:`sd_jax.prompts.embeddings`)."""
@@ -647,6 +662,10 @@ class StableDiffusionPipeline:
         batch = {"seeds": np.asarray([r.seed for r in requests], np.uint32),
                  "guidance": np.asarray([r.guidance for r in requests], np.float32),
                  "rescale": np.asarray([r.guidance_rescale for r in requests], np.float32)}
+        if plan.guidance and any((r.guidance_start, r.guidance_end) != (0.0, 1.0) for r in requests):
+            batch["guidance_window"] = np.asarray(
+                [guidance_window(r.guidance_start, r.guidance_end, plan.start, plan.sampler.num_steps)
+                 for r in requests], np.float32)
         for i, name in enumerate(self.family.prompt.tokenizers):
             for neg in (False, True) if plan.guidance else (False,):
                 ids, weights = self._prompt_ids(plan, name, [_prompt(r, i, negative=neg) for r in requests])
@@ -733,7 +752,7 @@ class StableDiffusionPipeline:
         self._executable(plan, specs)
 
     def requests(self, prompt, negative_prompt=None, *, seed=0, num_inference_steps=30, guidance_scale=7.5,
-                 guidance_rescale=0.0, height=None, width=None, scheduler=None, clip_skip=None, image=None,
+                 guidance_rescale=0.0, guidance_start=None, guidance_end=None, height=None, width=None, scheduler=None, clip_skip=None, image=None,
                  mask_image=None, strength=0.8, latents=None, num_images_per_prompt=1,
                  prompt_syntax="a1111", control_image=None,
                  controlnet=None, controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
@@ -770,6 +789,8 @@ class StableDiffusionPipeline:
         masks = mask_image if isinstance(mask_image, (list, tuple)) else [mask_image] * n
         cols = dict(negative_prompt=negs, seed=seeds, guidance=_to_list(guidance_scale, n, "guidance_scale"),
                     guidance_rescale=_to_list(guidance_rescale, n, "guidance_rescale"),
+                    guidance_start=_to_list(guidance_start, n, "guidance_start"),
+                    guidance_end=_to_list(guidance_end, n, "guidance_end"),
                     image=_to_list(images, n, "image"), mask=_to_list(masks, n, "mask_image"), **seconds)
         return [GenerationRequest(prompts[i], steps=num_inference_steps, width=width, height=height,
                                   scheduler=scheduler, clip_skip=clip_skip, strength=strength,
@@ -801,7 +822,8 @@ class StableDiffusionPipeline:
     # ------------------------------------------------------------------ generation
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  seed: int | Sequence[int] = 0, num_inference_steps: int = 30, guidance_scale: float | Sequence[float] = 7.5,
-                 guidance_rescale: float | Sequence[float] = 0.0, height: int | None = None, width: int | None = None,
+                 guidance_rescale: float | Sequence[float] = 0.0, guidance_start: float | Sequence[float] | None = None,
+                 guidance_end: float | Sequence[float] | None = None, height: int | None = None, width: int | None = None,
                  scheduler: str | None = None, clip_skip: int | None = None, image=None, mask_image=None,
                  strength: float = 0.8, latents=None, num_images_per_prompt: int = 1, output_type: str = "pil",
                  batch_size: int | None = None, loop: str = "scan", prompt_syntax: str = "a1111",
@@ -818,6 +840,13 @@ class StableDiffusionPipeline:
           seed: an int (image i gets ``seed + i``) or one seed per image.
           guidance_scale, guidance_rescale: scalars or one per image (traced: no recompilation;
             at ``guidance_scale <= 1`` the UNet runs once per step instead of twice).
+          guidance_start, guidance_end: the window of steps that are guided, as fractions of the
+            steps that run (diffusers' ``ClassifierFreeGuidance(start=, stop=)``: step j of n is
+            guided when ``int(start * n) <= j < int(end * n)``; the others take the conditional
+            prediction); scalars or one per image (traced).  ``guidance_end=0.8`` leaves the
+            least noisy fifth unguided, where guidance only exaggerates a small model's errors.
+            None: the model's recommendation (``pipe.generation_defaults``, from its
+            ``generation_defaults.json``), else 0 and 1 (every step, as diffusers).
           height, width: multiples of 8; default: the UNet's native size.
           scheduler: a sampler name (``sd_jax.diffusion.samplers.SCHEDULERS``); default: the checkpoint's.
           image: init image for img2img / inpainting (PIL image, path, or HxWx3 array in [0, 255] or [0, 1]).
@@ -851,7 +880,8 @@ class StableDiffusionPipeline:
         if output is None:
             raise RequestError(f"output_type must be 'pil', 'np', 'uint8' or 'latent', got {output_type!r}")
         requests = self.requests(prompt, negative_prompt, seed=seed, num_inference_steps=num_inference_steps,
-                                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height,
+                                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                                 guidance_start=guidance_start, guidance_end=guidance_end, height=height,
                                  width=width, scheduler=scheduler, clip_skip=clip_skip, image=image,
                                  mask_image=mask_image, strength=strength, latents=latents,
                                  num_images_per_prompt=num_images_per_prompt, prompt_syntax=prompt_syntax,

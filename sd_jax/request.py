@@ -120,6 +120,14 @@ class Control:
         object.__setattr__(self, "end", end)
 
 
+def check_guidance_window(start: float | None, end: float | None, where: str = "") -> None:
+    """A RequestError unless 0 <= start < end <= 1 (None: not given, checked once resolved)."""
+    lo, hi = (0.0 if start is None else start), (1.0 if end is None else end)
+    if not 0.0 <= lo < hi <= 1.0:  # NaN fails this too
+        raise RequestError(f"the guidance window must satisfy 0 <= guidance_start < guidance_end <= 1 "
+                           f"(fractions of the steps), got {lo}..{hi}{where}")
+
+
 # ----------------------------------------------------------------------------- the request
 @dataclasses.dataclass(frozen=True)
 class GenerationRequest:
@@ -138,6 +146,12 @@ class GenerationRequest:
     steps: int = 30
     guidance: float = 7.5
     guidance_rescale: float = 0.0
+    # the steps classifier-free guidance runs in, as fractions of the steps that run (diffusers'
+    # ``ClassifierFreeGuidance(start=, stop=)`` guider): step j of n is guided when
+    # int(start * n) <= j < int(end * n), the others take the conditional prediction.  Traced.
+    # None: the model's (its generation_defaults.json), else 0 and 1 (every step).
+    guidance_start: Optional[float] = None
+    guidance_end: Optional[float] = None
     width: Optional[int] = None
     height: Optional[int] = None
     scheduler: Optional[str] = None
@@ -192,6 +206,10 @@ class GenerationRequest:
         if not 0.0 <= rescale <= 1.0:
             raise RequestError(f"guidance_rescale must be in [0, 1], got {rescale}")
         set_("guidance_rescale", rescale)
+        for name in ("guidance_start", "guidance_end"):
+            if getattr(self, name) is not None:
+                set_(name, _number(getattr(self, name), name))
+        check_guidance_window(self.guidance_start, self.guidance_end)
         for side in ("width", "height"):
             v = getattr(self, side)
             if v is not None:

@@ -83,6 +83,17 @@ def test_prompt_file_formats(tmp_path):
     assert (c.width, c.height, c.guidance, c.scheduler, c.name, c.guidance_rescale, c.line) == \
         (32, 48, 3.0, "euler_a", "c.png", 0.5, 4)
     assert (d.width, d.height, d.guidance) == (48, 32, 2.0)
+    assert (a.guidance_start, a.guidance_end) == (None, None)  # the model's (generation_defaults.json)
+
+    # the guidance window: a row's own, else the job's (--guidance-start/--guidance-end); recorded
+    # in an image's metadata only when set, so images of jobs written before it still match
+    w = rows_of(tmp_path / "w.jsonl", '{"prompt": "a", "guidance_end": 0.8}\n{"prompt": "b"}\n', guidance_start=0.1)
+    assert [(r.guidance_start, r.guidance_end) for r in w] == [(0.1, 0.8), (0.1, None)]
+    assert (w[0].request().guidance_start, w[0].request().guidance_end) == (0.1, 0.8)
+    meta = batch._meta(w[0], "m")
+    assert (meta["guidance_start"], meta["guidance_end"]) == (0.1, 0.8)
+    assert "guidance_end" not in batch._meta(a, "m") and batch._matches(batch._meta(a, "m"), a, "m")
+    assert not batch._matches({**meta, "guidance_end": 0.9}, w[0], "m")
     assert a.group != c.group and a.group != d.group and s.group == (2, 32, 32, "ddim", None)
 
     csv_rows = rows_of(tmp_path / "p.csv", '\ufeffPrompt,seed,steps,guidance,size,negative_prompt,name\r\n'
@@ -106,6 +117,8 @@ def test_prompt_file_formats(tmp_path):
     ("p.jsonl", '{"prompt": "a", "size": "30x32"}\n', "line 1: size '30x32' must be WxH"),
     ("p.jsonl", '{"prompt": "a", "guidance": "lots"}\n', "line 1: guidance must be a number"),
     ("p.jsonl", '{"prompt": "a", "scheduler": "fancy"}\n', "line 1: unknown scheduler 'fancy'"),
+    ("p.jsonl", '{"prompt": "a", "guidance_end": 0}\n', "line 1: the guidance window must satisfy"),
+    ("p.jsonl", '{"prompt": "a", "guidance_start": "x"}\n', "line 1: guidance_start must be a number"),
     ("p.jsonl", '{"prompt": "a", "name": "x"}\n{"prompt": "b", "name": "X.png"}\n',
      "line 2: output name 'X.png' is already used on line 1"),
     ("p.jsonl", '{"prompt": "a", "name": "../x"}\n', "line 1: name '../x' must be a plain file name"),

@@ -257,6 +257,8 @@ def test_argument_errors_are_one_line(tiny, tmp_path):
          ["unknown scheduler 'ddim_karras'"]),
         (["generate", "x", "--model", tiny, "--mask", tmp_path / "m.png", "-o", out / "a.png"], ["--init-image"]),
         (["generate", "x", "--model", tiny, "-o", out / "a.jpg"], ["must end in .png"]),
+        (["generate", "x", "--model", tiny, "--guidance-end", "0", "-o", out / "a.png"],
+         ["--guidance-end 0.0", "start < end"]),
         (["generate", "x", "--model", tmp_path / "missing", "-o", out / "a.png"], ["not found", "--model"]),
         (["batch", tmp_path / "none.txt", "--out", out, "--model", tiny], ["prompt file", "not found"]),
     ]
@@ -345,3 +347,20 @@ def test_size_must_suit_the_model():
     commands.check_size(sd, 520, 512)
     with pytest.raises(commands.UsageError, match="516x512: this model needs both sides to be multiples of 8"):
         commands.check_size(sd, 516, 512)
+
+
+def test_guidance_window_in_the_png_parameters_round_trips():
+    """--guidance-start/--guidance-end go into the A1111 parameters when set (sd-jax's own fields,
+    which A1111 keeps) and come back as generate's options from --from-png."""
+    from sd_jax import infotext
+    from sd_jax.images import a1111_parameters
+    meta = {"prompt": "a red circle", "steps": 20, "guidance": 7.5, "seed": 3, "width": 64, "height": 64,
+            "scheduler": "ddim"}
+    assert "Guidance" not in a1111_parameters({**meta, "guidance_start": 0.0, "guidance_end": 1.0})
+    text = a1111_parameters({**meta, "guidance_start": 0.1, "guidance_end": 0.8})
+    assert "Guidance start: 0.1, Guidance end: 0.8" in text
+    found, warnings = infotext.generate_settings(infotext.parse_parameters(text))
+    assert (found["guidance_start"], found["guidance_end"], found["guidance"]) == (0.1, 0.8, 7.5) and not warnings
+    from sd_jax.cli import build_parser
+    args = build_parser(found).parse_args(["generate"])
+    assert (args.guidance_start, args.guidance_end) == (0.1, 0.8)

@@ -77,6 +77,114 @@ def test_guidance_rescale_matches_diffusers(tiny):
     assert_images_close(got, want)
 
 
+def test_guidance_window_is_diffusers_guiders(tiny):
+    """The guided steps of a window are those diffusers' ClassifierFreeGuidance(start=, stop=)
+    guider enables (``_is_cfg_enabled``), for every step count and window of a grid."""
+    from diffusers.guiders import ClassifierFreeGuidance
+    from sd_jax.diffusion.denoisers import guidance_window
+    checked = 0
+    for start in (0.0, 0.1, 0.25, 0.33, 0.5, 0.83):
+        for stop in (0.2, 0.5, 0.8, 0.83, 0.999, 1.0):
+            if start >= stop:
+                continue
+            guider = ClassifierFreeGuidance(guidance_scale=7.5, start=start, stop=stop)
+            for n in (1, 3, 6, 7, 20, 30, 50):
+                want = []
+                for j in range(n):
+                    guider.set_state(step=j, num_inference_steps=n, timestep=None)
+                    want.append(float(guider._is_cfg_enabled()))
+                for first in (0, 4):  # img2img: the window is over the steps that run
+                    got = guidance_window(start, stop, first, first + n)
+                    assert got[:first].sum() == 0 and got[first:].tolist() == want, (start, stop, n, first)
+                    checked += 1
+    assert checked > 300
+
+
+def _dynamic_cfg_reference(ref, prompt, lat, steps, scale, end):
+    """diffusers' own recipe for guidance that stops early (the "dynamic classifier-free
+    guidance" pipeline callback of its docs): after step int(end * n) - 1 the callback keeps only
+    the prompt's half of the embeddings and turns guidance off."""
+    import torch
+    stop = int(end * steps)
+
+    def callback(pipe, i, t, kwargs):
+        if i == stop - 1:
+            kwargs["prompt_embeds"] = kwargs["prompt_embeds"].chunk(2)[-1]
+            pipe._guidance_scale = 0.0
+        return kwargs
+    with torch.no_grad():
+        return ref(prompt=[prompt], latents=nchw(lat), num_inference_steps=steps, guidance_scale=scale,
+                   height=SIZE, width=SIZE, output_type="np", callback_on_step_end=callback,
+                   callback_on_step_end_tensor_inputs=["prompt_embeds"]).images
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m"])
+def test_guidance_end_matches_diffusers_dynamic_cfg(tiny, scheduler):
+    """guidance_end: the last steps take the conditional prediction, as diffusers' documented
+    callback does; one call with a different window per image (traced: one compiled program
+    for any window), and the same window in every sampler step as diffusers'."""
+    _, ref, pipe = tiny
+    use_scheduler(ref, scheduler)
+    lat = init_latents(2, seed=5)
+    want = np.concatenate([_dynamic_cfg_reference(ref, PROMPTS[i], lat[i:i + 1], STEPS, 7.5, end)
+                           for i, end in enumerate((0.5, 0.34))])
+    got = pipe(PROMPTS, latents=lat, num_inference_steps=STEPS, guidance_scale=7.5, guidance_end=[0.5, 0.34],
+               height=SIZE, width=SIZE, scheduler=scheduler, output_type="np")
+    assert_images_close(got, want)
+    full = pipe(PROMPTS, latents=lat, num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,
+                scheduler=scheduler, output_type="np")
+    assert np.abs(full - got).max() > 1e-3  # the window changed the images
+    n = pipe.compilations
+    again = pipe(PROMPTS, latents=lat, num_inference_steps=STEPS, guidance_scale=7.5, guidance_end=[0.9, 0.67],
+                 guidance_start=[0.2, 0.0], height=SIZE, width=SIZE, scheduler=scheduler, output_type="np")
+    assert pipe.compilations == n and np.abs(again - got).max() > 1e-3
+
+
+def test_model_generation_defaults(tiny, tmp_path):
+    """A model's generation_defaults.json sets the guidance window of requests that give none (an
+    explicit one wins); it survives conversion to an sd-jax checkpoint and back to a diffusers
+    folder, which diffusers still loads; a bad file is a one-line error naming it."""
+    import json
+    import shutil
+
+    import torch
+    from diffusers import StableDiffusionPipeline as Reference
+
+    from sd_jax.pipeline import StableDiffusionPipeline
+    from sd_jax.weights.safetensors_io import CheckpointError
+    folder, _, plain = tiny
+    model = tmp_path / "model"
+    shutil.copytree(folder, model)
+    (model / "generation_defaults.json").write_text(json.dumps({"guidance_end": 0.5}))
+    pipe = StableDiffusionPipeline.from_pretrained(str(model))
+    assert pipe.generation_defaults == {"guidance_end": 0.5}
+    lat = init_latents(1, seed=6)
+    kw = dict(latents=lat, num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,
+              scheduler="ddim", output_type="np")
+    np.testing.assert_array_equal(pipe(PROMPTS[:1], **kw), plain(PROMPTS[:1], guidance_end=0.5, **kw))
+    np.testing.assert_array_equal(pipe(PROMPTS[:1], guidance_end=1.0, **kw), plain(PROMPTS[:1], **kw))
+    r, _ = pipe.resolve(pipe.requests("x")[0])
+    assert (r.guidance_start, r.guidance_end) == (0.0, 0.5)
+    with pytest.raises(ValueError, match="generation_defaults.json"):   # start 0.6 >= the model's end 0.5
+        pipe.resolve(pipe.requests("x", guidance_start=0.6)[0])
+
+    pipe.save_pretrained(str(tmp_path / "ckpt"))
+    again = StableDiffusionPipeline.from_pretrained(str(tmp_path / "ckpt"))
+    assert again.generation_defaults == {"guidance_end": 0.5}
+    again.save_pretrained(str(tmp_path / "back"), format="diffusers")
+    assert json.loads((tmp_path / "back" / "generation_defaults.json").read_text()) == {"guidance_end": 0.5}
+    Reference.from_pretrained(str(tmp_path / "back"), safety_checker=None)  # diffusers ignores the file
+
+    for text, what in (('{"guidance_end": 2}', "guidance_end must be a number in [0, 1]"),
+                       ('{"steps": 20}', "unknown setting(s) steps"),
+                       ('{"guidance_start": 0.5, "guidance_end": 0.5}', "below guidance_end"),
+                       ("{nope", "not valid JSON")):
+        (model / "generation_defaults.json").write_text(text)
+        with pytest.raises(CheckpointError) as e:
+            StableDiffusionPipeline.from_pretrained(str(model))
+        assert what in str(e.value) and "generation_defaults.json" in str(e.value) and "\n" not in str(e.value)
+
+
 def _mean_posterior(monkeypatch):
     # sd-jax encodes init images to the posterior mean (a trained VAE's std is ~1e-3 of
     # the latent scale); make the reference do the same so the two can be compared.

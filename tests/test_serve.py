@@ -219,6 +219,23 @@ def test_native_api_png_and_json(server, refs):
     assert c.get("/health").json()["status"] == "ready"
 
 
+def test_native_api_guidance_window(server, pipe):
+    """guidance_start/guidance_end reach the pipeline (the same image as the Python API's) and the
+    image's parameters; a bad window is a 422 naming it, refused before any work."""
+    c = client(server)
+    body = {"prompt": PROMPTS[0], "seed": 4, "steps": 2, "guidance": 7.0, "scheduler": "dpmpp_2m", **SIZE}
+    r = c.post("/v1/generate", json={**body, "guidance_end": 0.5})
+    assert r.status_code == 200, r.text
+    want = pipe(PROMPTS[0], seed=4, num_inference_steps=2, guidance_scale=7.0, guidance_end=0.5,
+                scheduler="dpmpp_2m", output_type="uint8", **SIZE)[0]
+    np.testing.assert_array_equal(decode(r.json()["images"][0]), want)
+    assert r.json()["parameters"][0]["guidance_end"] == 0.5
+    compiled = server.worker.pipe.compilations
+    r = c.post("/v1/generate", json={**body, "guidance_start": 0.6, "guidance_end": 0.5})
+    assert r.status_code == 422 and "guidance window" in r.json()["detail"], r.text
+    assert server.worker.pipe.compilations == compiled
+
+
 def test_sampler_names_map_to_sd_jax():
     from sd_jax.request import canonical_scheduler
     from sd_jax.serve.a1111 import to_scheduler

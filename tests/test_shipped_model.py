@@ -49,12 +49,23 @@ def test_diffusers_loads_it_and_agrees(pipe):
     size = pipe.default_size
     lat = np.random.RandomState(0).randn(2, size // pipe.models.vae_scale, size // pipe.models.vae_scale,
                                           pipe.latent_channels).astype(np.float32)
-    with torch.no_grad():
-        want = ref(prompt=PROMPTS[:2], latents=nchw(lat), num_inference_steps=10, guidance_scale=4.0,
-                   height=size, width=size, output_type="np").images
-    got = pipe(PROMPTS[:2], latents=lat, num_inference_steps=10, guidance_scale=4.0, output_type="uint8")
-    want = np.round(np.clip(want, 0, 1) * 255).astype(np.uint8)
-    assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+    stop = int(0.7 * 10)  # the model's generation_defaults.json: guidance_end 0.7
+
+    def dynamic_cfg(p, i, t, kw):  # diffusers' documented recipe for guidance that stops early
+        if i == stop - 1:
+            kw["prompt_embeds"] = kw["prompt_embeds"].chunk(2)[-1]
+            p._guidance_scale = 0.0
+        return kw
+    for window, extra in (({"guidance_end": 1.0}, {}),   # diffusers guides every step by default
+                          ({}, {"callback_on_step_end": dynamic_cfg,   # sd-jax's default: the model's window
+                                "callback_on_step_end_tensor_inputs": ["prompt_embeds"]})):
+        with torch.no_grad():
+            want = ref(prompt=PROMPTS[:2], latents=nchw(lat), num_inference_steps=10, guidance_scale=4.0,
+                       height=size, width=size, output_type="np", **extra).images
+        got = pipe(PROMPTS[:2], latents=lat, num_inference_steps=10, guidance_scale=4.0, output_type="uint8",
+                   **window)
+        want = np.round(np.clip(want, 0, 1) * 255).astype(np.uint8)
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 2, window
 
 
 def test_prompt_adherence_at_guidance_2(pipe):
@@ -111,14 +122,17 @@ def _rates(prompts, images, held):
 
 
 # Issue 18's targets at the defaults are colour >= 95%, shape >= 90%, background >= 90%,
-# position >= 70%.  The shipped model meets all but shape: on these 24 new prompts (new
-# backgrounds, positions and seeds) it gives colour 96% / 100% (sd-jax / diffusers), shape on
-# the seen pairs 75% / 65% (squares come out as four-pointed stars at guidance 7.5), background,
-# position 100%, size 92%; the 4 held-out pairs' shapes 50% (not asserted).  56 more prompts in
-# benchmarks/README.md.  The thresholds sit two to four images under the measured figures, so
-# a borderline image may flip on another CPU's rounding; the model shipped before this one
-# (position words ignored: 0-17%) fails them.
-MIN_AT_DEFAULTS = {"colour": 0.85, "shape": 0.55, "background": 0.90, "position": 0.85, "size": 0.75}
+# position >= 70%.  sd-jax's defaults for this model include its generation_defaults.json:
+# guidance at 7.5 for the first 70% of the steps only (guided at the least noisy steps, this
+# small model's squares come out as four-pointed stars).  On these 24 new prompts (new
+# backgrounds, positions and seeds) that gives colour, shape on the seen pairs, background,
+# position and size all 100%, the 4 held-out pairs' shapes 3 of 4 (not asserted).  diffusers
+# at its defaults guides every step: colour 100%, shape 65%, background and position 100%,
+# size 92%.  More prompts in benchmarks/README.md.  The thresholds sit two to four images under
+# the measured figures, so a borderline image may flip on another CPU's rounding; guidance at
+# every step (sd-jax before generation_defaults.json: shape 75%) fails the sd-jax ones.
+MIN_AT_DEFAULTS = {"colour": 0.90, "shape": 0.85, "background": 0.90, "position": 0.85, "size": 0.85}
+MIN_IN_DIFFUSERS = {"colour": 0.85, "shape": 0.55, "background": 0.90, "position": 0.85, "size": 0.75}
 
 
 def test_prompt_adherence_at_the_cli_defaults(pipe):
@@ -129,8 +143,10 @@ def test_prompt_adherence_at_the_cli_defaults(pipe):
     from sd_jax.cli import build_parser
     s = commands.settings(build_parser().parse_args(["generate", "x"]), pipe)
     prompts, held = _new_prompts(11)
+    assert (s["guidance_start"], s["guidance_end"]) == (0.0, 0.7)  # the model's generation_defaults.json
     images = pipe(prompts, seed=list(range(500, 500 + len(prompts))), num_inference_steps=s["steps"],
-                  guidance_scale=s["guidance"], scheduler=s["scheduler"], output_type="uint8")
+                  guidance_scale=s["guidance"], scheduler=s["scheduler"], guidance_start=s["guidance_start"],
+                  guidance_end=s["guidance_end"], output_type="uint8")
     r = _rates(prompts, images, held)
     assert all(r[k] >= v for k, v in MIN_AT_DEFAULTS.items()), r
 
@@ -148,4 +164,4 @@ def test_prompt_adherence_in_diffusers_at_its_defaults():
         images = ref(prompt=prompts, generator=gens, output_type="np").images
     images = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
     r = _rates(prompts, images, held)
-    assert all(r[k] >= v for k, v in MIN_AT_DEFAULTS.items()), r
+    assert all(r[k] >= v for k, v in MIN_IN_DIFFUSERS.items()), r

@@ -453,11 +453,37 @@ def test_export_loads_in_diffusers(run_a):
     ("vae", ["--latent-noise", "-0.1"], ">= 0"),
     ("vae", ["--decoder-only"], "give the VAE with --model"),
     ("diffusion", ["--vae", ".", "--low-noise-consistency", "1", "--consistency-below", "0"], "1..1000"),
+    ("diffusion", ["--vae", ".", "--unet-widths", "64,64"], "3 widths, each a positive multiple of 16"),
+    ("diffusion", ["--vae", ".", "--unet-widths", "64,72,128"], "multiple of 16"),
+    ("diffusion", ["--vae", ".", "--unet-widths", "64,x,128"], "comma-separated integers"),
+    ("diffusion", ["--vae", ".", "--unet-layers", "0"], "1..4"),
+    ("diffusion", ["--model", ".", "--unet-layers", "2"], "brings its own"),
 ])
 def test_cli_errors(recipe, argv, match):
     with pytest.raises(ValueError, match=match) as e:
         train_cli.run(recipe, argv)
     assert "\n" not in str(e.value)
+
+
+def test_unet_widths_and_layers_are_the_runs_architecture(tmp_path, vae_run, runs):
+    """``--unet-widths`` / ``--unet-layers`` shape the from-scratch UNet; the run records the whole
+    architecture (run.json holds the resolved UNet config, the flags folded into it), so a resumed
+    run rebuilds the same model."""
+    from sd_jax.train.diffusion import param_shapes, resolve_configs
+    cfg = train_cli.config_from_args("diffusion", ["--out", str(tmp_path / "d"), "--vae", str(runs / "vae"),
+                                                   "--unet-widths", "48,96,128", "--unet-layers", "2"])
+    assert (cfg.unet_widths, cfg.unet_layers) == ((48, 96, 128), 2)
+    resolved = resolve_configs(cfg)
+    u = resolved.unet_config
+    assert (u.block_out_channels, u.layers_per_block) == ((48, 96, 128), 2)
+    assert (resolved.unet_widths, resolved.unet_layers) == (None, None)
+    assert resolve_configs(resolved) == resolved
+    default = resolve_configs(train_cli.config_from_args("diffusion", ["--out", str(tmp_path / "d"),
+                                                                        "--vae", str(runs / "vae")]))
+    assert default.unet_config.block_out_channels == (32, 64, 128) and default.unet_config.layers_per_block == 1
+    count = lambda c: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes(c.text_encoder_config,  # noqa: E731
+                                                                                      c.unet_config)["unet"]))
+    assert count(resolved) > 1.5 * count(default)
 
 
 def test_zero_terminal_snr_schedule_equals_diffusers_and_is_exported(tmp_path, vae_run, runs):

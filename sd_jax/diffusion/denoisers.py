@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import flax.struct
+import numpy as np
 import jax
 import jax.numpy as jnp
 
@@ -107,13 +108,32 @@ def controlnet_residuals(controlnets, params, guess_mode: bool = False) -> Calla
     return residuals
 
 
+def guidance_window(start: float, end: float, first: int, num_steps: int) -> np.ndarray:
+    """float32 [num_steps]: 1 at the sampler steps classifier-free guidance runs at, 0 elsewhere.
+
+    As diffusers' ``ClassifierFreeGuidance(start=, stop=)`` guider (``_is_cfg_enabled``): over
+    the ``n = num_steps - first`` steps that run (an img2img run starts at ``first``), step
+    ``j`` is guided when ``int(start * n) <= j < int(end * n)``.  ``end = 0.8`` leaves the last
+    fifth of the steps unguided: at the least noisy steps the image is laid out and guidance
+    only multiplies the model's errors there (Kynkaanniemi et al. 2024)."""
+    n = num_steps - first
+    lo, hi = int(start * n), int(end * n)
+    keep = np.zeros(num_steps, np.float32)
+    keep[first + lo:first + max(hi, lo)] = 1.0
+    return keep
+
+
 def classifier_free_guidance(make_model_fn: Callable[[Conditioning], ModelFn], cond: Conditioning,
-                             uncond: Conditioning, scale: jax.Array, rescale: jax.Array) -> ModelFn:
+                             uncond: Conditioning, scale: jax.Array, rescale: jax.Array,
+                             window: jax.Array | None = None) -> ModelFn:
     """Guided prediction ``u + scale * (c - u)``, rescaled, from one UNet call on a doubled batch.
 
     scale, rescale: float32 [B] (traced: changing them does not recompile).  A sample whose
     scale is <= 1 gets the conditional prediction, as diffusers (which turns guidance off at
     ``guidance_scale <= 1``); a batch in which no sample is guided runs without this wrapper.
+    window: optional float32 [B, steps] (:func:`guidance_window`): at step i a sample with
+    ``window[:, i] == 0`` gets the conditional prediction (diffusers' guider outside
+    ``[start, stop)``).
     """
     both = make_model_fn(concat_batches(uncond, cond))
     g = jnp.where(scale > 1.0, scale, 1.0).astype(jnp.float32)[:, None, None, None]
@@ -126,5 +146,8 @@ def classifier_free_guidance(make_model_fn: Callable[[Conditioning], ModelFn], c
         std_c = jnp.std(c, axis=(1, 2, 3), keepdims=True, ddof=1)
         std_g = jnp.std(guided, axis=(1, 2, 3), keepdims=True, ddof=1)
         rescaled = r * guided * (std_c / std_g) + (1 - r) * guided
-        return jnp.where(r > 0, rescaled, guided)
+        out = jnp.where(r > 0, rescaled, guided)
+        if window is not None:
+            out = jnp.where(window[:, i][:, None, None, None] > 0, out, c)
+        return out
     return model_fn

@@ -197,7 +197,8 @@ def parse(body: dict, pipe, limits, *, img2img: bool, model: str, lora_dir: str 
     settings = {"prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps, "guidance": guidance,
                 "scheduler": r.scheduler, "width": r.width, "height": r.height, "clip_skip": clip_skip,
                 "batch_size": batch, "n_iter": n_iter, "model": model, "strength": strength if img2img else None,
-                "mode": r.mode, "controlnets": extras.control_meta(units), **loras}
+                "mode": r.mode, "controlnets": extras.control_meta(units),
+                "guidance_start": r.guidance_start, "guidance_end": r.guidance_end, **loras}
     return requests, settings, unsupported
 
 
@@ -208,6 +209,8 @@ def image_meta(settings: dict, seed: int) -> dict:
     meta.update(seed=seed, generator="sd-jax", mode=settings["mode"])
     if settings.get("strength") is not None:
         meta["strength"] = settings["strength"]
+    if (settings.get("guidance_start", 0.0), settings.get("guidance_end", 1.0)) != (0.0, 1.0):  # the model's
+        meta.update(guidance_start=settings["guidance_start"], guidance_end=settings["guidance_end"])
     if settings.get("controlnets"):
         meta["controlnets"] = settings["controlnets"]
     if settings.get("loras"):  # as sd-jax generate writes them: A1111's "Lora hashes"

@@ -366,6 +366,8 @@ def create_app(server: Server):
         steps: int = 30
         guidance: float = 7.5
         guidance_rescale: float = 0.0
+        guidance_start: Optional[float] = None   # None: the model's (generation_defaults.json)
+        guidance_end: Optional[float] = None
         width: Optional[int] = None
         height: Optional[int] = None
         scheduler: Optional[str] = None
@@ -393,7 +395,8 @@ def create_app(server: Server):
         loras = extras.prompt_loras(g.prompt, server.lora_dir)  # checked before anything is queued
         pipe = worker.pipe
         requests = pipe.requests(g.prompt, g.negative_prompt, seed=g.seed, num_inference_steps=g.steps,
-                                 guidance_scale=g.guidance, guidance_rescale=g.guidance_rescale, height=g.height,
+                                 guidance_scale=g.guidance, guidance_rescale=g.guidance_rescale,
+                                 guidance_start=g.guidance_start, guidance_end=g.guidance_end, height=g.height,
                                  width=g.width, scheduler=g.scheduler, clip_skip=g.clip_skip, image=image,
                                  mask_image=mask, strength=g.strength, num_images_per_prompt=g.num_images,
                                  **extras.control_args(units))
@@ -405,6 +408,8 @@ def create_app(server: Server):
                  "guidance": r.guidance, "guidance_rescale": r.guidance_rescale, "scheduler": r.scheduler,
                  "width": r.width, "height": r.height, "clip_skip": r.clip_skip, "model": server.model,
                  "generator": "sd-jax"}
+            if (r.guidance_start, r.guidance_end) != (0.0, 1.0):
+                m.update(guidance_start=r.guidance_start, guidance_end=r.guidance_end)
             m = {**m, "controlnets": extras.control_meta(units)} if units else m
             return {**m, "strength": r.strength, "mode": r.mode} if r.image is not None else m
         resolved = [pipe.resolve(r)[0] for r in requests]

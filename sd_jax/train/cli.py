@@ -166,6 +166,10 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
                            help="from scratch: first teach the new text encoder to read the captions' labels "
                                 "for STEPS batches, so every word (position words too) reaches the UNet "
                                 "(0 = off; 1000 take about 4 minutes on two CPU cores)")
+            p.add_argument("--unet-widths", default=None, metavar="W1,W2,W3",
+                           help="from scratch: the UNet's block widths, multiples of 16 (default 32,64,128)")
+            p.add_argument("--unet-layers", type=int, default=None, metavar="N",
+                           help="from scratch: ResNets per UNet level (default 1)")
         p.add_argument("--caption-dropout", type=float, default=d["caption_dropout"],
                        help="probability of training on the empty prompt (for guidance)")
         if recipe != "lora":
@@ -251,7 +255,14 @@ def config_from_args(recipe: str | None, argv) -> object:
                                snr_gamma=a.snr_gamma or None, caption_dropout=a.caption_dropout, rank=a.rank,
                                alpha=a.alpha, targets=tuple(t.strip() for t in a.targets.split(",") if t.strip()),
                                base_dtype=a.base_dtype)
-    return TrainConfig(**common, size=size, model=model, vae=a.vae, train=a.train,
+    widths = getattr(a, "unet_widths", None)
+    if widths is not None:
+        try:
+            widths = tuple(int(w) for w in widths.split(","))
+        except ValueError:
+            raise ValueError(f"--unet-widths {widths!r} must be comma-separated integers, e.g. 64,64,128") from None
+    return TrainConfig(**common, size=size, model=model, vae=a.vae, train=a.train, unet_widths=widths,
+                       unet_layers=getattr(a, "unet_layers", None),
                        prediction_type=a.prediction_type, snr_gamma=a.snr_gamma or None,
                        caption_dropout=a.caption_dropout, zero_terminal_snr=a.zero_terminal_snr,
                        text_encoder_pretrain=getattr(a, "pretrain_text_encoder", 0),

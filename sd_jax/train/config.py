@@ -112,6 +112,8 @@ class TrainConfig(RunConfig):
     ``low_noise_consistency``: weight of the loss that teaches the empty-prompt prediction to
     match the captioned one below timestep ``consistency_below`` (0 = off; see
     :meth:`sd_jax.train.losses.DiffusionLoss.low_noise_consistency`).
+    ``unet_widths`` / ``unet_layers``: from scratch, the shapes UNet's block widths (one per
+    level, e.g. ``(64, 64, 128)``) and ResNets per level instead of its defaults (32/64/128, 1).
     """
     model: str | None = None
     vae: str | None = None
@@ -126,6 +128,8 @@ class TrainConfig(RunConfig):
     text_encoder_pretrain: int = 0
     low_noise_consistency: float = 0.0
     consistency_below: int = 200
+    unet_widths: tuple[int, ...] | None = None
+    unet_layers: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -147,6 +151,16 @@ class TrainConfig(RunConfig):
             raise ValueError(f"--low-noise-consistency must be >= 0, got {self.low_noise_consistency}")
         if not 0 < self.consistency_below <= 1000:
             raise ValueError(f"--consistency-below must be a timestep in 1..1000, got {self.consistency_below}")
+        if self.unet_widths is not None or self.unet_layers is not None:
+            if self.model is not None or self.unet_config is not None:
+                raise ValueError("--unet-widths/--unet-layers shape a UNet trained from scratch; "
+                                 "a --model brings its own")
+            if self.unet_widths is not None and (len(self.unet_widths) != 3 or any(
+                    w <= 0 or w % 16 for w in self.unet_widths)):
+                raise ValueError(f"--unet-widths needs 3 widths, each a positive multiple of 16 (the UNet's "
+                                 f"GroupNorm groups), e.g. 64,64,128; got {','.join(map(str, self.unet_widths))}")
+            if self.unet_layers is not None and not 1 <= self.unet_layers <= 4:
+                raise ValueError(f"--unet-layers must be 1..4 ResNets per level, got {self.unet_layers}")
         for name in ("model", "vae", "tokenizer"):
             path = getattr(self, name)
             if path is not None and not os.path.exists(path):

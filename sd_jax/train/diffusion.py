@@ -117,8 +117,7 @@ def build_diffusion_task(config: TrainConfig) -> Task:
 
     if config.model is None:
         te_cfg = config.text_encoder_config or families.shapes_text_encoder_config(len(tokenizer))
-        unet_cfg = config.unet_config or families.shapes_unet_config(config.size // factor, vae_cfg.latent_channels,
-                                                                    te_cfg.hidden_size)
+        unet_cfg = config.unet_config or _shapes_unet(config, vae_cfg, te_cfg)
         if te_cfg.vocab_size < len(tokenizer):
             raise ValueError(f"the text encoder's vocabulary ({te_cfg.vocab_size}) is smaller than the "
                              f"tokenizer's ({len(tokenizer)})")
@@ -170,6 +169,17 @@ def resolve_configs(config: TrainConfig) -> TrainConfig:
     except ValueError as e:
         raise ValueError(f"cannot use the VAE in {config.vae!r}: {str(e).splitlines()[0]}") from None
     te = config.text_encoder_config or families.shapes_text_encoder_config(vocab)
-    un = config.unet_config or families.shapes_unet_config(config.size // vae_cfg.downscale_factor,
-                                                           vae_cfg.latent_channels, te.hidden_size)
-    return dataclasses.replace(config, text_encoder_config=te, unet_config=un)
+    un = config.unet_config or _shapes_unet(config, vae_cfg, te)
+    return dataclasses.replace(config, text_encoder_config=te, unet_config=un, unet_widths=None, unet_layers=None)
+
+
+def _shapes_unet(config: TrainConfig, vae_cfg, te_cfg):
+    """The shapes UNet for this run's image size, VAE and text encoder, with ``--unet-widths`` /
+    ``--unet-layers`` applied."""
+    shape = {}
+    if config.unet_widths is not None:
+        shape["block_out_channels"] = tuple(config.unet_widths)
+    if config.unet_layers is not None:
+        shape["layers_per_block"] = config.unet_layers
+    return families.shapes_unet_config(config.size // vae_cfg.downscale_factor, vae_cfg.latent_channels,
+                                       te_cfg.hidden_size, **shape)

@@ -49,7 +49,9 @@ class LoadedModel:
     ``options``: the pipeline options of ``model_index.json`` (SDXL's
     ``force_zeros_for_empty_prompt``; :meth:`sd_jax.families.Family.pipeline_options`);
     ``controlnets``: ``[(name, ControlNetConfig, params)]``, the ControlNets saved with it
-    (a diffusers ControlNet pipeline's ``controlnet/``, ``controlnet_1/``, ...).
+    (a diffusers ControlNet pipeline's ``controlnet/``, ``controlnet_1/``, ...);
+    ``generation_defaults``: the settings its author recommends for what a request leaves
+    unset (:data:`GENERATION_DEFAULTS`; a diffusers folder's ``generation_defaults.json``).
     """
     family: families.Family
     models: families.Models
@@ -60,6 +62,7 @@ class LoadedModel:
     source: str | None = None
     options: dict = dataclasses.field(default_factory=dict)
     controlnets: list = dataclasses.field(default_factory=list)
+    generation_defaults: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         self.options = self.family.pipeline_options(self.options)
@@ -119,6 +122,35 @@ def _diffusers_family(path: str) -> families.Family:
     return _diffusers_index_family(path)[1]
 
 
+# A model's recommended generation settings, applied where a request leaves them unset: the
+# guidance window (sd_jax.request.GenerationRequest.guidance_start / guidance_end).  A diffusers
+# folder keeps them in generation_defaults.json at its root, which diffusers does not read.
+GENERATION_DEFAULTS_FILE = "generation_defaults.json"
+GENERATION_DEFAULTS = ("guidance_start", "guidance_end")
+
+
+def check_generation_defaults(d: Any, where: str = "generation defaults") -> dict:
+    """``d`` as a checked dict of :data:`GENERATION_DEFAULTS` (a CheckpointError, one line, otherwise)."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{where} must be a JSON object, got {type(d).__name__}")
+    unknown = sorted(set(d) - set(GENERATION_DEFAULTS))
+    if unknown:
+        raise CheckpointError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(GENERATION_DEFAULTS)}")
+    for k, v in d.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise CheckpointError(f"{where}: {k} must be a number in [0, 1] (a fraction of the steps), got {v!r}")
+    if not d.get("guidance_start", 0.0) < d.get("guidance_end", 1.0):
+        raise CheckpointError(f"{where}: guidance_start must be below guidance_end, got {d}")
+    return {k: float(d[k]) for k in GENERATION_DEFAULTS if k in d}
+
+
+def _read_generation_defaults(path: str) -> dict:
+    if not os.path.isfile(os.path.join(path, GENERATION_DEFAULTS_FILE)):
+        return {}
+    return check_generation_defaults(read_config(path, GENERATION_DEFAULTS_FILE),
+                                     os.path.join(path, GENERATION_DEFAULTS_FILE))
+
+
 def _diffusers_index_family(path: str) -> tuple[dict, families.Family]:
     index = read_config(path, "model_index.json")
     configs = {}
@@ -145,7 +177,8 @@ def _load_diffusers(path, policy: Policy, *, variant, allow_pickle) -> LoadedMod
     nets = controlnet_model.load_all(path, index, policy=models["unet"].policy, base=models["unet"].config,
                                      variant=variant, allow_pickle=allow_pickle)
     return LoadedModel(family, families.Models(**models), params, tokenizers, sched, _scheduler_name(sched),
-                       source=path, options=family.pipeline_options(index), controlnets=nets)
+                       source=path, options=family.pipeline_options(index), controlnets=nets,
+                       generation_defaults=_read_generation_defaults(path))
 
 
 def _load_single_file(path, policy: Policy, prediction_type=None) -> LoadedModel:
@@ -172,7 +205,8 @@ def _load_sd_jax(path, policy: Policy, *, mesh) -> LoadedModel:
     nets = [(c["name"], controlnet_model.ControlNetConfig.from_dict(c["config"]), saved[controlnet_model.folder_name(i)])
             for i, c in enumerate(meta.get("controlnets", ()))]
     return LoadedModel(family, models, params, tokenizers, dict(meta["scheduler_config"]), meta["scheduler_name"],
-                       source=path, options=family.pipeline_options(meta.get("pipeline_options")), controlnets=nets)
+                       source=path, options=family.pipeline_options(meta.get("pipeline_options")), controlnets=nets,
+                       generation_defaults=check_generation_defaults(meta.get("generation_defaults", {}), path))
 
 
 def with_unet(loaded: LoadedModel, path: str) -> LoadedModel:
@@ -243,6 +277,8 @@ def _save_sd_jax(loaded: LoadedModel, path: str) -> None:
                             "scheduler_config": loaded.scheduler, "scheduler_name": loaded.scheduler_name}
     if loaded.options:
         meta["pipeline_options"] = dict(loaded.options)
+    if loaded.generation_defaults:  # (absent otherwise: checkpoints stay as they were)
+        meta["generation_defaults"] = dict(loaded.generation_defaults)
     params = loaded.params
     if loaded.controlnets:  # (absent otherwise: checkpoints without ControlNets stay as they were)
         meta["controlnets"] = [{"name": n, "config": cfg.to_dict()} for n, cfg, _ in loaded.controlnets]
@@ -305,3 +341,6 @@ def _write_diffusers(loaded: LoadedModel, params, path: str) -> None:
         index["controlnet"] = controlnet_model.index_entry(len(loaded.controlnets))
     with open(os.path.join(path, "model_index.json"), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2)
+    if loaded.generation_defaults:
+        with open(os.path.join(path, GENERATION_DEFAULTS_FILE), "w", encoding="utf-8") as f:
+            json.dump(loaded.generation_defaults, f, indent=2)
