@@ -517,11 +517,16 @@ def test_zero_terminal_snr_schedule_equals_diffusers_and_is_exported(tmp_path, v
     assert sched["rescale_betas_zero_snr"] is True and sched["prediction_type"] == "v_prediction"
     loaded = diffusers.DPMSolverMultistepScheduler.from_pretrained(str(tmp_path / "model" / "scheduler"))
     assert loaded.config.rescale_betas_zero_snr and loaded.config.timestep_spacing == "trailing"
-    # Fine-tuning that model keeps its schedule; --zero-terminal-snr off on an epsilon model is refused.
+    # Fine-tuning that model keeps its schedule and its recommended generation settings;
+    # --zero-terminal-snr off on an epsilon model is refused.
+    assert not (tmp_path / "model" / "generation_defaults.json").exists()  # from scratch: none
+    (tmp_path / "model" / "generation_defaults.json").write_text('{"guidance_end": 0.7}')
     task2 = build_diffusion_task(dataclasses.replace(cfg, out=str(tmp_path / "f"), model=str(tmp_path / "model"),
                                                      text_encoder_config=None, unet_config=None, vae=None,
                                                      prediction_type=None, zero_terminal_snr=None))
     assert task2.loss.schedule.rescale_betas_zero_snr and task2.loss.prediction_type == "v_prediction"
+    task2.export(str(tmp_path / "model2"), task2.params)
+    assert json.loads((tmp_path / "model2" / "generation_defaults.json").read_text()) == {"guidance_end": 0.7}
     with pytest.raises(ValueError, match="needs v-prediction"):
         build_diffusion_task(dataclasses.replace(cfg, out=str(tmp_path / "g"), model=str(tmp_path / "model"),
                                                  text_encoder_config=None, unet_config=None, vae=None,

@@ -80,12 +80,14 @@ def build_diffusion_task(config: TrainConfig) -> Task:
     init = None
     family = families.TINY
     tokenizer = None
+    generation_defaults = {}   # a fine-tuned model keeps its base's recommended settings
     if config.model is not None:
         model = loader.load(config.model, dtype=jnp.float32)
         if model.family.name.startswith("sdxl"):    # two text encoders, text-time conditioning
             vae = vae_lib.load(resolve_vae(config.vae), dtype=jnp.float32) if config.vae is not None else None
             return build_sdxl_task(config, model, vae)
         family, tokenizer, sched = model.family, model.tokenizer, model.scheduler
+        generation_defaults = dict(model.generation_defaults)
         p = jax.device_get(model.params)
         te_cfg, unet_cfg, vae_cfg = (model.configs[k] for k in ("text_encoder", "unet", "vae"))
         params, vae_params = {"text_encoder": p["text_encoder"], "unet": p["unet"]}, p["vae"]
@@ -150,7 +152,8 @@ def build_diffusion_task(config: TrainConfig) -> Task:
 
     def export(folder, p):
         export_diffusers(folder, models=families.Models(te, un, va), params={**p, "vae": vae_params},
-                         tokenizer=tokenizer, schedule=schedule, prediction_type=prediction_type, family=family)
+                         tokenizer=tokenizer, schedule=schedule, prediction_type=prediction_type, family=family,
+                         generation_defaults=generation_defaults)
 
     return Task(name="diffusion", params=params, trainable=tuple(trainable), frozen={"vae": vae_params},
                 loss=loss, source=source, batch_keys=("pixels", "input_ids"), export=export,

@@ -33,14 +33,16 @@ def scheduler_config(schedule: NoiseSchedule, prediction_type: str) -> dict:
 def export_diffusers(folder: str, *, models: families.Models, params: dict, tokenizer, schedule: NoiseSchedule,
                      prediction_type: str, family: families.Family = families.TINY,
                      scheduler: dict | None = None, tokenizers: dict | None = None,
-                     options: dict | None = None) -> None:
+                     options: dict | None = None, generation_defaults: dict | None = None) -> None:
     """Write the trained model as a diffusers folder (replacing ``folder``), float32 weights.
 
     ``params``: ``{"text_encoder": ..., "unet": ..., "vae": ...}``; ``models``: the modules
     (only their configs are used); ``tokenizer``: a transformers tokenizer.  ``scheduler``:
     the ``scheduler_config.json`` to write (its ``prediction_type`` set to ``prediction_type``;
     default: :func:`scheduler_config`); ``tokenizers``: ``{folder: tokenizer}`` in place of
-    ``tokenizer`` (SDXL's two); ``options``: the pipeline options of ``model_index.json``.
+    ``tokenizer`` (SDXL's two); ``options``: the pipeline options of ``model_index.json``;
+    ``generation_defaults``: the recommended settings of a model fine-tuned from one that has
+    them (its ``generation_defaults.json``), kept for the result.
     """
     if os.path.isdir(folder):
         shutil.rmtree(folder)
@@ -49,5 +51,5 @@ def export_diffusers(folder: str, *, models: families.Models, params: dict, toke
              else {**scheduler, "prediction_type": prediction_type})
     model = loader.LoadedModel(family, models, params, tokenizers or {family.tokenizers[0].name: tokenizer}, sched,
                                default_scheduler_name(sched["_class_name"], sched), source=None,
-                               options=dict(options or {}))
+                               options=dict(options or {}), generation_defaults=dict(generation_defaults or {}))
     loader.save(model, folder, "diffusers")

@@ -109,7 +109,8 @@ def build_sdxl_task(config, model, vae=None) -> Task:
     def export(folder, trained):
         export_diffusers(folder, models=models, params={**trained, "vae": vae_params}, tokenizer=None,
                          schedule=schedule, prediction_type=prediction_type, family=model.family,
-                         scheduler=scheduler, tokenizers=tokenizers, options=model.options)
+                         scheduler=scheduler, tokenizers=tokenizers, options=model.options,
+                         generation_defaults=model.generation_defaults)
 
     return Task(name="diffusion", params=p, trainable=tuple(config.train or ("unet",)), frozen={"vae": vae_params},
                 loss=loss, source=source, batch_keys=("pixels", "input_ids", "time_ids"), export=export,
