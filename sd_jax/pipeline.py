@@ -752,9 +752,9 @@ class StableDiffusionPipeline:
         self._executable(plan, specs)
 
     def requests(self, prompt, negative_prompt=None, *, seed=0, num_inference_steps=30, guidance_scale=7.5,
-                 guidance_rescale=0.0, guidance_start=None, guidance_end=None, height=None, width=None, scheduler=None, clip_skip=None, image=None,
-                 mask_image=None, strength=0.8, latents=None, num_images_per_prompt=1,
-                 prompt_syntax="a1111", control_image=None,
+                 guidance_rescale=0.0, guidance_start=None, guidance_end=None, height=None, width=None,
+                 scheduler=None, clip_skip=None, image=None, mask_image=None, strength=0.8, latents=None,
+                 num_images_per_prompt=1, prompt_syntax="a1111", control_image=None,
                  controlnet=None, controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
                  control_guidance_end=1.0, guess_mode=False, prompt_2=None,
                  negative_prompt_2=None, **sdxl) -> list[GenerationRequest]:
