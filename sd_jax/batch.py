@@ -62,7 +62,8 @@ import numpy as np
 from sd_jax import sharding
 from sd_jax.images import TMP_PREFIX, model_name, read_metadata, save_png
 from sd_jax.lora import prompts as lora_prompts
-from sd_jax.request import Chunk, Dispatcher, GenerationRequest, RequestError, canonical_scheduler, parse_size
+from sd_jax.request import (GUIDANCE_WINDOW, Chunk, Dispatcher, GenerationRequest, RequestError,
+                            canonical_scheduler, parse_size)
 
 FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "guidance_rescale", "guidance_start",
           "guidance_end", "size", "width", "height", "scheduler", "name", "control")
@@ -316,7 +317,7 @@ def make_rows(raw: list[tuple[int, dict]], defaults: dict, path: str, schedulers
             guidance = _float(rec.get("guidance", defaults["guidance"]), "guidance")
             rescale = _float(rec.get("guidance_rescale", defaults["guidance_rescale"]), "guidance_rescale")
             g0, g1 = (None if rec.get(k, defaults.get(k)) is None else _float(rec.get(k, defaults.get(k)), k)
-                      for k in ("guidance_start", "guidance_end"))  # None: the model's
+                      for k in GUIDANCE_WINDOW)  # None: the model's
             if "size" in rec:
                 if "width" in rec or "height" in rec:
                     raise ValueError("give size or width and height, not both")
@@ -519,7 +520,7 @@ def job_of_args(args, model: str, raw: list[tuple[int, dict]], loras=(), tagged=
         settings["unet"] = os.path.abspath(args.unet)
     if getattr(args, "timestep_spacing", None):  # (absent otherwise: older jobs stay the same)
         settings["timestep_spacing"] = args.timestep_spacing
-    for name, default in (("guidance_start", 0.0), ("guidance_end", 1.0)):  # (the same)
+    for name, default in GUIDANCE_WINDOW.items():  # (the same)
         if getattr(args, name, None) not in (None, default):
             settings[name] = getattr(args, name)
     if getattr(args, "refiner", None):  # (absent otherwise: jobs written before refiners stay the same)
@@ -720,7 +721,7 @@ def _meta(row: Row, model: str) -> dict:
             "guidance": row.guidance, "guidance_rescale": row.guidance_rescale, "width": row.width,
             "height": row.height, "scheduler": row.scheduler, "clip_skip": row.clip_skip, "model": model,
             "generator": "sd-jax", **({"timestep_spacing": row.timestep_spacing} if row.timestep_spacing else {})}
-    for name, default in (("guidance_start", 0.0), ("guidance_end", 1.0)):  # (the same: only when set)
+    for name, default in GUIDANCE_WINDOW.items():  # (the same: only when set)
         if getattr(row, name) not in (None, default):
             meta[name] = getattr(row, name)
     if row.control:  # (absent otherwise: rows without ControlNet keep the metadata they had)

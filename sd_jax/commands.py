@@ -273,19 +273,15 @@ def settings(args, pipe=None) -> dict:
 def guidance_window(args, pipe=None) -> dict:
     """``--guidance-start`` / ``--guidance-end``, the model's ``generation_defaults`` where not given
     (None for those when ``pipe`` is None: filled when the model is loaded)."""
-    out = {}
-    for name, default in (("guidance_start", 0.0), ("guidance_end", 1.0)):
-        v = getattr(args, name, None)
-        if v is None and pipe is not None:
-            v = getattr(pipe, "generation_defaults", {}).get(name, default)
-        out[name] = v
-    if pipe is not None:
-        from sd_jax.request import RequestError, check_guidance_window
-        try:
-            check_guidance_window(out["guidance_start"], out["guidance_end"], " (with the model's defaults)")
-        except RequestError as e:
-            raise UsageError(str(e)) from None
-    return out
+    start, end = getattr(args, "guidance_start", None), getattr(args, "guidance_end", None)
+    if pipe is None:
+        return {"guidance_start": start, "guidance_end": end}
+    from sd_jax.request import RequestError, resolve_guidance_window
+    try:
+        return resolve_guidance_window(start, end, getattr(pipe, "generation_defaults", {}),
+                                       " (with the model's defaults)")
+    except RequestError as e:
+        raise UsageError(str(e)) from None
 
 
 def size_multiple(pipe) -> int:

@@ -43,7 +43,8 @@ from sd_jax.models import controlnet as controlnet_model
 from sd_jax.micro_conditioning import add_time_ids, time_id_rows
 from sd_jax.prompts import editing, embeddings
 from sd_jax.prompts.chunks import count_chunks, prompt_arrays
-from sd_jax.request import Control, Dispatcher, GenerationRequest, RequestError, check_guidance_window
+from sd_jax.request import (GUIDANCE_WINDOW, Control, Dispatcher, GenerationRequest, RequestError,
+                            resolve_guidance_window)
 from sd_jax.models import safety_checker as safety
 from sd_jax.models.policy import Policy
 from sd_jax.tokenizer import tokenize
@@ -577,7 +578,10 @@ class StableDiffusionPipeline:
         latent_shape = (height // f, width // f, self.latent_channels)
         if r.latents is not None and np.shape(r.latents) != latent_shape:
             raise RequestError(f"latents must have shape {latent_shape} per image, got {np.shape(r.latents)}")
-        r = r.replace(height=height, width=width, scheduler=scheduler, **self._guidance_window(r))
+        d = self.generation_defaults
+        window = resolve_guidance_window(r.guidance_start, r.guidance_end, d,
+                                         f" (with this model's generation_defaults.json {d})" if d else "")
+        r = r.replace(height=height, width=width, scheduler=scheduler, **window)
         self._check_time_ids(r)
         chunks, k = 1, 1
         if r.prompt_syntax != "plain":
@@ -611,16 +615,6 @@ class StableDiffusionPipeline:
         if self.preview is not None:
             plan = dataclasses.replace(plan, preview=self.preview.plan_hook(self.family.name, self.latent_channels))
         return r, plan
-
-    def _guidance_window(self, r: GenerationRequest) -> dict:
-        """The request's guidance window, the model's defaults (``generation_defaults``) where it gives none."""
-        d = self.generation_defaults
-        g0 = r.guidance_start if r.guidance_start is not None else d.get("guidance_start", 0.0)
-        g1 = r.guidance_end if r.guidance_end is not None else d.get("guidance_end", 1.0)
-        if (g0, g1) != (r.guidance_start, r.guidance_end):
-            check_guidance_window(g0, g1, " (with this model's generation_defaults.json "
-                                          f"{ {k: v for k, v in d.items() if k.startswith('guidance_')} })")
-        return {"guidance_start": g0, "guidance_end": g1}
 
     def _groups(self, tokenizer: str) -> dict:
         """The multi-vector embeddings of ``tokenizer``: {first id: ids} (:mod:`sd_jax.prompts.embeddings`)."""
@@ -662,7 +656,8 @@ class StableDiffusionPipeline:
         batch = {"seeds": np.asarray([r.seed for r in requests], np.uint32),
                  "guidance": np.asarray([r.guidance for r in requests], np.float32),
                  "rescale": np.asarray([r.guidance_rescale for r in requests], np.float32)}
-        if plan.guidance and any((r.guidance_start, r.guidance_end) != (0.0, 1.0) for r in requests):
+        if plan.guidance and any((r.guidance_start, r.guidance_end) != tuple(GUIDANCE_WINDOW.values())
+                                 for r in requests):
             batch["guidance_window"] = np.asarray(
                 [guidance_window(r.guidance_start, r.guidance_end, plan.start, plan.sampler.num_steps)
                  for r in requests], np.float32)

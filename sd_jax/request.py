@@ -120,12 +120,27 @@ class Control:
         object.__setattr__(self, "end", end)
 
 
+# The guidance window that guides every step (diffusers' default), by request field.
+GUIDANCE_WINDOW = {"guidance_start": 0.0, "guidance_end": 1.0}
+
+
 def check_guidance_window(start: float | None, end: float | None, where: str = "") -> None:
     """A RequestError unless 0 <= start < end <= 1 (None: not given, checked once resolved)."""
-    lo, hi = (0.0 if start is None else start), (1.0 if end is None else end)
+    lo = GUIDANCE_WINDOW["guidance_start"] if start is None else start
+    hi = GUIDANCE_WINDOW["guidance_end"] if end is None else end
     if not 0.0 <= lo < hi <= 1.0:  # NaN fails this too
         raise RequestError(f"the guidance window must satisfy 0 <= guidance_start < guidance_end <= 1 "
                            f"(fractions of the steps), got {lo}..{hi}{where}")
+
+
+def resolve_guidance_window(start: float | None, end: float | None, defaults: dict, where: str = "") -> dict:
+    """``{"guidance_start", "guidance_end"}``: the given values, ``defaults`` (a model's
+    generation defaults) for those that are None, else every step; a RequestError if the
+    result is not a window."""
+    out = {k: v if v is not None else defaults.get(k, GUIDANCE_WINDOW[k])
+           for k, v in (("guidance_start", start), ("guidance_end", end))}
+    check_guidance_window(out["guidance_start"], out["guidance_end"], where)
+    return out
 
 
 # ----------------------------------------------------------------------------- the request

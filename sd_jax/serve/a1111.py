@@ -19,7 +19,7 @@ import time
 from sd_jax import infotext
 from sd_jax.images import A1111_SAMPLERS, a1111_controlnets, a1111_loras, a1111_parameters
 from sd_jax.prompts import extract_loras
-from sd_jax.request import MAX_SEED, RequestError
+from sd_jax.request import GUIDANCE_WINDOW, MAX_SEED, RequestError
 from sd_jax.serve import extras
 
 # /png-info's parser (shared with ``sd-jax generate --from-png``)
@@ -209,8 +209,9 @@ def image_meta(settings: dict, seed: int) -> dict:
     meta.update(seed=seed, generator="sd-jax", mode=settings["mode"])
     if settings.get("strength") is not None:
         meta["strength"] = settings["strength"]
-    if (settings.get("guidance_start", 0.0), settings.get("guidance_end", 1.0)) != (0.0, 1.0):  # the model's
-        meta.update(guidance_start=settings["guidance_start"], guidance_end=settings["guidance_end"])
+    window = {k: settings.get(k, v) for k, v in GUIDANCE_WINDOW.items()}
+    if window != GUIDANCE_WINDOW:  # the model's generation defaults
+        meta.update(window)
     if settings.get("controlnets"):
         meta["controlnets"] = settings["controlnets"]
     if settings.get("loras"):  # as sd-jax generate writes them: A1111's "Lora hashes"

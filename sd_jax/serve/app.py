@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable, Optional
 
 from sd_jax.images import model_name, png_bytes
-from sd_jax.request import RequestError
+from sd_jax.request import GUIDANCE_WINDOW, RequestError
 from sd_jax.serve import a1111, extras
 from sd_jax.serve.worker import BatchWorker, QueueFull
 
@@ -408,8 +408,8 @@ def create_app(server: Server):
                  "guidance": r.guidance, "guidance_rescale": r.guidance_rescale, "scheduler": r.scheduler,
                  "width": r.width, "height": r.height, "clip_skip": r.clip_skip, "model": server.model,
                  "generator": "sd-jax"}
-            if (r.guidance_start, r.guidance_end) != (0.0, 1.0):
-                m.update(guidance_start=r.guidance_start, guidance_end=r.guidance_end)
+            window = {k: getattr(r, k) for k in GUIDANCE_WINDOW}
+            m = m if window == GUIDANCE_WINDOW else {**m, **window}
             m = {**m, "controlnets": extras.control_meta(units)} if units else m
             return {**m, "strength": r.strength, "mode": r.mode} if r.image is not None else m
         resolved = [pipe.resolve(r)[0] for r in requests]
