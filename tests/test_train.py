@@ -158,25 +158,44 @@ def test_loss_pieces():
     np.testing.assert_array_equal(losses.drop_captions(ids, empty, 1.0, key), np.tile(empty, (3, 1)))
 
 
-def test_low_noise_consistency_term():
-    """``--low-noise-consistency W``: the loss gains W x the mean squared difference between
-    the empty-prompt prediction and the captioned one (a constant target) at timesteps below
-    ``consistency_below``, on the batch's first quarter; a UNet that ignores its caption
-    gets 0, and with W = 0 the loss and its random draws are what they were."""
+def _tiny_loss_setup(seed):
+    """A tiny text encoder + UNet, their initial params, the empty prompt's ids, a batch of 8
+    random latents with 3-word captions, and a DiffusionLoss over them (min-SNR 5, dropout 0.2)."""
     from sd_jax.train.diffusion import init_params
     te = clip_lib.CLIPTextModel(TE_CFG)
     un = unet_lib.UNet2DConditionModel(UNET_CFG)
-    params = init_params(TE_CFG, UNET_CFG, 0)
     length = TE_CFG.max_position_embeddings
     empty = (871,) + (872,) * (length - 1)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     ids = np.full((8, length), 872, np.int32)
     ids[:, 0] = 871
     ids[:, 1:4] = rng.integers(0, 871, (8, 3))
     batch = {"latents": jnp.asarray(rng.normal(size=(8, SIZE // 2, SIZE // 2, 4)), jnp.float32),
              "input_ids": jnp.asarray(ids)}
-    key = jax.random.key(3)
     base = losses.DiffusionLoss(te, un, None, snr_gamma=5.0, caption_dropout=0.2, empty_ids=empty)
+    return te, un, init_params(TE_CFG, UNET_CFG, 0), empty, batch, base
+
+
+def _deaf(params):
+    """``params`` with every cross-attention's output silenced: the caption no longer matters."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if "attn2" in optim.path_str(path) and "to_out" in optim.path_str(path)
+        else x, params)
+
+
+def _assert_same_grads(f, g, params, **tol):
+    expected = leaves(jax.grad(g)(params))
+    for k, v in leaves(jax.grad(f)(params)).items():
+        np.testing.assert_allclose(v, expected[k], err_msg=k, **tol)
+
+
+def test_low_noise_consistency_term():
+    """``--low-noise-consistency W``: the loss gains W x the mean squared difference between
+    the empty-prompt prediction and the captioned one (a constant target) at timesteps below
+    ``consistency_below``, on the batch's first quarter; a UNet that ignores its caption
+    gets 0, and with W = 0 the loss and its random draws are what they were."""
+    te, un, params, empty, batch, base = _tiny_loss_setup(0)
+    key = jax.random.key(3)
     with_term = dataclasses.replace(base, consistency_weight=2.0, consistency_below=150)
     loss0, m0 = jax.jit(base)(params, batch, key)
     loss2, m2 = jax.jit(with_term)(params, batch, key)
@@ -202,17 +221,61 @@ def test_low_noise_consistency_term():
         return jnp.mean((eps(p, empties) - teacher) ** 2)
 
     np.testing.assert_allclose(m2["consistency"], by_hand(params), rtol=1e-5)
-    grads = jax.grad(lambda p: with_term.low_noise_consistency(p, batch, batch["latents"], jax.random.fold_in(key, 1)))(
-        params)
-    expected = jax.grad(by_hand)(params)
-    for k, v in leaves(expected).items():
-        np.testing.assert_allclose(leaves(grads)[k], v, rtol=1e-4, atol=1e-8, err_msg=k)
+    _assert_same_grads(lambda p: with_term.low_noise_consistency(p, batch, batch["latents"], jax.random.fold_in(key, 1)),
+                       by_hand, params, rtol=1e-4, atol=1e-8)
 
     # Silence every cross-attention's output: the caption no longer matters, the term is 0.
-    deaf = jax.tree_util.tree_map_with_path(
-        lambda path, x: jnp.zeros_like(x) if "attn2" in optim.path_str(path) and "to_out" in optim.path_str(path)
-        else x, params)
+    deaf = _deaf(params)
     assert float(jax.jit(with_term)(deaf, batch, key)[1]["consistency"]) < 1e-12
+
+
+def test_guided_loss_term():
+    """``--guided-loss W``: the loss gains W x the mean squared clean-latent error of the
+    guided prediction ``u + g (c - u)`` (captioned c, empty-prompt u, gradients through both)
+    at timesteps below ``guided_below``, on the batch's first quarter; with W = 0 the loss and
+    its draws are what they were, and for a UNet deaf to its caption the term is the plain
+    clean-latent error of its one prediction."""
+    te, un, params, empty, batch, base = _tiny_loss_setup(1)
+    key = jax.random.key(5)
+    with_term = dataclasses.replace(base, guided_weight=0.5, guided_scale=7.5, guided_below=150)
+    loss0, m0 = jax.jit(base)(params, batch, key)
+    loss1, m1 = jax.jit(with_term)(params, batch, key)
+    assert "guided" not in m0 and float(m1["guided"]) > 0
+    np.testing.assert_allclose(m1["mse"], m0["mse"], rtol=1e-6)
+    np.testing.assert_allclose(loss1, loss0 + 0.5 * m1["guided"], rtol=1e-5)
+
+    # The term by hand: two of the eight examples, t < 150.
+    k_t, k_noise = jax.random.split(jax.random.fold_in(key, 2))
+    t = jax.random.randint(k_t, (2,), 0, 150)
+    x0 = batch["latents"][:2]
+    noise = jax.random.normal(k_noise, x0.shape)
+    ac = losses.NoiseSchedule().alphas_cumprod()
+    a = ac[np.asarray(t)][:, None, None, None]
+    xt = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+    empties = jnp.tile(jnp.asarray(empty, jnp.int32)[None], (2, 1))
+
+    def eps(p, rows):
+        ctx = te.apply({"params": p["text_encoder"]}, rows)["prompt_embeds"]
+        return un.apply({"params": p["unet"]}, xt, t, ctx)
+
+    def by_hand(p):
+        u, c = eps(p, empties), eps(p, batch["input_ids"][:2])
+        x0_guided = (xt - np.sqrt(1 - a) * (u + 7.5 * (c - u))) / np.sqrt(a)
+        return jnp.mean((x0_guided - x0) ** 2)
+
+    np.testing.assert_allclose(m1["guided"], by_hand(params), rtol=1e-4)
+    _assert_same_grads(lambda p: with_term.guided_loss(p, batch, batch["latents"], jax.random.fold_in(key, 2)),
+                       by_hand, params, rtol=2e-3, atol=1e-7)
+
+    deaf = _deaf(params)
+    plain = jnp.mean(((xt - np.sqrt(1 - a) * eps(deaf, empties)) / np.sqrt(a) - x0) ** 2)
+    np.testing.assert_allclose(jax.jit(with_term)(deaf, batch, key)[1]["guided"], plain, rtol=1e-4)
+
+    for bad, match in [(dict(guided_weight=-1.0), "weight"), (dict(guided_weight=1.0, guided_scale=1.0), "scale"),
+                       (dict(guided_weight=1.0, guided_below=0), "timestep"),
+                       (dict(guided_weight=1.0, prediction_type="v_prediction"), "epsilon")]:
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(base, **bad)
     with pytest.raises(ValueError, match="threshold"):
         dataclasses.replace(base, consistency_weight=1.0, consistency_below=0)
 
@@ -453,6 +516,10 @@ def test_export_loads_in_diffusers(run_a):
     ("vae", ["--latent-noise", "-0.1"], ">= 0"),
     ("vae", ["--decoder-only"], "give the VAE with --model"),
     ("diffusion", ["--vae", ".", "--low-noise-consistency", "1", "--consistency-below", "0"], "1..1000"),
+    ("diffusion", ["--vae", ".", "--guided-loss", "-1"], ">= 0"),
+    ("diffusion", ["--vae", ".", "--guided-loss", "0.1", "--guided-scale", "1"], "> 1"),
+    ("finetune", ["--model", ".", "--data", ".", "--guided-loss", "0.1", "--guided-below", "1001"], "1..1000"),
+    ("diffusion", ["--vae", ".", "--guided-loss", "0.1", "--prediction-type", "v_prediction"], "epsilon"),
     ("diffusion", ["--vae", ".", "--unet-widths", "64,64"], "3 widths, each a positive multiple of 16"),
     ("diffusion", ["--vae", ".", "--unet-widths", "64,72,128"], "multiple of 16"),
     ("diffusion", ["--vae", ".", "--unet-widths", "64,x,128"], "comma-separated integers"),
@@ -556,4 +623,9 @@ def test_cli_builds_configs(tmp_path):
     cfg = train_cli.config_from_args("diffusion", ["--out", str(tmp_path / "d"), "--vae", str(tmp_path / "vae"),
                                                    "--low-noise-consistency", "1.5", "--consistency-below", "300"])
     assert cfg.low_noise_consistency == 1.5 and cfg.consistency_below == 300
+    assert cfg.guided_loss == 0 and cfg.guided_scale == 7.5 and cfg.guided_below == 200
+    cfg = train_cli.config_from_args("finetune", ["--out", str(tmp_path / "f"), "--model", str(tmp_path),
+                                                  "--data", str(tmp_path), "--guided-loss", "0.1",
+                                                  "--guided-scale", "5", "--guided-below", "300"])
+    assert (cfg.guided_loss, cfg.guided_scale, cfg.guided_below) == (0.1, 5.0, 300)
     assert dataclasses.replace(cfg, steps=5).steps == 5

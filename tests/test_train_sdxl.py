@@ -12,6 +12,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -26,6 +27,7 @@ from sd_jax.train import cli as train_cli
 from sd_jax.train import data as data_lib
 from sd_jax.train.diffusion import build_diffusion_task
 from sd_jax.train.loop import TrainConfig, read_log, train
+from sd_jax.train import losses as losses_lib
 from sd_jax.train.losses import drop_captions
 
 torch = pytest.importorskip("torch")
@@ -150,6 +152,39 @@ def test_caption_dropout_is_the_encoded_empty_prompt_of_both_tokenizers(tiny, ta
     assert dropped.any() and not dropped.all()   # one of each: both tokenizers' ids go together
     for i in range(2):
         np.testing.assert_array_equal(mixed[i], empty if dropped[i] else ids[i])
+
+
+def test_guided_loss_uses_the_empty_prompts_pooled_embedding(tiny, task):
+    """``--guided-loss`` on SDXL: the empty-prompt half of the guided prediction is conditioned
+    on the empty prompt's pooled embedding too (as diffusers' pipeline guides), not the caption's."""
+    import dataclasses
+    from sd_jax.train.step import compile_cheap
+    loss = dataclasses.replace(task.loss, guided_weight=1.0, guided_below=300)
+    params = {**task.params, **task.frozen}
+    rng = np.random.RandomState(2)
+    x0 = jnp.asarray(rng.randn(4, SIZE // 2, SIZE // 2, 4).astype(np.float32))
+    batch = {"input_ids": task.tokenize(CAPTIONS + CAPTIONS), "time_ids": np.tile(TIME_IDS, (2, 1))}
+    key = jax.random.key(7)
+
+    def by_hand(p, b):
+        k_t, k_noise = jax.random.split(key)
+        sub = jax.tree.map(lambda a: a[:1], b)
+        t = jax.random.randint(k_t, (1,), 0, 300)
+        noise = jax.random.normal(k_noise, x0[:1].shape)
+        ac = loss.schedule.alphas_cumprod()
+        xt = losses_lib.add_noise(x0[:1], noise, t, ac)
+        c_ctx, c_add = loss.condition(p, sub, key, p=0.0)
+        u_ctx, u_add = loss.condition(p, sub, key, p=1.0)
+        c = loss.unet.apply({"params": p["unet"]}, xt, t, c_ctx, added_cond_kwargs=c_add)
+        u = loss.unet.apply({"params": p["unet"]}, xt, t, u_ctx, added_cond_kwargs=u_add)
+        a = jnp.asarray(ac)[t][:, None, None, None]
+        return jnp.mean(((u + 7.5 * (c - u) - noise) * jnp.sqrt((1 - a) / a)) ** 2), \
+            jnp.abs(c_add["text_embeds"] - u_add["text_embeds"]).max()
+
+    both = compile_cheap(lambda p, b: (loss.guided_loss(p, b, x0, key), by_hand(p, b)), params, batch)
+    got, (want, pooled_gap) = both(params, batch)
+    assert float(pooled_gap) > 1e-3          # the two pooled embeddings differ, so the test can tell
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-4)
 
 
 def test_time_ids_from_the_data_loader(data_dir):

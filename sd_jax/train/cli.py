@@ -179,6 +179,14 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
                                 "is a no-op instead of exaggerating the model's errors (0 = off)")
             p.add_argument("--consistency-below", type=int, default=200, metavar="T",
                            help="timestep under which --low-noise-consistency applies (default %(default)s)")
+            p.add_argument("--guided-loss", type=float, default=0.0, metavar="WEIGHT",
+                           help="also train, at low noise (below --guided-below), the prediction that "
+                                "classifier-free guidance at --guided-scale makes, so tools that guide every "
+                                "step draw what the model draws (0 = off)")
+            p.add_argument("--guided-scale", type=float, default=7.5, metavar="G",
+                           help="guidance scale --guided-loss trains for (default %(default)s, diffusers' default)")
+            p.add_argument("--guided-below", type=int, default=200, metavar="T",
+                           help="timestep under which --guided-loss applies (default %(default)s)")
     return p
 
 
@@ -266,7 +274,8 @@ def config_from_args(recipe: str | None, argv) -> object:
                        prediction_type=a.prediction_type, snr_gamma=a.snr_gamma or None,
                        caption_dropout=a.caption_dropout, zero_terminal_snr=a.zero_terminal_snr,
                        text_encoder_pretrain=getattr(a, "pretrain_text_encoder", 0),
-                       low_noise_consistency=a.low_noise_consistency, consistency_below=a.consistency_below)
+                       low_noise_consistency=a.low_noise_consistency, consistency_below=a.consistency_below,
+                       guided_loss=a.guided_loss, guided_scale=a.guided_scale, guided_below=a.guided_below)
 
 
 def run(recipe: str | None, argv) -> int:

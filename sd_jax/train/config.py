@@ -112,6 +112,9 @@ class TrainConfig(RunConfig):
     ``low_noise_consistency``: weight of the loss that teaches the empty-prompt prediction to
     match the captioned one below timestep ``consistency_below`` (0 = off; see
     :meth:`sd_jax.train.losses.DiffusionLoss.low_noise_consistency`).
+    ``guided_loss``: weight of the loss on the clean latent that guidance at ``guided_scale``
+    predicts below timestep ``guided_below`` (0 = off; see
+    :meth:`sd_jax.train.losses.DiffusionLoss.guided_loss`).
     ``unet_widths`` / ``unet_layers``: from scratch, the shapes UNet's block widths (one per
     level, e.g. ``(64, 64, 128)``) and ResNets per level instead of its defaults (32/64/128, 1).
     """
@@ -128,6 +131,9 @@ class TrainConfig(RunConfig):
     text_encoder_pretrain: int = 0
     low_noise_consistency: float = 0.0
     consistency_below: int = 200
+    guided_loss: float = 0.0
+    guided_scale: float = 7.5
+    guided_below: int = 200
     unet_widths: tuple[int, ...] | None = None
     unet_layers: int | None = None
 
@@ -151,6 +157,14 @@ class TrainConfig(RunConfig):
             raise ValueError(f"--low-noise-consistency must be >= 0, got {self.low_noise_consistency}")
         if not 0 < self.consistency_below <= 1000:
             raise ValueError(f"--consistency-below must be a timestep in 1..1000, got {self.consistency_below}")
+        if self.guided_loss < 0:
+            raise ValueError(f"--guided-loss must be >= 0, got {self.guided_loss}")
+        if self.guided_loss and not self.guided_scale > 1:
+            raise ValueError(f"--guided-scale must be > 1 (guidance that changes the prediction), got {self.guided_scale}")
+        if not 0 < self.guided_below <= 1000:
+            raise ValueError(f"--guided-below must be a timestep in 1..1000, got {self.guided_below}")
+        if self.guided_loss and self.prediction_type == "v_prediction":
+            raise ValueError("--guided-loss is for epsilon-prediction models; drop it or --prediction-type v_prediction")
         if self.unet_widths is not None or self.unet_layers is not None:
             if self.model is not None or self.unet_config is not None:
                 raise ValueError("--unet-widths/--unet-layers shape a UNet trained from scratch; "

@@ -147,7 +147,8 @@ def build_diffusion_task(config: TrainConfig) -> Task:
     loss = DiffusionLoss(te, un, va, schedule=schedule, prediction_type=prediction_type,
                          snr_gamma=config.snr_gamma, caption_dropout=config.caption_dropout, empty_ids=empty,
                          consistency_weight=config.low_noise_consistency, consistency_below=config.consistency_below,
-                         remat=config.remat)
+                         guided_weight=config.guided_loss, guided_scale=config.guided_scale,
+                         guided_below=config.guided_below, remat=config.remat)
     source = data_lib.data_source(config, notes)
 
     def export(folder, p):

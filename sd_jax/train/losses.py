@@ -276,6 +276,9 @@ class DiffusionLoss:
     remat: bool = False
     consistency_weight: float = 0.0
     consistency_below: int = 200
+    guided_weight: float = 0.0
+    guided_scale: float = 7.5
+    guided_below: int = 200
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -296,6 +299,17 @@ class DiffusionLoss:
         if self.consistency_weight and not 0 < self.consistency_below <= self.schedule.num_train_timesteps:
             raise ValueError(f"low-noise consistency threshold must be a timestep in 1..{self.schedule.num_train_timesteps}, "
                              f"got {self.consistency_below}")
+        if self.guided_weight < 0:
+            raise ValueError(f"guided loss weight must be >= 0, got {self.guided_weight}")
+        if self.guided_weight and not self.empty_ids:
+            raise ValueError("the guided loss needs the empty prompt's token ids (empty_ids)")
+        if self.guided_weight and not self.guided_scale > 1:
+            raise ValueError(f"the guided loss's guidance scale must be > 1, got {self.guided_scale}")
+        if self.guided_weight and self.prediction_type != "epsilon":
+            raise ValueError("the guided loss is for epsilon prediction")
+        if self.guided_weight and not 0 < self.guided_below <= self.schedule.num_train_timesteps:
+            raise ValueError(f"guided loss threshold must be a timestep in 1..{self.schedule.num_train_timesteps}, "
+                             f"got {self.guided_below}")
 
     def __call__(self, params, batch, key):
         k_lat, k_t, k_noise, k_drop = jax.random.split(key, 4)
@@ -311,6 +325,10 @@ class DiffusionLoss:
             c = self.low_noise_consistency(params, batch, x0, jax.random.fold_in(key, 1))
             loss = loss + self.consistency_weight * c
             metrics = {**metrics, "consistency": c}
+        if self.guided_weight:
+            g = self.guided_loss(params, batch, x0, jax.random.fold_in(key, 2))
+            loss = loss + self.guided_weight * g
+            metrics = {**metrics, "guided": g}
         return loss, metrics
 
     def condition(self, params, batch, key, p: float | None = None):
@@ -351,6 +369,37 @@ class DiffusionLoss:
         teacher = jax.lax.stop_gradient(unet(params["unet"], xt, t, cond.astype(self.unet.dtype), added))
         student = unet(params["unet"], xt, t, empty.astype(self.unet.dtype), added_empty)
         return jnp.mean((student.astype(jnp.float32) - teacher.astype(jnp.float32)) ** 2)
+
+    def guided_loss(self, params, batch, x0, key):
+        """Mean squared error of the clean latent that classifier-free guidance at
+        ``guided_scale`` predicts (``u + g (c - u)`` from the captioned and empty-prompt
+        noise predictions, gradients through both), at timesteps below ``guided_below``, on a
+        quarter of the batch.
+
+        Other tools guide every step at 7.5 by default; at low noise that multiplies the
+        difference between the two predictions by 6.5 and the image follows it (squares
+        become stars).  This term trains the model for the prediction those samplers
+        actually use there.  The error is taken on the clean latent (the eps error times
+        ``sqrt(1 - abar) / sqrt(abar)``), the quantity the sampler moves towards.
+        """
+        b = x0.shape[0]
+        k = max(1, b // 4)
+        k_t, k_noise = jax.random.split(key)
+        sub = jax.tree.map(lambda a: a[:k], batch)
+        x0 = x0[:k]
+        ac = self.schedule.alphas_cumprod()
+        t = jax.random.randint(k_t, (k,), 0, self.guided_below)
+        noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+        xt = add_noise(x0, noise, t, ac).astype(self.unet.dtype)
+        cond, added = self.condition(params, sub, key, p=0.0)
+        empty, added_empty = self.condition(params, sub, key, p=1.0)
+        context = jnp.concatenate([empty, cond]).astype(self.unet.dtype)
+        added = None if added is None else jax.tree.map(lambda e, a: jnp.concatenate([e, a]), added_empty, added)
+        pred = self._unet()(params["unet"], jnp.concatenate([xt, xt]), jnp.concatenate([t, t]), context, added)
+        u, c = jnp.split(pred.astype(jnp.float32), 2)
+        guided = u + self.guided_scale * (c - u)
+        a = jnp.asarray(ac, jnp.float32)[t][:, None, None, None]
+        return jnp.mean(((guided - noise) * jnp.sqrt((1 - a) / a)) ** 2)
 
     def loss_at(self, params, batch, x0, t, noise, drop_key):
         """The loss at given latents ``x0`` [B, h, w, C], timesteps ``t`` int [B] and ``noise``

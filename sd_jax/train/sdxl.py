@@ -102,7 +102,8 @@ def build_sdxl_task(config, model, vae=None) -> Task:
     loss = SDXLLoss(models.text_encoder, models.unet, models.vae, schedule=schedule, prediction_type=prediction_type,
                     snr_gamma=config.snr_gamma, caption_dropout=config.caption_dropout, empty_ids=empty,
                     consistency_weight=config.low_noise_consistency, consistency_below=config.consistency_below,
-                    remat=config.remat, text_encoder_2=models.text_encoder_2)
+                    guided_weight=config.guided_loss, guided_scale=config.guided_scale,
+                    guided_below=config.guided_below, remat=config.remat, text_encoder_2=models.text_encoder_2)
     notes = []
     source = data_lib.data_source(config, notes)
 
