@@ -103,14 +103,41 @@ def test_stale_staging_folders_are_removed_and_live_ones_kept(workdir):
     assert (workdir / "par" / "sibling.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_convert_leaves_nothing(workdir, sig):
+# `sd-jax convert` with one step of its save slowed down and announced (a marker file), so the
+# interrupt lands while DEST is being written on a loaded machine too (polling for the staging
+# folder raced a fast save).
+PAUSED_CONVERT = """
+import os, sys, time
+import orbax.checkpoint as ocp
+from sd_jax.weights import checkpoint
+where, marker = sys.argv[1], sys.argv[2]
+
+def paused(real, seconds):
+    def run(*a, **k):
+        open(marker, "w").close()
+        time.sleep(seconds)
+        return real(*a, **k)
+    return run
+
+if where == "tokenizers":   # before the weights: the interrupt ends the save at once
+    checkpoint.save_tokenizer = paused(checkpoint.save_tokenizer, 300)
+else:                       # orbax writing the weights: the interrupt is held until it is done
+    ocp.StandardCheckpointer.save = paused(ocp.StandardCheckpointer.save, 3)
+from sd_jax.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("sig, where", [(signal.SIGINT, "tokenizers"), (signal.SIGTERM, "weights")])
+def test_interrupted_convert_leaves_nothing(workdir, sig, where):
     """Ctrl-C (or a kill) while DEST is being written: exit 130, one line, no DEST, no staging folder."""
-    p = subprocess.Popen(sd_jax_command() + ["convert", "par/model", "out"], cwd=workdir, env=cli_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = workdir / "paused"
+    p = subprocess.Popen([sys.executable, "-c", PAUSED_CONVERT, where, str(marker), "convert", "par/model", "out"],
+                         cwd=workdir, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not glob.glob(str(workdir / ".out.tmp-*")) and p.poll() is None and time.time() < deadline:
-        time.sleep(0.002)  # the staging folder appears once the model is loaded, before writing it
+    while not marker.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert marker.exists() and glob.glob(str(workdir / ".out.tmp-*")), p.communicate()[1]
     p.send_signal(sig)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err

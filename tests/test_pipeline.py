@@ -140,6 +140,38 @@ def test_guidance_end_matches_diffusers_dynamic_cfg(tiny, scheduler):
     assert pipe.compilations == n and np.abs(again - got).max() > 1e-3
 
 
+def test_unguided_steps_run_the_conditional_half_alone():
+    """Inside the sampling scan, a step at which no image of the batch is guided calls the model
+    on the conditional half only (half the UNet work); a step at which any image is guided runs
+    the doubled batch. Either way each image gets u + g (c - u) inside its window, c outside."""
+    import jax.numpy as jnp
+
+    from sd_jax.diffusion.denoisers import Conditioning, classifier_free_guidance
+    sizes = []
+
+    def make(cond):
+        def fn(x, t, i):
+            jax.debug.callback(lambda n: sizes.append(int(n)), jnp.asarray(x.shape[0]))
+            return x * cond.context.mean(axis=(1, 2))[:, None, None, None] + t
+        return fn
+
+    rng = np.random.default_rng(0)
+    cond, uncond = (Conditioning(jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)) for _ in range(2))
+    window = jnp.asarray([[1, 1, 0, 0], [1, 0, 0, 0]], jnp.float32)
+    scale = jnp.asarray([7.5, 3.0])
+    fn = classifier_free_guidance(make, cond, uncond, scale, jnp.zeros(2), window)
+    x = jnp.asarray(rng.normal(size=(2, 2, 2, 1)), jnp.float32)
+    outs = jax.jit(lambda x: jax.lax.scan(lambda c, i: (c, fn(x, 0.5, i)), 0, jnp.arange(4))[1])(x)
+    jax.effects_barrier()
+    assert sizes == [4, 4, 2, 2]
+    c = make(cond)(x, 0.5, 0)
+    u = make(uncond)(x, 0.5, 0)
+    guided = u + scale[:, None, None, None] * (c - u)
+    for i in range(4):
+        want = np.where(np.asarray(window[:, i])[:, None, None, None] > 0, guided, c)
+        np.testing.assert_allclose(outs[i], want, rtol=1e-6, atol=1e-6)
+
+
 def test_model_generation_defaults(tiny, tmp_path):
     """A model's generation_defaults.json sets the guidance window of requests that give none (an
     explicit one wins); it survives conversion to an sd-jax checkpoint and back to a diffusers

@@ -133,20 +133,28 @@ def classifier_free_guidance(make_model_fn: Callable[[Conditioning], ModelFn], c
     ``guidance_scale <= 1``); a batch in which no sample is guided runs without this wrapper.
     window: optional float32 [B, steps] (:func:`guidance_window`): at step i a sample with
     ``window[:, i] == 0`` gets the conditional prediction (diffusers' guider outside
-    ``[start, stop)``).
+    ``[start, stop)``).  A step at which no sample is guided runs the UNet on the conditional
+    half alone (half the work; the program then holds a second UNet trace, so only programs
+    with a window pay that compile time).
     """
     both = make_model_fn(concat_batches(uncond, cond))
     g = jnp.where(scale > 1.0, scale, 1.0).astype(jnp.float32)[:, None, None, None]
     r = rescale.astype(jnp.float32)[:, None, None, None]
 
     def model_fn(x, t, i):
+        if window is None:
+            return guided(x, t, i)
+        conditional = make_model_fn(cond)
+        return jax.lax.cond(jnp.any(window[:, i] > 0), lambda x: guided(x, t, i), lambda x: conditional(x, t, i), x)
+
+    def guided(x, t, i):
         u, c = jnp.split(both(jnp.concatenate([x, x]), t, i), 2)
-        guided = u + g * (c - u)
+        mixed = u + g * (c - u)
         # Rescale: match the guided prediction's std to the conditional one's (per sample).
         std_c = jnp.std(c, axis=(1, 2, 3), keepdims=True, ddof=1)
-        std_g = jnp.std(guided, axis=(1, 2, 3), keepdims=True, ddof=1)
-        rescaled = r * guided * (std_c / std_g) + (1 - r) * guided
-        out = jnp.where(r > 0, rescaled, guided)
+        std_g = jnp.std(mixed, axis=(1, 2, 3), keepdims=True, ddof=1)
+        rescaled = r * mixed * (std_c / std_g) + (1 - r) * mixed
+        out = jnp.where(r > 0, rescaled, mixed)
         if window is not None:
             out = jnp.where(window[:, i][:, None, None, None] > 0, out, c)
         return out
