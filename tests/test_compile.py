@@ -1,5 +1,5 @@
 """Compile size: the generation program holds each network as often as expected (a second
-traced copy of the UNet would double its compile), the im2col convolution's patches compile
+traced copy of the UNet doubles its compile: only programs with a guidance window have one), the im2col convolution's patches compile
 as one kernel and give the same matrix as before, the text encoders run once for prompt and
 negative prompt; and the CLI's ``--attention`` choices."""
 from __future__ import annotations
@@ -33,6 +33,7 @@ def _program(pipe, loop="scan", **request):
 
 
 @pytest.mark.parametrize("request_, loop, expected", [
+    # (guidance_end=1: guidance at every step, overriding the shipped model's recommended window)
     # guidance: one UNet call on the doubled batch per step, in one scan body; prompts and
     # negative prompts through one text-encoder call
     (dict(steps=3, guidance=7.5), "scan", dict(unet=1, text_encoder=1, vae_decode=1)),
@@ -43,9 +44,12 @@ def _program(pipe, loop="scan", **request):
     (dict(steps=3, guidance=7.5, clip_skip=1), "scan", dict(unet=1, text_encoder=2, vae_decode=1)),
     # the unrolled debugging loop: one UNet per step (shows the count counts)
     (dict(steps=3, guidance=7.5, scheduler="ddim"), "python", dict(unet=3, text_encoder=1, vae_decode=1)),
+    # a guidance window (the shipped model's default, 0.7): unguided steps run the conditional
+    # half alone, a second UNet trace, in programs with a window only
+    (dict(steps=3, guidance=7.5, guidance_end=None), "scan", dict(unet=2, text_encoder=1, vae_decode=1)),
 ])
 def test_generation_traces_each_network_as_often_as_expected(pipe, request_, loop, expected):
-    jaxpr, _, _ = _program(pipe, loop, **request_)
+    jaxpr, _, _ = _program(pipe, loop, **{"guidance_end": 1.0, **request_})
     assert jaxpr_stats.network_traces(jaxpr) == expected
 
 
