@@ -107,7 +107,10 @@ def test_stale_staging_folders_are_removed_and_live_ones_kept(workdir):
 # interrupt lands while DEST is being written on a loaded machine too (polling for the staging
 # folder raced a fast save).
 PAUSED_CONVERT = """
-import os, sys, time
+import os, signal, sys, time
+# Ctrl-C as in a terminal's foreground: a test worker's child may inherit SIGINT ignored
+# (an ignored signal survives exec), and then Python never installs its handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import orbax.checkpoint as ocp
 from sd_jax.weights import checkpoint
 where, marker = sys.argv[1], sys.argv[2]
