@@ -138,13 +138,13 @@ def classifier_free_guidance(make_model_fn: Callable[[Conditioning], ModelFn], c
     with a window pay that compile time).
     """
     both = make_model_fn(concat_batches(uncond, cond))
+    conditional = None if window is None else make_model_fn(cond)
     g = jnp.where(scale > 1.0, scale, 1.0).astype(jnp.float32)[:, None, None, None]
     r = rescale.astype(jnp.float32)[:, None, None, None]
 
     def model_fn(x, t, i):
         if window is None:
             return guided(x, t, i)
-        conditional = make_model_fn(cond)
         return jax.lax.cond(jnp.any(window[:, i] > 0), lambda x: guided(x, t, i), lambda x: conditional(x, t, i), x)
 
     def guided(x, t, i):

@@ -344,6 +344,17 @@ class DiffusionLoss:
 
         return remat_blocks(unet) if self.remat else unet
 
+    def _low_noise_quarter(self, batch, x0, key, below: int):
+        """The batch's first quarter (at least one example) noised at timesteps drawn from
+        ``[0, below)``: ``(sub-batch, alphas_cumprod, t, noise, x_t in the UNet's dtype)``."""
+        k = max(1, x0.shape[0] // 4)
+        k_t, k_noise = jax.random.split(key)
+        ac = self.schedule.alphas_cumprod()
+        t = jax.random.randint(k_t, (k,), 0, below)
+        noise = jax.random.normal(k_noise, x0[:k].shape, jnp.float32)
+        xt = add_noise(x0[:k], noise, t, ac).astype(self.unet.dtype)
+        return jax.tree.map(lambda a: a[:k], batch), ac, t, noise, xt
+
     def low_noise_consistency(self, params, batch, x0, key):
         """Mean squared difference between the empty-prompt prediction and the (stop-gradient)
         captioned one, at timesteps below ``consistency_below``, on a quarter of the batch.
@@ -355,14 +366,7 @@ class DiffusionLoss:
         prediction to match the captioned one makes guidance a no-op at those steps in every
         sampler, diffusers' defaults included.
         """
-        b = x0.shape[0]
-        k = max(1, b // 4)
-        k_t, k_noise = jax.random.split(key)
-        sub = jax.tree.map(lambda a: a[:k], batch)
-        x0 = x0[:k]
-        t = jax.random.randint(k_t, (k,), 0, self.consistency_below)
-        xt = add_noise(x0, jax.random.normal(k_noise, x0.shape, jnp.float32), t, self.schedule.alphas_cumprod())
-        xt = xt.astype(self.unet.dtype)
+        sub, _, t, _, xt = self._low_noise_quarter(batch, x0, key, self.consistency_below)
         unet = self._unet()
         cond, added = self.condition(params, sub, key, p=0.0)
         empty, added_empty = self.condition(params, sub, key, p=1.0)
@@ -382,15 +386,7 @@ class DiffusionLoss:
         actually use there.  The error is taken on the clean latent (the eps error times
         ``sqrt(1 - abar) / sqrt(abar)``), the quantity the sampler moves towards.
         """
-        b = x0.shape[0]
-        k = max(1, b // 4)
-        k_t, k_noise = jax.random.split(key)
-        sub = jax.tree.map(lambda a: a[:k], batch)
-        x0 = x0[:k]
-        ac = self.schedule.alphas_cumprod()
-        t = jax.random.randint(k_t, (k,), 0, self.guided_below)
-        noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-        xt = add_noise(x0, noise, t, ac).astype(self.unet.dtype)
+        sub, ac, t, noise, xt = self._low_noise_quarter(batch, x0, key, self.guided_below)
         cond, added = self.condition(params, sub, key, p=0.0)
         empty, added_empty = self.condition(params, sub, key, p=1.0)
         context = jnp.concatenate([empty, cond]).astype(self.unet.dtype)
