@@ -28,7 +28,12 @@ def run(name, params, cwd):
     assert len(cells) == 1, "exactly one parameter cell"
     cells[0].source = params
     assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), "notebooks are stored without outputs"
-    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    # nbclient waits only iopub_timeout (4 s by default) for a cell's outputs after its reply and
+    # then silently drops the rest: on a loaded 2-core machine a line went missing that way.
+    # Wait longer, and fail loudly if outputs are still lost. coalesce_streams: one print() that
+    # the kernel flushed in two pieces is one text again.
+    NotebookClient(nb, timeout=900, kernel_name="python3", iopub_timeout=120, raise_on_iopub_timeout=True,
+                   coalesce_streams=True, resources={"metadata": {"path": str(cwd)}}).execute()
     return nb
 
 
