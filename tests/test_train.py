@@ -280,6 +280,41 @@ def test_guided_loss_term():
         dataclasses.replace(base, consistency_weight=1.0, consistency_below=0)
 
 
+def test_text_blind_below_trains_low_noise_examples_on_another_caption():
+    """``--text-blind-below T``: examples drawn at t < T are denoised with the next example's
+    caption (the batch rolled by one), the others with their own; T = 0 is the loss as it was,
+    and a UNet deaf to its caption has the same loss either way."""
+    te, un, params, empty, batch, base = _tiny_loss_setup(2)
+    base = dataclasses.replace(base, caption_dropout=0.0)
+    blind = dataclasses.replace(base, text_blind_below=100)
+    x0 = batch["latents"]
+    t = jnp.asarray([5, 600, 99, 100, 0, 950, 30, 400])             # rows 0, 2, 4, 6 under 100
+    noise = jax.random.normal(jax.random.key(7), x0.shape)
+    drop = jax.random.key(0)
+    ids = np.asarray(batch["input_ids"])
+    swapped = ids.copy()
+    for row in (0, 2, 4, 6):
+        swapped[row] = ids[row - 1]                                   # row 0 takes the last row's caption
+    by_hand, _ = base.loss_at(params, {**batch, "input_ids": jnp.asarray(swapped)}, x0, t, noise, drop)
+    got, _ = blind.loss_at(params, batch, x0, t, noise, drop)
+    own, _ = base.loss_at(params, batch, x0, t, noise, drop)
+    np.testing.assert_allclose(got, by_hand, rtol=1e-6)
+    assert abs(float(got) - float(own)) > 1e-6 * float(own)            # the captions did change
+    np.testing.assert_array_equal(losses.mismatch_captions(batch["input_ids"], t < 0), ids)   # nothing under 0
+    both = losses.mismatch_captions(jnp.stack([ids, ids + 1], axis=1), t < 100)   # SDXL: [B, 2 tokenizers, L]
+    np.testing.assert_array_equal(both, np.stack([swapped, swapped + 1], axis=1))
+    key = jax.random.key(4)
+    np.testing.assert_array_equal(jax.jit(dataclasses.replace(base, text_blind_below=0))(params, batch, key)[0],
+                                  jax.jit(base)(params, batch, key)[0])
+    deaf = _deaf(params)
+    np.testing.assert_allclose(blind.loss_at(deaf, batch, x0, t, noise, drop)[0],
+                               base.loss_at(deaf, batch, x0, t, noise, drop)[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="0..1000"):
+        dataclasses.replace(base, text_blind_below=1001)
+    with pytest.raises(ValueError, match="at least 2"):
+        blind.loss_at(params, jax.tree.map(lambda a: a[:1], batch), x0[:1], t[:1], noise[:1], drop)
+
+
 def test_remat_rematerialises_blocks_without_changing_results():
     cfg = unet_lib.UNetConfig.tiny(sample_size=4, block_out_channels=(16,), down_block_types=("CrossAttnDownBlock2D",),
                                    up_block_types=("CrossAttnUpBlock2D",), mid_block_type=None, attention_head_dim=2)
@@ -520,6 +555,8 @@ def test_export_loads_in_diffusers(run_a):
     ("diffusion", ["--vae", ".", "--guided-loss", "0.1", "--guided-scale", "1"], "> 1"),
     ("finetune", ["--model", ".", "--data", ".", "--guided-loss", "0.1", "--guided-below", "1001"], "1..1000"),
     ("diffusion", ["--vae", ".", "--guided-loss", "0.1", "--prediction-type", "v_prediction"], "epsilon"),
+    ("diffusion", ["--vae", ".", "--text-blind-below", "-1"], "0..1000"),
+    ("finetune", ["--model", ".", "--data", ".", "--text-blind-below", "100", "--batch-size", "1"], "batch-size 2"),
     ("diffusion", ["--vae", ".", "--unet-widths", "64,64"], "3 widths, each a positive multiple of 16"),
     ("diffusion", ["--vae", ".", "--unet-widths", "64,72,128"], "multiple of 16"),
     ("diffusion", ["--vae", ".", "--unet-widths", "64,x,128"], "comma-separated integers"),
@@ -627,5 +664,8 @@ def test_cli_builds_configs(tmp_path):
     cfg = train_cli.config_from_args("finetune", ["--out", str(tmp_path / "f"), "--model", str(tmp_path),
                                                   "--data", str(tmp_path), "--guided-loss", "0.1",
                                                   "--guided-scale", "5", "--guided-below", "300"])
-    assert (cfg.guided_loss, cfg.guided_scale, cfg.guided_below) == (0.1, 5.0, 300)
+    assert (cfg.guided_loss, cfg.guided_scale, cfg.guided_below) == (0.1, 5.0, 300) and cfg.text_blind_below == 0
+    cfg = train_cli.config_from_args("finetune", ["--out", str(tmp_path / "f"), "--model", str(tmp_path),
+                                                  "--data", str(tmp_path), "--text-blind-below", "200"])
+    assert cfg.text_blind_below == 200
     assert dataclasses.replace(cfg, steps=5).steps == 5

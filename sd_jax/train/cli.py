@@ -187,6 +187,10 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
                            help="guidance scale --guided-loss trains for (default %(default)s, diffusers' default)")
             p.add_argument("--guided-below", type=int, default=200, metavar="T",
                            help="timestep under which --guided-loss applies (default %(default)s)")
+            p.add_argument("--text-blind-below", type=int, default=0, metavar="T",
+                           help="at timesteps below T, train on another image's caption, so the model ignores "
+                                "the text at the last, least noisy steps and guidance there (every step, in "
+                                "most tools) changes nothing (0 = off)")
     return p
 
 
@@ -275,7 +279,8 @@ def config_from_args(recipe: str | None, argv) -> object:
                        caption_dropout=a.caption_dropout, zero_terminal_snr=a.zero_terminal_snr,
                        text_encoder_pretrain=getattr(a, "pretrain_text_encoder", 0),
                        low_noise_consistency=a.low_noise_consistency, consistency_below=a.consistency_below,
-                       guided_loss=a.guided_loss, guided_scale=a.guided_scale, guided_below=a.guided_below)
+                       guided_loss=a.guided_loss, guided_scale=a.guided_scale, guided_below=a.guided_below,
+                       text_blind_below=a.text_blind_below)
 
 
 def run(recipe: str | None, argv) -> int:

@@ -115,6 +115,9 @@ class TrainConfig(RunConfig):
     ``guided_loss``: weight of the loss on the clean latent that guidance at ``guided_scale``
     predicts below timestep ``guided_below`` (0 = off; see
     :meth:`sd_jax.train.losses.DiffusionLoss.guided_loss`).
+    ``text_blind_below``: at timesteps below it, train on another example's caption, so the
+    model learns to ignore the text there and guidance at the last steps is a no-op (0 = off;
+    see :func:`sd_jax.train.losses.mismatch_captions`).
     ``unet_widths`` / ``unet_layers``: from scratch, the shapes UNet's block widths (one per
     level, e.g. ``(64, 64, 128)``) and ResNets per level instead of its defaults (32/64/128, 1).
     """
@@ -134,6 +137,7 @@ class TrainConfig(RunConfig):
     guided_loss: float = 0.0
     guided_scale: float = 7.5
     guided_below: int = 200
+    text_blind_below: int = 0
     unet_widths: tuple[int, ...] | None = None
     unet_layers: int | None = None
 
@@ -163,6 +167,11 @@ class TrainConfig(RunConfig):
             raise ValueError(f"--guided-scale must be > 1 (guidance that changes the prediction), got {self.guided_scale}")
         if not 0 < self.guided_below <= 1000:
             raise ValueError(f"--guided-below must be a timestep in 1..1000, got {self.guided_below}")
+        if not 0 <= self.text_blind_below <= 1000:
+            raise ValueError(f"--text-blind-below must be a timestep in 0..1000 (0 = off), got {self.text_blind_below}")
+        if self.text_blind_below and self.batch_size < 2:
+            raise ValueError("--text-blind-below gives low-noise examples another example's caption, "
+                             "so it needs --batch-size 2 or more")
         if self.guided_loss and self.prediction_type == "v_prediction":
             raise ValueError("--guided-loss is for epsilon-prediction models; drop it or --prediction-type v_prediction")
         if self.unet_widths is not None or self.unet_layers is not None:

@@ -148,7 +148,8 @@ def build_diffusion_task(config: TrainConfig) -> Task:
                          snr_gamma=config.snr_gamma, caption_dropout=config.caption_dropout, empty_ids=empty,
                          consistency_weight=config.low_noise_consistency, consistency_below=config.consistency_below,
                          guided_weight=config.guided_loss, guided_scale=config.guided_scale,
-                         guided_below=config.guided_below, remat=config.remat)
+                         guided_below=config.guided_below, text_blind_below=config.text_blind_below,
+                         remat=config.remat)
     source = data_lib.data_source(config, notes)
 
     def export(folder, p):

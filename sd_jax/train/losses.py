@@ -112,6 +112,20 @@ def drop_captions(input_ids, empty_ids, p: float, key):
     return jnp.where(drop, jnp.asarray(empty_ids, input_ids.dtype)[None], input_ids)
 
 
+def mismatch_captions(input_ids, where):
+    """``input_ids`` [B, ...] with each row where ``where`` [B] holds replaced by the next
+    row's (the batch rolled by one): a caption that belongs to another image.
+
+    Trained on such pairs at low noise, the best prediction there no longer depends on the
+    caption (it is the image's own, whatever the text), so classifier-free guidance at
+    those steps changes nothing, in any sampler."""
+    if input_ids.shape[0] < 2:
+        raise ValueError("text-blind training gives each low-noise example another example's caption, "
+                         "so it needs batches of at least 2 (raise --batch-size)")
+    w = where.reshape((-1,) + (1,) * (input_ids.ndim - 1))
+    return jnp.where(w, jnp.roll(input_ids, 1, axis=0), input_ids)
+
+
 def encode_latents(vae, vae_params, pixels, key):
     """Images [B, H, W, 3] in [-1, 1] -> a posterior draw in the diffusion latent space
     (``(z - shift) * scaling_factor``), float32, no gradient."""
@@ -279,6 +293,7 @@ class DiffusionLoss:
     guided_weight: float = 0.0
     guided_scale: float = 7.5
     guided_below: int = 200
+    text_blind_below: int = 0
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -310,6 +325,9 @@ class DiffusionLoss:
         if self.guided_weight and not 0 < self.guided_below <= self.schedule.num_train_timesteps:
             raise ValueError(f"guided loss threshold must be a timestep in 1..{self.schedule.num_train_timesteps}, "
                              f"got {self.guided_below}")
+        if not 0 <= self.text_blind_below <= self.schedule.num_train_timesteps:
+            raise ValueError(f"text-blind threshold must be a timestep in 0..{self.schedule.num_train_timesteps} "
+                             f"(0 = off), got {self.text_blind_below}")
 
     def __call__(self, params, batch, key):
         k_lat, k_t, k_noise, k_drop = jax.random.split(key, 4)
@@ -402,6 +420,8 @@ class DiffusionLoss:
         (what :meth:`__call__` draws), captions dropped with ``drop_key``."""
         ac = self.schedule.alphas_cumprod()
         xt = add_noise(x0, noise, t, ac)
+        if self.text_blind_below:
+            batch = {**batch, "input_ids": mismatch_captions(batch["input_ids"], t < self.text_blind_below)}
         context, added = self.condition(params, batch, drop_key)
         unet = self._unet()
         pred = unet(params["unet"], xt.astype(self.unet.dtype), t, context.astype(self.unet.dtype), added)

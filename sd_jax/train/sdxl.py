@@ -103,7 +103,8 @@ def build_sdxl_task(config, model, vae=None) -> Task:
                     snr_gamma=config.snr_gamma, caption_dropout=config.caption_dropout, empty_ids=empty,
                     consistency_weight=config.low_noise_consistency, consistency_below=config.consistency_below,
                     guided_weight=config.guided_loss, guided_scale=config.guided_scale,
-                    guided_below=config.guided_below, remat=config.remat, text_encoder_2=models.text_encoder_2)
+                    guided_below=config.guided_below, text_blind_below=config.text_blind_below,
+                         remat=config.remat, text_encoder_2=models.text_encoder_2)
     notes = []
     source = data_lib.data_source(config, notes)
 
