@@ -6,7 +6,9 @@
    starting noise, 20 DDIM steps (sd-jax's sampler, trailing spacing), with the
    guidance scale switched between 7.5 and 2 at a timestep: the evaluator's shape count per
    window.  If the squares survive "7.5 at t >= 200, 2 below" but not "2 above, 7.5 below",
-   the stars are made at the last, least noisy steps, not where the shape is laid out.
+   the stars are made at the last, least noisy steps, not where the shape is laid out.  The
+   "0 below" rows take the empty-prompt prediction alone at the last steps: what a model
+   trained with ``--text-blind-below`` does there whatever the guidance.
 2. One guided step on real squares.  Training-set squares, encoded and noised to timestep t:
    the RMS error (latent units) of the predicted clean latent with the caption, with the empty
    prompt, and guided at 7.5 (``uncond + 7.5 (cond - uncond)``), and the RMS of ``cond -
@@ -40,7 +42,10 @@ WINDOWS = (("7.5 at every step", lambda t: 7.5), ("2 at every step", lambda t: 2
            ("7.5 at t >= 400, 2 below", lambda t: 7.5 if t >= 400 else 2.0),
            ("2 at t >= 700, 7.5 below", lambda t: 2.0 if t >= 700 else 7.5),
            ("2 at t >= 400, 7.5 below", lambda t: 2.0 if t >= 400 else 7.5),
-           ("7.5 at t >= 200, 2 below", lambda t: 7.5 if t >= 200 else 2.0))
+           ("7.5 at t >= 200, 2 below", lambda t: 7.5 if t >= 200 else 2.0),
+           ("7.5 at t >= 300, 1 below", lambda t: 7.5 if t >= 300 else 1.0),     # sd-jax's window
+           ("7.5 at t >= 200, 0 below", lambda t: 7.5 if t >= 200 else 0.0),     # empty prompt alone below:
+           ("7.5 at t >= 100, 0 below", lambda t: 7.5 if t >= 100 else 0.0))     # a text-blind model's last steps
 
 
 def main(argv=None):
