@@ -104,7 +104,7 @@ def build_sdxl_task(config, model, vae=None) -> Task:
                     consistency_weight=config.low_noise_consistency, consistency_below=config.consistency_below,
                     guided_weight=config.guided_loss, guided_scale=config.guided_scale,
                     guided_below=config.guided_below, text_blind_below=config.text_blind_below,
-                         remat=config.remat, text_encoder_2=models.text_encoder_2)
+                    remat=config.remat, text_encoder_2=models.text_encoder_2)
     notes = []
     source = data_lib.data_source(config, notes)
 
