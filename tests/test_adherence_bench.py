@@ -86,3 +86,32 @@ def test_bench_summary_scores_rendered_prompts(bench):
     s = bench.summarise(swapped, np.stack(images))
     assert s["size"] == 0.0 and s["large>small"] == 0.0 and s["position"] == 1.0, s
     assert (s["area_small"], s["area_large"]) == (r["area_large"], r["area_small"])
+
+
+def test_scheduler_sweep_folder_makes_diffusers_use_the_named_scheduler(tmp_path):
+    """benchmarks/diffusers_schedulers.py compares schedulers by giving diffusers a copy of the
+    model folder that differs only in its scheduler: the class must be the one named (diffusers
+    takes it from model_index.json, not from the scheduler's config) and the override must
+    reach the scheduler's config, with the weights the same files."""
+    import sys
+    from diffusers import StableDiffusionPipeline as TorchPipeline
+
+    from sd_jax.cli import default_model
+    sys.path.insert(0, os.path.dirname(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "diffusers_schedulers", os.path.join(os.path.dirname(BENCH), "diffusers_schedulers.py"))
+        sweep = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sweep)
+    finally:
+        sys.path.remove(os.path.dirname(BENCH))
+    model = default_model()
+    for over, cls in (({"_class_name": "EulerAncestralDiscreteScheduler"}, "EulerAncestralDiscreteScheduler"),
+                      ({"algorithm_type": "sde-dpmsolver++"}, "DPMSolverMultistepScheduler")):
+        folder = sweep.folder_with_scheduler(model, over, str(tmp_path / cls / over.get("algorithm_type", "x")))
+        ref = TorchPipeline.from_pretrained(folder)
+        assert type(ref.scheduler).__name__ == cls
+        for k, v in over.items():
+            if k != "_class_name":
+                assert ref.scheduler.config[k] == v, k
+        assert os.path.realpath(os.path.join(folder, "unet")) == os.path.realpath(os.path.join(model, "unet"))
