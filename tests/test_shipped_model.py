@@ -71,9 +71,10 @@ def test_diffusers_loads_it_and_agrees(pipe):
 def test_prompt_adherence_at_guidance_2(pipe):
     """New prompts ("a <colour> <shape> on a <colour> background", one per colour-and-shape
     combination, random backgrounds), read back by the image evaluator: the shape's colour
-    must come out right in >= 85% and its class in >= 75% (chance is 1/8 and 1/3; 98-100% and
-    94-98% on the benchmark's 56 prompts at guidance 2, benchmarks/README.md).  The
-    margins allow a borderline image or two to flip on another CPU's float rounding."""
+    must come out right in >= 90% and its class in >= 85% (chance is 1/8 and 1/3; measured 100%
+    and 95% on these 20, 96% and 89% on the benchmark's 56 prompts at guidance 2,
+    benchmarks/README.md).  The margins allow a borderline image or two to flip on another
+    CPU's float rounding."""
     from sd_jax.data import evaluator, shapes
     rng = np.random.default_rng(11)
     held = {tuple(c) for c in shapes.HELD_OUT}
@@ -84,7 +85,7 @@ def test_prompt_adherence_at_guidance_2(pipe):
     scores = [evaluator.score(p, im) for p, im in zip(prompts, images)]
     colour = np.mean([bool(s["color_ok"]) for s in scores])
     shape = np.mean([bool(s["shape_ok"]) for s in scores])
-    assert colour >= 0.85 and shape >= 0.75, f"{len(prompts)} prompts: colour {colour:.0%}, shape {shape:.0%}"
+    assert colour >= 0.90 and shape >= 0.85, f"{len(prompts)} prompts: colour {colour:.0%}, shape {shape:.0%}"
 
 
 def _new_prompts(seed: int):
@@ -122,17 +123,19 @@ def _rates(prompts, images, held):
 
 
 # Issue 18's targets at the defaults are colour >= 95%, shape >= 90%, background >= 90%,
-# position >= 70%.  sd-jax's defaults for this model include its generation_defaults.json:
-# guidance at 7.5 for the first 70% of the steps only (guided at the least noisy steps, this
-# small model's squares come out as four-pointed stars).  On these 24 new prompts (new
-# backgrounds, positions and seeds) that gives colour, shape on the seen pairs, background,
-# position and size all 100%, and the 4 held-out pairs' shapes 4 of 4 (not asserted).  diffusers
-# at its defaults guides every step: colour 100%, shape 85%, background and position 100%,
-# size 83%.  More prompts in benchmarks/README.md.  The thresholds sit two to four images under
-# the measured figures, so a borderline image may flip on another CPU's rounding; guidance at
-# every step (the model shipped before, in sd-jax: shape 75%) fails the sd-jax ones.
+# position >= 70%.  The model is trained to ignore the text at the least noisy steps
+# (`--text-blind-below`), where guidance at 7.5 used to turn its squares into four-pointed
+# stars, so diffusers' defaults (guidance at every step) draw what sd-jax's do.  sd-jax's
+# defaults include its generation_defaults.json (guidance in the first 70% of the steps: as
+# good for this model, and faster).  On these 24 new prompts (new backgrounds, positions and
+# seeds) sd-jax's defaults give colour, shape on the seen pairs, background, position and size
+# all 100% (held-out pairs 4 of 4, not asserted); diffusers at its defaults, on other seeds,
+# colour 100%, shape 95%, background, position and size 100% (held-out 3 of 4).  More prompts
+# in benchmarks/README.md.  The thresholds sit two to four images under the measured figures,
+# so a borderline image may flip on another CPU's rounding; the model shipped before this one
+# fails the diffusers size threshold (83%) and meets its shape one only just (85%).
 MIN_AT_DEFAULTS = {"colour": 0.90, "shape": 0.85, "background": 0.90, "position": 0.85, "size": 0.85}
-MIN_IN_DIFFUSERS = {"colour": 0.85, "shape": 0.70, "background": 0.90, "position": 0.85, "size": 0.70}
+MIN_IN_DIFFUSERS = {"colour": 0.90, "shape": 0.85, "background": 0.90, "position": 0.85, "size": 0.85}
 
 
 def test_prompt_adherence_at_the_cli_defaults(pipe):
