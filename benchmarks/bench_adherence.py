@@ -76,6 +76,21 @@ def prompts_for(combos, per_combo, rng, size_share=0.5, position_share=0.5):
     return out
 
 
+def prompt_groups(per_combo, seed, size_share=0.5, position_share=0.5):
+    """The benchmark's prompts for one ``seed``: ({group: prompts}, all prompts, their seeds).
+    One group of ``per_combo`` prompts per seen colour-and-shape pair, one of at least 4 per
+    held-out pair (``shapes.HELD_OUT``); image seeds count up from 1000."""
+    from sd_jax.data import shapes
+
+    rng = np.random.default_rng(seed)
+    held = [tuple(c) for c in shapes.HELD_OUT]
+    seen = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES if (c, s) not in held]
+    groups = {GROUPS[0]: prompts_for(seen, per_combo, rng, size_share, position_share),
+              GROUPS[1]: prompts_for(held, max(per_combo, 4), rng, size_share, position_share)}
+    prompts = [p for ps in groups.values() for p in ps]
+    return groups, prompts, list(range(1000, 1000 + len(prompts)))
+
+
 def summarise(prompts, images) -> dict:
     """Adherence of ``images`` (uint8 [N, H, W, 3]) to ``prompts`` (see the module docstring)."""
     from sd_jax.data import evaluator
@@ -222,7 +237,6 @@ def _plot(results, guidance, out, title):
 
 def main(argv=None):
     from sd_jax.cli import default_model
-    from sd_jax.data import shapes
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="diffusers folder (default: the shipped model)")
@@ -246,13 +260,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "adherence"))
     args = ap.parse_args(argv)
 
-    rng = np.random.default_rng(args.seed)
-    held = [tuple(c) for c in shapes.HELD_OUT]
-    seen = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES if (c, s) not in held]
-    groups = {GROUPS[0]: prompts_for(seen, args.per_combo, rng, args.size_share, args.position_share),
-              GROUPS[1]: prompts_for(held, max(args.per_combo, 4), rng, args.size_share, args.position_share)}
-    prompts = [p for ps in groups.values() for p in ps]
-    seeds = list(range(1000, 1000 + len(prompts)))
+    groups, prompts, seeds = prompt_groups(args.per_combo, args.seed, args.size_share, args.position_share)
     bounds = np.cumsum([0] + [len(ps) for ps in groups.values()])
 
     def split(images):

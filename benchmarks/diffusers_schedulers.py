@@ -1,6 +1,6 @@
 """Does the model folder's scheduler decide how diffusers at its defaults follows a prompt?
 
-    python benchmarks/diffusers_schedulers.py                      # the shipped model, 7 schedulers
+    python benchmarks/diffusers_schedulers.py                      # the shipped model, 8 schedulers
     python benchmarks/diffusers_schedulers.py --model runs/x/model --per-combo 8 --out sweep.json
 
 A model folder names its scheduler (``model_index.json`` and ``scheduler/scheduler_config.json``),
@@ -13,11 +13,8 @@ the seen and the held-out colour-and-shape pairs, with what the misread shapes b
 import argparse
 import json
 import os
-import shutil
 import tempfile
 import time
-
-import numpy as np
 
 import bench_adherence as B
 
@@ -54,7 +51,6 @@ def folder_with_scheduler(model: str, over: dict, where: str) -> str:
 
 def main(argv=None):
     from sd_jax.cli import default_model
-    from sd_jax.data import shapes
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="diffusers folder (default: the shipped model)")
@@ -65,13 +61,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     model = args.model or default_model()
-    rng = np.random.default_rng(args.seed)
-    held = [tuple(c) for c in shapes.HELD_OUT]
-    seen = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES if (c, s) not in held]
-    groups = {B.GROUPS[0]: B.prompts_for(seen, args.per_combo, rng, 0.5, 0.5),
-              B.GROUPS[1]: B.prompts_for(held, max(args.per_combo, 4), rng, 0.5, 0.5)}
-    prompts = [p for ps in groups.values() for p in ps]
-    seeds = list(range(1000, 1000 + len(prompts)))
+    groups, prompts, seeds = B.prompt_groups(args.per_combo, args.seed)
     n0 = len(groups[B.GROUPS[0]])
     results = {}
     for name, over in VARIANTS.items():

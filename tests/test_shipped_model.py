@@ -126,8 +126,8 @@ def _rates(prompts, images, held):
 # position >= 70%.  The model is trained to ignore the text at the least noisy steps
 # (`--text-blind-below`), where guidance at 7.5 used to turn its squares into four-pointed
 # stars, so diffusers' defaults (guidance at every step) draw what sd-jax's do.  sd-jax's
-# defaults include its generation_defaults.json (guidance in the first 70% of the steps: as
-# good for this model, and faster).  On these 24 new prompts (new backgrounds, positions and
+# defaults include its generation_defaults.json (guidance in the first 70% of the steps: a
+# little better for this model, and faster).  On these 24 new prompts (new backgrounds, positions and
 # seeds) sd-jax's defaults give colour, shape on the seen pairs, background, position and size
 # all 100% (held-out pairs 4 of 4, not asserted); diffusers at its defaults, on other seeds,
 # colour 100%, shape 95%, background, position and size 100% (held-out 3 of 4).  More prompts
