@@ -44,7 +44,7 @@ def _program(pipe, loop="scan", **request):
     (dict(steps=3, guidance=7.5, clip_skip=1), "scan", dict(unet=1, text_encoder=2, vae_decode=1)),
     # the unrolled debugging loop: one UNet per step (shows the count counts)
     (dict(steps=3, guidance=7.5, scheduler="ddim"), "python", dict(unet=3, text_encoder=1, vae_decode=1)),
-    # a guidance window (the shipped model's default, 0.7): unguided steps run the conditional
+    # a guidance window (the shipped model's default, 0.85): unguided steps run the conditional
     # half alone, a second UNet trace, in programs with a window only
     (dict(steps=3, guidance=7.5, guidance_end=None), "scan", dict(unet=2, text_encoder=1, vae_decode=1)),
 ])
