@@ -4,23 +4,34 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+import sys
 
 import numpy as np
 import pytest
 
 from sd_jax.data import evaluator, shapes
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_adherence.py")
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 # Shape area / h^2 for the half extent h the dataset draws with (shapes._draw).
 AREA = {"circle": np.pi, "square": 1.8**2, "triangle": 1.8}
 
 
+def _load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ on sys.path while it loads: the scripts
+    import each other)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(BENCHMARKS)
+    return mod
+
+
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_adherence", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _load_benchmark("bench_adherence")
 
 
 def _render(obj: dict, background: str, seed: int) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -93,18 +104,10 @@ def test_scheduler_sweep_folder_makes_diffusers_use_the_named_scheduler(tmp_path
     model folder that differs only in its scheduler: the class must be the one named (diffusers
     takes it from model_index.json, not from the scheduler's config) and the override must
     reach the scheduler's config, with the weights the same files."""
-    import sys
     from diffusers import StableDiffusionPipeline as TorchPipeline
 
     from sd_jax.cli import default_model
-    sys.path.insert(0, os.path.dirname(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "diffusers_schedulers", os.path.join(os.path.dirname(BENCH), "diffusers_schedulers.py"))
-        sweep = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sweep)
-    finally:
-        sys.path.remove(os.path.dirname(BENCH))
+    sweep = _load_benchmark("diffusers_schedulers")
     model = default_model()
     for over, cls in (({"_class_name": "EulerAncestralDiscreteScheduler"}, "EulerAncestralDiscreteScheduler"),
                       ({"algorithm_type": "sde-dpmsolver++"}, "DPMSolverMultistepScheduler")):

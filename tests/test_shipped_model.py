@@ -3,7 +3,6 @@
 It is a diffusers-format folder: diffusers PyTorch loads it and gives the same image from
 the same latents; the prompt conditions what is generated.
 """
-import json
 import os
 
 import numpy as np
@@ -13,8 +12,6 @@ from sd_jax.cli import default_model
 from tiny_models import nchw
 
 MODEL = default_model()
-with open(os.path.join(MODEL, "generation_defaults.json")) as _f:
-    GUIDANCE_END = json.load(_f)["guidance_end"]  # the model's recommended window (sd-jax's default)
 PROMPTS = ["a red circle on a blue background", "a large white square on a black background",
            "a yellow triangle on a green background", "a blue circle at the top left on a white background",
            "a small black square on a red background", "an orange circle on a purple background",
@@ -52,7 +49,7 @@ def test_diffusers_loads_it_and_agrees(pipe):
     size = pipe.default_size
     lat = np.random.RandomState(0).randn(2, size // pipe.models.vae_scale, size // pipe.models.vae_scale,
                                           pipe.latent_channels).astype(np.float32)
-    stop = int(GUIDANCE_END * 10)  # guided steps of 10 in the model's window, as sd-jax counts them
+    stop = int(pipe.generation_defaults["guidance_end"] * 10)  # guided steps of 10 in the model's window
 
     def dynamic_cfg(p, i, t, kw):  # diffusers' documented recipe for guidance that stops early
         if i == stop - 1:
@@ -151,7 +148,7 @@ def test_prompt_adherence_at_the_cli_defaults(pipe):
     from sd_jax.cli import build_parser
     s = commands.settings(build_parser().parse_args(["generate", "x"]), pipe)
     prompts, held = _new_prompts(11)
-    assert (s["guidance_start"], s["guidance_end"]) == (0.0, 0.85) == (0.0, GUIDANCE_END)  # generation_defaults.json
+    assert (s["guidance_start"], s["guidance_end"]) == (0.0, 0.85)  # the model's generation_defaults.json
     images = pipe(prompts, seed=list(range(500, 500 + len(prompts))), num_inference_steps=s["steps"],
                   guidance_scale=s["guidance"], scheduler=s["scheduler"], guidance_start=s["guidance_start"],
                   guidance_end=s["guidance_end"], output_type="uint8")
